@@ -12,7 +12,10 @@ use crate::numbers::{BankAccountNumber, CardNumber};
 use crate::photo::PhotoSource;
 use crate::policy::CityPolicy;
 use crate::rejection::{Rejection, RejectionKind};
-use crate::state::{FinancialEvent, FinancialState, LossKind, PhysicalEvent, PhysicalState, SocialEvent, SocialState};
+use crate::state::{
+    FinancialEvent, FinancialState, LossKind, PhysicalEvent, PhysicalState, SocialEvent,
+    SocialState,
+};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum CardType {
@@ -66,7 +69,17 @@ pub struct PinState {
     pub wrong_attempts: u32,
 }
 
-/// What an applicant asks for (R7-R9, R15, R28).
+/// Where the courier takes the card (R14).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeliveryAddress {
+    pub recipient: String,
+    pub phone: String,
+    pub line: String,
+    pub district: String,
+    pub postal_code: String,
+}
+
+/// What an applicant asks for (R7-R9, R14, R15, R28).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Application {
     pub holder: CitizenId,
@@ -79,6 +92,7 @@ pub struct Application {
     pub employer_id: Option<String>,
     pub photo_source: PhotoSource,
     pub backup_point_id: String,
+    pub delivery: Option<DeliveryAddress>,
     /// The card this one replaces (R28).
     pub replaces: Option<String>,
 }
@@ -93,6 +107,7 @@ pub struct Card {
     pub bank_code: String,
     pub application_channel: Channel,
     pub backup_point_id: String,
+    pub delivery: Option<DeliveryAddress>,
     pub fee_fen: i64,
     pub physical: PhysicalState,
     pub social: SocialState,
@@ -146,18 +161,39 @@ impl Card {
             }
             Channel::EmployerBatch => {
                 if app.employer_id.as_deref().is_none_or(str::is_empty) {
-                    return Err(Rejection::invalid("employer_id", "EMPLOYER_REQUIRED", "an employer batch application names the employer"));
+                    return Err(Rejection::invalid(
+                        "employer_id",
+                        "EMPLOYER_REQUIRED",
+                        "an employer batch application names the employer",
+                    ));
                 }
                 if app.holder_status != HolderStatus::Employed {
-                    return Err(Rejection::invalid("holder_status", "EMPLOYER_BATCH_EMPLOYEES_ONLY", "employer batches are for employees"));
+                    return Err(Rejection::invalid(
+                        "holder_status",
+                        "EMPLOYER_BATCH_EMPLOYEES_ONLY",
+                        "employer batches are for employees",
+                    ));
                 }
             }
             Channel::Online => {
-                if ctx.actor.verification_ref.as_deref().is_none_or(str::is_empty) {
-                    return Err(Rejection::invalid("actor.verification_ref", "IDENTITY_VERIFICATION_REQUIRED", "online applications need an identity verification"));
+                if ctx
+                    .actor
+                    .verification_ref
+                    .as_deref()
+                    .is_none_or(str::is_empty)
+                {
+                    return Err(Rejection::invalid(
+                        "actor.verification_ref",
+                        "IDENTITY_VERIFICATION_REQUIRED",
+                        "online applications need an identity verification",
+                    ));
                 }
                 if ctx.documents.presenter == Presenter::Agent {
-                    return Err(Rejection::invalid("documents.presenter", "PROXY_NOT_ALLOWED", "online applications are made by the holder or a parent"));
+                    return Err(Rejection::invalid(
+                        "documents.presenter",
+                        "PROXY_NOT_ALLOWED",
+                        "online applications are made by the holder or a parent",
+                    ));
                 }
             }
             other => {
@@ -165,19 +201,38 @@ impl Card {
             }
         }
         if app.replaces.is_some() && !ctx.channel.is_counter() {
-            return Err(Rejection::invalid("actor.channel", "CHANNEL_NOT_ALLOWED", "replacements are applied for at a counter"));
+            return Err(Rejection::invalid(
+                "actor.channel",
+                "CHANNEL_NOT_ALLOWED",
+                "replacements are applied for at a counter",
+            ));
         }
         if app.backup_point_id.is_empty() {
-            return Err(Rejection::invalid("backup_point_id", "BACKUP_POINT_REQUIRED", "name the backup community service point (R15)"));
+            return Err(Rejection::invalid(
+                "backup_point_id",
+                "BACKUP_POINT_REQUIRED",
+                "name the backup community service point (R15)",
+            ));
         }
 
         // Card type and age (R23, R24).
         match (app.card_type, minor) {
             (CardType::Adult, true) => {
-                return Err(Rejection::invalid("card_type", "CARD_TYPE_AGE_MISMATCH", format!("holders under {} get a minor card", policy.minor_below_age)));
+                return Err(Rejection::invalid(
+                    "card_type",
+                    "CARD_TYPE_AGE_MISMATCH",
+                    format!("holders under {} get a minor card", policy.minor_below_age),
+                ));
             }
             (CardType::Minor, false) => {
-                return Err(Rejection::invalid("card_type", "CARD_TYPE_AGE_MISMATCH", format!("holders aged {} or over get an adult card", policy.minor_below_age)));
+                return Err(Rejection::invalid(
+                    "card_type",
+                    "CARD_TYPE_AGE_MISMATCH",
+                    format!(
+                        "holders aged {} or over get an adult card",
+                        policy.minor_below_age
+                    ),
+                ));
             }
             _ => {}
         }
@@ -186,13 +241,30 @@ impl Card {
         let preschool = age < policy.preschool_below_age;
         match (app.photo_source, preschool) {
             (PhotoSource::None, false) => {
-                return Err(Rejection::invalid("photo.source", "PHOTO_REQUIRED", "the card needs a photo"));
+                return Err(Rejection::invalid(
+                    "photo.source",
+                    "PHOTO_REQUIRED",
+                    "the card needs a photo",
+                ));
             }
             (source, true) if source != PhotoSource::None => {
-                return Err(Rejection::invalid("photo.source", "PHOTO_NOT_ALLOWED", "preschool children's cards carry no photo"));
+                return Err(Rejection::invalid(
+                    "photo.source",
+                    "PHOTO_NOT_ALLOWED",
+                    "preschool children's cards carry no photo",
+                ));
             }
-            (PhotoSource::StudentCard, _) if !matches!(app.holder_status, HolderStatus::Student | HolderStatus::Child) => {
-                return Err(Rejection::invalid("photo.source", "PHOTO_SOURCE_NOT_ALLOWED", "the electronic student card photo is for students"));
+            (PhotoSource::StudentCard, _)
+                if !matches!(
+                    app.holder_status,
+                    HolderStatus::Student | HolderStatus::Child
+                ) =>
+            {
+                return Err(Rejection::invalid(
+                    "photo.source",
+                    "PHOTO_SOURCE_NOT_ALLOWED",
+                    "the electronic student card photo is for students",
+                ));
             }
             _ => {}
         }
@@ -213,17 +285,28 @@ impl Card {
                 let old = holder_cards
                     .iter()
                     .find(|c| &c.id == old_id)
-                    .ok_or_else(|| Rejection::not_found("CARD_NOT_FOUND", "the card to replace is not one of the holder's cards"))?;
+                    .ok_or_else(|| {
+                        Rejection::not_found(
+                            "CARD_NOT_FOUND",
+                            "the card to replace is not one of the holder's cards",
+                        )
+                    })?;
                 let written_loss = old.social.loss_kind() == Some(LossKind::Written);
-                let damaged_card_handed_in = old.physical == PhysicalState::Collected && ctx.documents.card_presented;
-                if old.physical != PhysicalState::Collected || !(written_loss || damaged_card_handed_in) {
+                let damaged_card_handed_in =
+                    old.physical == PhysicalState::Collected && ctx.documents.card_presented;
+                if old.physical != PhysicalState::Collected
+                    || !(written_loss || damaged_card_handed_in)
+                {
                     return Err(Rejection::precondition(
                         "REPLACEMENT_NOT_ALLOWED",
                         "a replacement needs a collected card under a written loss, or the damaged card handed in",
                     ));
                 }
                 if old.card_type == CardType::Temporary || temporary {
-                    return Err(Rejection::precondition("REPLACEMENT_NOT_ALLOWED", "temporary cards are not replaced; apply for a formal card"));
+                    return Err(Rejection::precondition(
+                        "REPLACEMENT_NOT_ALLOWED",
+                        "temporary cards are not replaced; apply for a formal card",
+                    ));
                 }
                 Some(old)
             }
@@ -236,10 +319,16 @@ impl Card {
             match (other.card_type, temporary) {
                 (CardType::Temporary, false) => {} // the formal card will retire it (R24)
                 (_, true) if other.card_type != CardType::Temporary => {
-                    return Err(Rejection::precondition("FORMAL_CARD_VALID", "no temporary card while a formal card is valid (R24)"));
+                    return Err(Rejection::precondition(
+                        "FORMAL_CARD_VALID",
+                        "no temporary card while a formal card is valid (R24)",
+                    ));
                 }
                 _ => {
-                    return Err(Rejection::precondition("ACTIVE_CARD_EXISTS", "the holder already has a valid or pending card (R2)"));
+                    return Err(Rejection::precondition(
+                        "ACTIVE_CARD_EXISTS",
+                        "the holder already has a valid or pending card (R2)",
+                    ));
                 }
             }
         }
@@ -253,7 +342,12 @@ impl Card {
             bank_code: app.bank_code,
             application_channel: ctx.channel,
             backup_point_id: app.backup_point_id,
-            fee_fen: if replaced.is_some() { policy.replacement_fee_fen } else { 0 },
+            delivery: app.delivery,
+            fee_fen: if replaced.is_some() {
+                policy.replacement_fee_fen
+            } else {
+                0
+            },
             physical: PhysicalState::Applied,
             social: SocialState::NotActivated,
             financial: FinancialState::NotActivated,
@@ -281,13 +375,25 @@ impl Card {
     /// R10: a reviewer approves or rejects (with a reason the applicant sees).
     pub fn review(&self, approve: bool, reason: &str, ctx: &Context) -> Result<Card, Rejection> {
         if ctx.actor.operator_id.as_deref().is_none_or(str::is_empty) {
-            return Err(Rejection::invalid("actor.operator_id", "REVIEWER_REQUIRED", "a review names its reviewer"));
+            return Err(Rejection::invalid(
+                "actor.operator_id",
+                "REVIEWER_REQUIRED",
+                "a review names its reviewer",
+            ));
         }
         if !approve && reason.trim().is_empty() {
-            return Err(Rejection::invalid("reason", "REJECTION_REASON_REQUIRED", "a rejection says why (R10)"));
+            return Err(Rejection::invalid(
+                "reason",
+                "REJECTION_REASON_REQUIRED",
+                "a rejection says why (R10)",
+            ));
         }
         self.next(|c| {
-            c.physical = c.physical.apply(if approve { PhysicalEvent::Approve } else { PhysicalEvent::Reject })?;
+            c.physical = c.physical.apply(if approve {
+                PhysicalEvent::Approve
+            } else {
+                PhysicalEvent::Reject
+            })?;
             if !approve {
                 c.rejection_reason = Some(reason.trim().to_string());
                 c.social = SocialState::Cancelled;
@@ -299,7 +405,11 @@ impl Card {
 
     /// R11, R13: into production; the card number is issued the first time and kept for a remake.
     pub fn start_production(&self, number: CardNumber, ctx: &Context) -> Result<Card, Rejection> {
-        require_channel(ctx, &[Channel::Production, Channel::BureauWindow], "start production")?;
+        require_channel(
+            ctx,
+            &[Channel::Production, Channel::BureauWindow],
+            "start production",
+        )?;
         self.next(|c| {
             c.physical = c.physical.apply(PhysicalEvent::StartProduction)?;
             if c.card_number.is_none() {
@@ -322,16 +432,28 @@ impl Card {
         require_channel(ctx, &[Channel::Production], "record production")?;
         match (self.card_type, &account) {
             (CardType::Temporary, Some(_)) => {
-                return Err(Rejection::invalid("account_number", "TEMPORARY_CARD_NO_ACCOUNT", "a temporary card carries no bank account"));
+                return Err(Rejection::invalid(
+                    "account_number",
+                    "TEMPORARY_CARD_NO_ACCOUNT",
+                    "a temporary card carries no bank account",
+                ));
             }
             (CardType::Temporary, None) => {}
             (_, None) => {
-                return Err(Rejection::invalid("account_number", "ACCOUNT_NUMBER_REQUIRED", "a produced formal card carries its bank account number"));
+                return Err(Rejection::invalid(
+                    "account_number",
+                    "ACCOUNT_NUMBER_REQUIRED",
+                    "a produced formal card carries its bank account number",
+                ));
             }
             (_, Some(a)) => {
                 let bank = banks.require("bank_code", &self.bank_code)?;
                 if !bank.owns_account(a) {
-                    return Err(Rejection::invalid("account_number", "ACCOUNT_NOT_IN_BANK_BIN", "the account number is not in the card's bank's BIN ranges"));
+                    return Err(Rejection::invalid(
+                        "account_number",
+                        "ACCOUNT_NOT_IN_BANK_BIN",
+                        "the account number is not in the card's bank's BIN ranges",
+                    ));
                 }
             }
         }
@@ -340,16 +462,26 @@ impl Card {
             c.account_number = account;
             c.last_production_failure = None;
             if c.card_type == CardType::Temporary {
-                c.expires_at = Some(now + time::Duration::days(i64::from(policy.temporary_card_validity_days)));
+                c.expires_at = Some(
+                    now + time::Duration::days(i64::from(policy.temporary_card_validity_days)),
+                );
             }
             Ok(())
         })
     }
 
-    pub fn production_failed(&self, failure: ProductionFailure, ctx: &Context) -> Result<Card, Rejection> {
+    pub fn production_failed(
+        &self,
+        failure: ProductionFailure,
+        ctx: &Context,
+    ) -> Result<Card, Rejection> {
         require_channel(ctx, &[Channel::Production], "record production")?;
         if failure.reason.trim().is_empty() {
-            return Err(Rejection::invalid("failure.reason", "FAILURE_REASON_REQUIRED", "a production failure says why"));
+            return Err(Rejection::invalid(
+                "failure.reason",
+                "FAILURE_REASON_REQUIRED",
+                "a production failure says why",
+            ));
         }
         self.next(|c| {
             c.physical = c.physical.apply(PhysicalEvent::ProductionFailed)?;
@@ -372,29 +504,61 @@ impl Card {
     }
 
     /// R16, R17: the collection date, from which R22 runs.
-    pub fn collect(&self, method: CollectionMethod, at: OffsetDateTime, ctx: &Context, now: OffsetDateTime) -> Result<Card, Rejection> {
+    pub fn collect(
+        &self,
+        method: CollectionMethod,
+        at: OffsetDateTime,
+        ctx: &Context,
+        now: OffsetDateTime,
+    ) -> Result<Card, Rejection> {
         if at > now {
-            return Err(Rejection::invalid("collected_at", "COLLECTED_AT_IN_FUTURE", "the collection time lies in the future"));
+            return Err(Rejection::invalid(
+                "collected_at",
+                "COLLECTED_AT_IN_FUTURE",
+                "the collection time lies in the future",
+            ));
         }
         if at < self.applied_at {
-            return Err(Rejection::invalid("collected_at", "COLLECTED_AT_BEFORE_APPLICATION", "the collection time is before the application"));
+            return Err(Rejection::invalid(
+                "collected_at",
+                "COLLECTED_AT_BEFORE_APPLICATION",
+                "the collection time is before the application",
+            ));
         }
         match method {
             CollectionMethod::Delivered => {
                 require_channel(ctx, &[Channel::Courier], "record a delivery")?;
                 if self.physical != PhysicalState::Dispatched {
-                    return Err(Rejection::precondition("ILLEGAL_CARD_TRANSITION", "only a dispatched card can be delivered"));
+                    return Err(Rejection::precondition(
+                        "ILLEGAL_CARD_TRANSITION",
+                        "only a dispatched card can be delivered",
+                    ));
                 }
             }
             CollectionMethod::PickedUpAtPoint => {
-                require_channel(ctx, &[Channel::CommunityPoint, Channel::BureauWindow, Channel::BankBranch], "record a pick-up")?;
+                require_channel(
+                    ctx,
+                    &[
+                        Channel::CommunityPoint,
+                        Channel::BureauWindow,
+                        Channel::BankBranch,
+                    ],
+                    "record a pick-up",
+                )?;
                 ctx.require_counter_documents(self.card_type == CardType::Minor, false)?;
             }
             CollectionMethod::InstantIssue => {
-                require_channel(ctx, &[Channel::CommunityPoint, Channel::BankBranch], "issue a card instantly")?;
+                require_channel(
+                    ctx,
+                    &[Channel::CommunityPoint, Channel::BankBranch],
+                    "issue a card instantly",
+                )?;
                 ctx.require_counter_documents(self.card_type == CardType::Minor, false)?;
                 if self.physical != PhysicalState::Produced {
-                    return Err(Rejection::precondition("ILLEGAL_CARD_TRANSITION", "an instant issue hands over a card just produced"));
+                    return Err(Rejection::precondition(
+                        "ILLEGAL_CARD_TRANSITION",
+                        "an instant issue hands over a card just produced",
+                    ));
                 }
             }
         }
@@ -407,13 +571,30 @@ impl Card {
 
     /// R13: the holder found wrong data on the card; it goes back to be made again.
     pub fn return_for_remake(&self, reason: &str, ctx: &Context) -> Result<Card, Rejection> {
-        require_channel(ctx, &[Channel::BureauWindow, Channel::CommunityPoint, Channel::BankBranch], "return a card for remake")?;
+        require_channel(
+            ctx,
+            &[
+                Channel::BureauWindow,
+                Channel::CommunityPoint,
+                Channel::BankBranch,
+            ],
+            "return a card for remake",
+        )?;
         ctx.require_counter_documents(self.card_type == CardType::Minor, true)?;
         if reason.trim().is_empty() {
-            return Err(Rejection::invalid("reason", "REMAKE_REASON_REQUIRED", "say what is wrong on the card"));
+            return Err(Rejection::invalid(
+                "reason",
+                "REMAKE_REASON_REQUIRED",
+                "say what is wrong on the card",
+            ));
         }
-        if self.social != SocialState::NotActivated || self.financial != FinancialState::NotActivated {
-            return Err(Rejection::precondition("REMAKE_AFTER_ACTIVATION", "an activated card is replaced, not remade"));
+        if self.social != SocialState::NotActivated
+            || self.financial != FinancialState::NotActivated
+        {
+            return Err(Rejection::precondition(
+                "REMAKE_AFTER_ACTIVATION",
+                "an activated card is replaced, not remade",
+            ));
         }
         self.next(|c| {
             c.physical = c.physical.apply(PhysicalEvent::ReturnForRemake)?;
@@ -426,11 +607,24 @@ impl Card {
     pub fn activate_social(&self, ctx: &Context, now: OffsetDateTime) -> Result<Card, Rejection> {
         match ctx.channel {
             Channel::Online => {
-                if ctx.actor.verification_ref.as_deref().is_none_or(str::is_empty) {
-                    return Err(Rejection::invalid("actor.verification_ref", "IDENTITY_VERIFICATION_REQUIRED", "online activation needs a face or QR identity check"));
+                if ctx
+                    .actor
+                    .verification_ref
+                    .as_deref()
+                    .is_none_or(str::is_empty)
+                {
+                    return Err(Rejection::invalid(
+                        "actor.verification_ref",
+                        "IDENTITY_VERIFICATION_REQUIRED",
+                        "online activation needs a face or QR identity check",
+                    ));
                 }
                 if ctx.documents.presenter == Presenter::Agent {
-                    return Err(Rejection::invalid("documents.presenter", "PROXY_NOT_ALLOWED", "online activation is done by the holder or a guardian"));
+                    return Err(Rejection::invalid(
+                        "documents.presenter",
+                        "PROXY_NOT_ALLOWED",
+                        "online activation is done by the holder or a guardian",
+                    ));
                 }
             }
             Channel::CommunityPoint | Channel::BureauWindow => {
@@ -439,16 +633,27 @@ impl Card {
             Channel::Hotline => {
                 let caller = ctx.actor.caller_phone.as_deref().unwrap_or_default();
                 if caller.is_empty() {
-                    return Err(Rejection::invalid("actor.caller_phone", "CALLER_PHONE_REQUIRED", "hotline activation needs the calling number"));
+                    return Err(Rejection::invalid(
+                        "actor.caller_phone",
+                        "CALLER_PHONE_REQUIRED",
+                        "hotline activation needs the calling number",
+                    ));
                 }
                 if caller != self.registered_phone {
-                    return Err(Rejection::denied("CALLER_PHONE_NOT_REGISTERED", "hotline activation only from the phone registered at application"));
+                    return Err(Rejection::denied(
+                        "CALLER_PHONE_NOT_REGISTERED",
+                        "hotline activation only from the phone registered at application",
+                    ));
                 }
             }
             Channel::MedicalTerminal => {
                 ctx.require_site()?;
                 if !ctx.documents.card_presented {
-                    return Err(Rejection::invalid("documents.card_presented", "CARD_REQUIRED", "first use at a hospital or pharmacy presents the card"));
+                    return Err(Rejection::invalid(
+                        "documents.card_presented",
+                        "CARD_REQUIRED",
+                        "first use at a hospital or pharmacy presents the card",
+                    ));
                 }
             }
             Channel::BankBranch => {
@@ -462,7 +667,10 @@ impl Card {
         }
         self.require_collected()?;
         if self.expires_at.is_some_and(|e| now >= e) {
-            return Err(Rejection::precondition("TEMPORARY_CARD_EXPIRED", "the temporary card's validity has ended (R24)"));
+            return Err(Rejection::precondition(
+                "TEMPORARY_CARD_EXPIRED",
+                "the temporary card's validity has ended (R24)",
+            ));
         }
         self.next(|c| {
             c.social = c.social.apply(SocialEvent::Activate)?;
@@ -483,32 +691,62 @@ impl Card {
         banks: &BankDirectory,
     ) -> Result<(Card, bool), Rejection> {
         if ctx.channel != Channel::BankBranch {
-            return Err(Rejection::invalid("actor.channel", "CHANNEL_NOT_ALLOWED", "the financial function is activated only at a bank branch (R20)"));
+            return Err(Rejection::invalid(
+                "actor.channel",
+                "CHANNEL_NOT_ALLOWED",
+                "the financial function is activated only at a bank branch (R20)",
+            ));
         }
         banks.require("bank_code", bank_code)?;
         ctx.require_site()?;
         if ctx.actor.operator_id.as_deref().is_none_or(str::is_empty) {
-            return Err(Rejection::invalid("actor.operator_id", "TELLER_REQUIRED", "a financial activation names the teller"));
+            return Err(Rejection::invalid(
+                "actor.operator_id",
+                "TELLER_REQUIRED",
+                "a financial activation names the teller",
+            ));
         }
         if presenter != Presenter::Holder {
-            return Err(Rejection::invalid("presenter", "PROXY_NOT_ALLOWED", "the financial function is activated by the holder in person, no proxy (R20)"));
+            return Err(Rejection::invalid(
+                "presenter",
+                "PROXY_NOT_ALLOWED",
+                "the financial function is activated by the holder in person, no proxy (R20)",
+            ));
         }
         if face_verification_ref.is_empty() {
-            return Err(Rejection::invalid("face_verification_ref", "FACE_VERIFICATION_REQUIRED", "the branch verifies the holder's face (R20)"));
+            return Err(Rejection::invalid(
+                "face_verification_ref",
+                "FACE_VERIFICATION_REQUIRED",
+                "the branch verifies the holder's face (R20)",
+            ));
         }
         if bank_code != self.bank_code {
-            return Err(Rejection::denied("WRONG_BANK", "the card belongs to another bank"));
+            return Err(Rejection::denied(
+                "WRONG_BANK",
+                "the card belongs to another bank",
+            ));
         }
         if self.card_type == CardType::Temporary {
-            return Err(Rejection::precondition("TEMPORARY_CARD_NO_FINANCIAL", "a temporary card has no financial function (R24)"));
+            return Err(Rejection::precondition(
+                "TEMPORARY_CARD_NO_FINANCIAL",
+                "a temporary card has no financial function (R24)",
+            ));
         }
         if !bank_pin_changed {
-            return Err(Rejection::precondition("BANK_PIN_NOT_CHANGED", "the bank's initial PIN must be changed during activation (R21)"));
+            return Err(Rejection::precondition(
+                "BANK_PIN_NOT_CHANGED",
+                "the bank's initial PIN must be changed during activation (R21)",
+            ));
         }
         self.require_collected()?;
         let awaits_unlock = self.social.loss_kind() == Some(LossKind::Automatic);
         match self.social {
-            SocialState::LossLocked { kind: LossKind::Automatic, .. } | SocialState::NotActivated | SocialState::Active => {}
+            SocialState::LossLocked {
+                kind: LossKind::Automatic,
+                ..
+            }
+            | SocialState::NotActivated
+            | SocialState::Active => {}
             other => {
                 // Loss-locked by the holder, PIN-locked, disabled or cancelled: the bank must not go ahead.
                 other.apply(SocialEvent::Activate)?;
@@ -528,7 +766,10 @@ impl Card {
     /// activated; the social function, once on, stays on.
     pub fn cancel_financial_activation(&self, bank_code: &str) -> Result<Card, Rejection> {
         if bank_code != self.bank_code {
-            return Err(Rejection::denied("WRONG_BANK", "the card belongs to another bank"));
+            return Err(Rejection::denied(
+                "WRONG_BANK",
+                "the card belongs to another bank",
+            ));
         }
         self.next(|c| {
             c.financial = c.financial.apply(FinancialEvent::CancelActivation)?;
@@ -537,7 +778,13 @@ impl Card {
     }
 
     /// R25, R26 (social side): a loss report through its channel, or the scheduler's R22 lock.
-    pub fn report_loss(&self, kind: LossKind, ctx: &Context, now: OffsetDateTime, policy: &CityPolicy) -> Result<Card, Rejection> {
+    pub fn report_loss(
+        &self,
+        kind: LossKind,
+        ctx: &Context,
+        now: OffsetDateTime,
+        policy: &CityPolicy,
+    ) -> Result<Card, Rejection> {
         match (kind, ctx.channel) {
             (LossKind::Written, Channel::BankBranch | Channel::BureauWindow) => {
                 // R31: an agent may not report a loss; the holder comes with ID (the card is lost).
@@ -546,31 +793,55 @@ impl Card {
             (LossKind::Temporary, Channel::Hotline) => {}
             (LossKind::Temporary, Channel::Hotline12333SelfService) => {
                 if !self.pin.changed {
-                    return Err(Rejection::precondition("INITIAL_PIN_HOLDER", "12333 self-service loss needs a changed PIN; call the 12333 operator"));
+                    return Err(Rejection::precondition(
+                        "INITIAL_PIN_HOLDER",
+                        "12333 self-service loss needs a changed PIN; call the 12333 operator",
+                    ));
                 }
             }
             (LossKind::Temporary, Channel::Hotline12333Operator) => {
                 if !policy.within_working_hours(now) {
-                    return Err(Rejection::precondition("OUTSIDE_WORKING_HOURS", "the 12333 operator takes loss reports in working hours"));
+                    return Err(Rejection::precondition(
+                        "OUTSIDE_WORKING_HOURS",
+                        "the 12333 operator takes loss reports in working hours",
+                    ));
                 }
             }
             (LossKind::Automatic, Channel::Scheduler) => {
                 if self.financial != FinancialState::NotActivated {
-                    return Err(Rejection::precondition("FINANCIAL_ACTIVATED", "R22 locks only cards whose financial function was never activated"));
+                    return Err(Rejection::precondition(
+                        "FINANCIAL_ACTIVATED",
+                        "R22 locks only cards whose financial function was never activated",
+                    ));
                 }
                 let Some(collected) = self.collected_at else {
-                    return Err(Rejection::precondition("NOT_COLLECTED", "R22 runs from the collection date"));
+                    return Err(Rejection::precondition(
+                        "NOT_COLLECTED",
+                        "R22 runs from the collection date",
+                    ));
                 };
-                if now < collected + time::Duration::days(i64::from(policy.auto_lock_days_without_financial)) {
-                    return Err(Rejection::precondition("DEADLINE_NOT_REACHED", "the R22 deadline has not passed"));
+                if now
+                    < collected
+                        + time::Duration::days(i64::from(policy.auto_lock_days_without_financial))
+                {
+                    return Err(Rejection::precondition(
+                        "DEADLINE_NOT_REACHED",
+                        "the R22 deadline has not passed",
+                    ));
                 }
             }
             (_, channel) => {
-                return Err(channel_not_allowed(channel, &format!("report a {} loss", kind.as_str())));
+                return Err(channel_not_allowed(
+                    channel,
+                    &format!("report a {} loss", kind.as_str()),
+                ));
             }
         }
         if !matches!(self.physical, PhysicalState::Collected) {
-            return Err(Rejection::precondition("NOT_COLLECTED", "only a collected card can be reported lost"));
+            return Err(Rejection::precondition(
+                "NOT_COLLECTED",
+                "only a collected card can be reported lost",
+            ));
         }
         self.next(|c| {
             c.social = c.social.apply(SocialEvent::ReportLoss(kind))?;
@@ -581,25 +852,42 @@ impl Card {
     /// R22, R27: lifting a loss lock on the social side.
     pub fn unlock_social(&self, ctx: &Context) -> Result<Card, Rejection> {
         let Some(kind) = self.social.loss_kind() else {
-            return Err(Rejection::precondition("NOT_LOSS_LOCKED", "the social function is not loss-locked"));
+            return Err(Rejection::precondition(
+                "NOT_LOSS_LOCKED",
+                "the social function is not loss-locked",
+            ));
         };
         match kind {
             LossKind::Temporary => {
-                require_channel(ctx, &[Channel::BureauWindow], "unlock after a temporary loss (written unlock at the bureau, R27)")?;
+                require_channel(
+                    ctx,
+                    &[Channel::BureauWindow],
+                    "unlock after a temporary loss (written unlock at the bureau, R27)",
+                )?;
                 ctx.require_counter_documents(self.card_type == CardType::Minor, true)?;
             }
             LossKind::Written => {
                 require_channel(ctx, &[Channel::BureauWindow], "undo a written loss (R27)")?;
                 ctx.require_holder_in_person(true)?;
                 if self.replaced_by.is_some() {
-                    return Err(Rejection::precondition("REPLACEMENT_ORDERED", "a written loss cannot be undone once a replacement was ordered"));
+                    return Err(Rejection::precondition(
+                        "REPLACEMENT_ORDERED",
+                        "a written loss cannot be undone once a replacement was ordered",
+                    ));
                 }
             }
             LossKind::Automatic => {
-                require_channel(ctx, &[Channel::BureauWindow, Channel::CommunityPoint], "unlock after an automatic lock (R22)")?;
+                require_channel(
+                    ctx,
+                    &[Channel::BureauWindow, Channel::CommunityPoint],
+                    "unlock after an automatic lock (R22)",
+                )?;
                 ctx.require_counter_documents(self.card_type == CardType::Minor, true)?;
                 if self.financial != FinancialState::Active {
-                    return Err(Rejection::precondition("FINANCIAL_NOT_ACTIVE", "activate the financial function at the bank first (R22)"));
+                    return Err(Rejection::precondition(
+                        "FINANCIAL_NOT_ACTIVE",
+                        "activate the financial function at the bank first (R22)",
+                    ));
                 }
             }
         }
@@ -614,10 +902,18 @@ impl Card {
     }
 
     /// R30: one PIN entry; too many wrong ones lock the social function.
-    pub fn pin_attempt(&self, correct: bool, policy: &CityPolicy) -> Result<(Card, PinOutcome), Rejection> {
+    pub fn pin_attempt(
+        &self,
+        correct: bool,
+        policy: &CityPolicy,
+    ) -> Result<(Card, PinOutcome), Rejection> {
         if self.social != SocialState::Active {
             return Err(Rejection::precondition(
-                if self.social == SocialState::PinLocked { "SOCIAL_PIN_LOCKED" } else { "SOCIAL_NOT_ACTIVE" },
+                if self.social == SocialState::PinLocked {
+                    "SOCIAL_PIN_LOCKED"
+                } else {
+                    "SOCIAL_NOT_ACTIVE"
+                },
                 format!("the social function is {}", self.social.as_str()),
             ));
         }
@@ -634,43 +930,77 @@ impl Card {
         })?;
         let outcome = PinOutcome {
             verified: correct,
-            remaining_attempts: policy.social_pin_max_wrong.saturating_sub(card.pin.wrong_attempts),
+            remaining_attempts: policy
+                .social_pin_max_wrong
+                .saturating_sub(card.pin.wrong_attempts),
             locked: card.social == SocialState::PinLocked,
         };
         Ok((card, outcome))
     }
 
     /// R29: a PIN change by phone (12333) or at a window, after the old PIN was checked.
-    pub fn change_pin(&self, new_pin: &str, ctx: &Context, policy: &CityPolicy) -> Result<Card, Rejection> {
+    pub fn change_pin(
+        &self,
+        new_pin: &str,
+        ctx: &Context,
+        policy: &CityPolicy,
+    ) -> Result<Card, Rejection> {
         require_channel(
             ctx,
-            &[Channel::Hotline12333SelfService, Channel::Hotline12333Operator, Channel::BureauWindow, Channel::CommunityPoint],
+            &[
+                Channel::Hotline12333SelfService,
+                Channel::Hotline12333Operator,
+                Channel::BureauWindow,
+                Channel::CommunityPoint,
+            ],
             "change the social PIN",
         )?;
         validate_pin("new_pin", new_pin)?;
         if new_pin == policy.initial_social_pin(&self.holder) {
-            return Err(Rejection::invalid("new_pin", "PIN_IS_INITIAL", "the new PIN must differ from the initial PIN"));
+            return Err(Rejection::invalid(
+                "new_pin",
+                "PIN_IS_INITIAL",
+                "the new PIN must differ from the initial PIN",
+            ));
         }
         if self.social != SocialState::Active {
-            return Err(Rejection::precondition("SOCIAL_NOT_ACTIVE", format!("the social function is {}", self.social.as_str())));
+            return Err(Rejection::precondition(
+                "SOCIAL_NOT_ACTIVE",
+                format!("the social function is {}", self.social.as_str()),
+            ));
         }
         self.next(|c| {
-            c.pin = PinState { changed: true, wrong_attempts: 0 };
+            c.pin = PinState {
+                changed: true,
+                wrong_attempts: 0,
+            };
             Ok(())
         })
     }
 
     /// R30: a forgotten or locked PIN is reset at a bureau card window with the card and an ID card.
-    pub fn reset_pin(&self, new_pin: &str, ctx: &Context, policy: &CityPolicy) -> Result<Card, Rejection> {
+    pub fn reset_pin(
+        &self,
+        new_pin: &str,
+        ctx: &Context,
+        policy: &CityPolicy,
+    ) -> Result<Card, Rejection> {
         require_channel(ctx, &[Channel::BureauWindow], "reset the social PIN")?;
         ctx.require_counter_documents(self.card_type == CardType::Minor, true)?;
         validate_pin("new_pin", new_pin)?;
         if new_pin == policy.initial_social_pin(&self.holder) {
-            return Err(Rejection::invalid("new_pin", "PIN_IS_INITIAL", "the new PIN must differ from the initial PIN"));
+            return Err(Rejection::invalid(
+                "new_pin",
+                "PIN_IS_INITIAL",
+                "the new PIN must differ from the initial PIN",
+            ));
         }
         self.next(|c| {
             c.social = c.social.apply(SocialEvent::PinReset)?;
-            c.pin = PinState { changed: true, wrong_attempts: 0 };
+            c.pin = PinState {
+                changed: true,
+                wrong_attempts: 0,
+            };
             Ok(())
         })
     }
@@ -680,7 +1010,11 @@ impl Card {
         require_channel(ctx, &[Channel::BureauWindow], "cancel a card")?;
         ctx.require_counter_documents(self.card_type == CardType::Minor, false)?;
         if reason.trim().is_empty() {
-            return Err(Rejection::invalid("reason", "CANCEL_REASON_REQUIRED", "a cancellation says why"));
+            return Err(Rejection::invalid(
+                "reason",
+                "CANCEL_REASON_REQUIRED",
+                "a cancellation says why",
+            ));
         }
         self.end(PhysicalEvent::Cancel)
     }
@@ -695,7 +1029,10 @@ impl Card {
     /// R24: a formal card's collection retires the holder's temporary card.
     pub fn retire_temporary(&self) -> Result<Card, Rejection> {
         if self.card_type != CardType::Temporary {
-            return Err(Rejection::precondition("NOT_TEMPORARY", "only a temporary card is retired by a formal one"));
+            return Err(Rejection::precondition(
+                "NOT_TEMPORARY",
+                "only a temporary card is retired by a formal one",
+            ));
         }
         self.end(PhysicalEvent::Cancel)
     }
@@ -704,7 +1041,10 @@ impl Card {
     pub fn disable(&self, ctx: &Context) -> Result<Card, Rejection> {
         require_channel(ctx, &[Channel::Scheduler], "disable a card")?;
         if self.card_type != CardType::Minor {
-            return Err(Rejection::precondition("NOT_MINOR_CARD", "only minor cards are disabled for want of exchange (R23)"));
+            return Err(Rejection::precondition(
+                "NOT_MINOR_CARD",
+                "only minor cards are disabled for want of exchange (R23)",
+            ));
         }
         self.next(|c| {
             c.social = c.social.apply(SocialEvent::Disable)?;
@@ -725,23 +1065,44 @@ impl Card {
         match self.physical {
             PhysicalState::Collected => Ok(()),
             PhysicalState::Cancelled | PhysicalState::Replaced | PhysicalState::Rejected => {
-                Err(Rejection::precondition("CARD_CANCELLED", format!("the card is {}", self.physical.as_str())))
+                Err(Rejection::precondition(
+                    "CARD_CANCELLED",
+                    format!("the card is {}", self.physical.as_str()),
+                ))
             }
-            other => Err(Rejection::precondition("NOT_COLLECTED", format!("the card is {}, not yet collected", other.as_str()))),
+            other => Err(Rejection::precondition(
+                "NOT_COLLECTED",
+                format!("the card is {}, not yet collected", other.as_str()),
+            )),
         }
     }
 
     /// The national card-application status code (domain.md, standard status codes).
     pub fn status_code(&self) -> &'static str {
-        if matches!(self.physical, PhysicalState::Cancelled | PhysicalState::Replaced | PhysicalState::Rejected) || self.social == SocialState::Cancelled {
+        if matches!(
+            self.physical,
+            PhysicalState::Cancelled | PhysicalState::Replaced | PhysicalState::Rejected
+        ) || self.social == SocialState::Cancelled
+        {
             return "9";
         }
         match self.social {
             SocialState::NotActivated => "0",
             SocialState::Active => "1",
-            SocialState::LossLocked { kind: LossKind::Written, .. } => "2",
-            SocialState::LossLocked { kind: LossKind::Temporary, .. } => "4",
-            SocialState::LossLocked { kind: LossKind::Automatic, .. } | SocialState::PinLocked | SocialState::Disabled => "3",
+            SocialState::LossLocked {
+                kind: LossKind::Written,
+                ..
+            } => "2",
+            SocialState::LossLocked {
+                kind: LossKind::Temporary,
+                ..
+            } => "4",
+            SocialState::LossLocked {
+                kind: LossKind::Automatic,
+                ..
+            }
+            | SocialState::PinLocked
+            | SocialState::Disabled => "3",
             SocialState::Cancelled => "9",
         }
     }
@@ -752,29 +1113,50 @@ impl Card {
             Some(k) => format!("loss_locked({})", k.as_str()),
             None => self.social.as_str().to_string(),
         };
-        format!("physical={} social={} financial={}", self.physical.as_str(), social, self.financial.as_str())
+        format!(
+            "physical={} social={} financial={}",
+            self.physical.as_str(),
+            social,
+            self.financial.as_str()
+        )
     }
 }
 
 /// R8: the bank a holder may choose.
 fn choose_bank(app: &Application, banks: &BankDirectory) -> Result<(), Rejection> {
     if app.bank_code.is_empty() {
-        return Err(Rejection::invalid("bank_code", "BANK_REQUIRED", "choose one of the partner banks (R8)"));
+        return Err(Rejection::invalid(
+            "bank_code",
+            "BANK_REQUIRED",
+            "choose one of the partner banks (R8)",
+        ));
     }
     banks.require("bank_code", &app.bank_code)?;
     let not_allowed = |msg: &str| Rejection::invalid("bank_code", "BANK_CHOICE_NOT_ALLOWED", msg);
     match app.holder_status {
         HolderStatus::Retired => {
-            if let Some(pension) = app.pension_bank_code.as_deref().filter(|p| banks.contains(p))
+            if let Some(pension) = app
+                .pension_bank_code
+                .as_deref()
+                .filter(|p| banks.contains(p))
                 && pension != app.bank_code
             {
-                return Err(not_allowed("a retiree whose pension bank is a partner bank takes that bank (R8)"));
+                return Err(not_allowed(
+                    "a retiree whose pension bank is a partner bank takes that bank (R8)",
+                ));
             }
         }
         HolderStatus::Employed => {
-            let partner_payroll: Vec<&String> = app.payroll_bank_codes.iter().filter(|p| banks.contains(p)).collect();
-            if !partner_payroll.is_empty() && !partner_payroll.iter().any(|p| **p == app.bank_code) {
-                return Err(not_allowed("an employee takes one of the employer's payroll banks that is a partner bank (R8)"));
+            let partner_payroll: Vec<&String> = app
+                .payroll_bank_codes
+                .iter()
+                .filter(|p| banks.contains(p))
+                .collect();
+            if !partner_payroll.is_empty() && !partner_payroll.iter().any(|p| **p == app.bank_code)
+            {
+                return Err(not_allowed(
+                    "an employee takes one of the employer's payroll banks that is a partner bank (R8)",
+                ));
             }
         }
         _ => {}
@@ -783,11 +1165,19 @@ fn choose_bank(app: &Application, banks: &BankDirectory) -> Result<(), Rejection
 }
 
 fn require_channel(ctx: &Context, allowed: &[Channel], what: &str) -> Result<(), Rejection> {
-    if allowed.contains(&ctx.channel) { Ok(()) } else { Err(channel_not_allowed(ctx.channel, what)) }
+    if allowed.contains(&ctx.channel) {
+        Ok(())
+    } else {
+        Err(channel_not_allowed(ctx.channel, what))
+    }
 }
 
 fn channel_not_allowed(channel: Channel, what: &str) -> Rejection {
-    Rejection::invalid("actor.channel", "CHANNEL_NOT_ALLOWED", format!("the {} channel cannot {what}", channel.as_str()))
+    Rejection::invalid(
+        "actor.channel",
+        "CHANNEL_NOT_ALLOWED",
+        format!("the {} channel cannot {what}", channel.as_str()),
+    )
 }
 
 /// A social PIN is six ASCII digits.
@@ -795,6 +1185,11 @@ pub fn validate_pin(field: &'static str, pin: &str) -> Result<(), Rejection> {
     if pin.len() == 6 && pin.bytes().all(|b| b.is_ascii_digit()) {
         Ok(())
     } else {
-        Err(Rejection { kind: RejectionKind::InvalidArgument, reason: "PIN_FORMAT", message: "a PIN is six digits".into(), field: Some(field) })
+        Err(Rejection {
+            kind: RejectionKind::InvalidArgument,
+            reason: "PIN_FORMAT",
+            message: "a PIN is six digits".into(),
+            field: Some(field),
+        })
     }
 }

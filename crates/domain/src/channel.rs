@@ -24,6 +24,26 @@ pub enum Channel {
 }
 
 impl Channel {
+    pub const ALL: [Channel; 12] = [
+        Channel::BankBranch,
+        Channel::EmployerBatch,
+        Channel::Online,
+        Channel::CommunityPoint,
+        Channel::BureauWindow,
+        Channel::Hotline,
+        Channel::Hotline12333SelfService,
+        Channel::Hotline12333Operator,
+        Channel::MedicalTerminal,
+        Channel::Courier,
+        Channel::Production,
+        Channel::Scheduler,
+    ];
+
+    /// The channel whose [`Channel::as_str`] label is `label`.
+    pub fn from_label(label: &str) -> Option<Channel> {
+        Self::ALL.into_iter().find(|c| c.as_str() == label)
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Channel::BankBranch => "bank_branch",
@@ -43,11 +63,17 @@ impl Channel {
 
     /// Channels where a person stands at a counter.
     pub fn is_counter(self) -> bool {
-        matches!(self, Channel::BankBranch | Channel::CommunityPoint | Channel::BureauWindow)
+        matches!(
+            self,
+            Channel::BankBranch | Channel::CommunityPoint | Channel::BureauWindow
+        )
     }
 
     pub fn is_phone(self) -> bool {
-        matches!(self, Channel::Hotline | Channel::Hotline12333SelfService | Channel::Hotline12333Operator)
+        matches!(
+            self,
+            Channel::Hotline | Channel::Hotline12333SelfService | Channel::Hotline12333Operator
+        )
     }
 }
 
@@ -94,7 +120,11 @@ pub struct Context {
 
 impl Context {
     pub fn new(channel: Channel) -> Self {
-        Self { channel, actor: Actor::default(), documents: Documents::default() }
+        Self {
+            channel,
+            actor: Actor::default(),
+            documents: Documents::default(),
+        }
     }
 
     pub fn with_actor(mut self, actor: Actor) -> Self {
@@ -110,7 +140,11 @@ impl Context {
     /// Counter channels must say where and who served.
     pub fn require_site(&self) -> Result<(), Rejection> {
         if self.actor.site_id.as_deref().is_none_or(str::is_empty) {
-            return Err(Rejection::invalid("actor.site_id", "SITE_REQUIRED", format!("the {} channel must name its site", self.channel.as_str())));
+            return Err(Rejection::invalid(
+                "actor.site_id",
+                "SITE_REQUIRED",
+                format!("the {} channel must name its site", self.channel.as_str()),
+            ));
         }
         Ok(())
     }
@@ -118,11 +152,19 @@ impl Context {
     /// R19/R31: business at a counter by the holder in person or by a proxy with the right papers.
     /// `holder_under_16` allows the household register in place of the holder's ID card for a guardian.
     /// `card_required` is false only where the card itself is not needed (a loss report).
-    pub fn require_counter_documents(&self, holder_under_16: bool, card_required: bool) -> Result<(), Rejection> {
+    pub fn require_counter_documents(
+        &self,
+        holder_under_16: bool,
+        card_required: bool,
+    ) -> Result<(), Rejection> {
         self.require_site()?;
         let d = &self.documents;
         if card_required && !d.card_presented {
-            return Err(Rejection::invalid("documents.card_presented", "CARD_REQUIRED", "the card must be presented"));
+            return Err(Rejection::invalid(
+                "documents.card_presented",
+                "CARD_REQUIRED",
+                "the card must be presented",
+            ));
         }
         let holder_identity = d.holder_id_card || (holder_under_16 && d.household_register);
         if !holder_identity {
@@ -152,7 +194,11 @@ impl Context {
     /// The holder in person with ID card (and the card where `card_required`): no proxy.
     pub fn require_holder_in_person(&self, card_required: bool) -> Result<(), Rejection> {
         if self.documents.presenter != Presenter::Holder {
-            return Err(Rejection::invalid("documents.presenter", "PROXY_NOT_ALLOWED", "only the holder in person may do this"));
+            return Err(Rejection::invalid(
+                "documents.presenter",
+                "PROXY_NOT_ALLOWED",
+                "only the holder in person may do this",
+            ));
         }
         self.require_counter_documents(false, card_required)
     }

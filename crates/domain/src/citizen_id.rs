@@ -74,7 +74,10 @@ impl CitizenId {
             return Err(Rejection::invalid(
                 field,
                 "CITIZEN_ID_LENGTH",
-                format!("a citizen ID has 18 ASCII characters, got {}", raw.chars().count()),
+                format!(
+                    "a citizen ID has 18 ASCII characters, got {}",
+                    raw.chars().count()
+                ),
             ));
         }
         let mut digits = [0u8; 18];
@@ -86,31 +89,63 @@ impl CitizenId {
                     return Err(Rejection::invalid(
                         field,
                         "CITIZEN_ID_CHARACTER",
-                        format!("character {} of the citizen ID must be an ASCII digit{}", i + 1, if i == 17 { " or X" } else { "" }),
+                        format!(
+                            "character {} of the citizen ID must be an ASCII digit{}",
+                            i + 1,
+                            if i == 17 { " or X" } else { "" }
+                        ),
                     ));
                 }
             };
         }
         if check_char(&digits) != digits[17] {
-            return Err(Rejection::invalid(field, "CITIZEN_ID_CHECK_DIGIT", "the citizen ID's check character does not match (ISO 7064 MOD 11-2)"));
+            return Err(Rejection::invalid(
+                field,
+                "CITIZEN_ID_CHECK_DIGIT",
+                "the citizen ID's check character does not match (ISO 7064 MOD 11-2)",
+            ));
         }
         let province = (digits[0] - b'0') * 10 + (digits[1] - b'0');
         if province_name(province).is_none() {
-            return Err(Rejection::invalid(field, "CITIZEN_ID_REGION", format!("region code starts with {province:02}, which is no province")));
+            return Err(Rejection::invalid(
+                field,
+                "CITIZEN_ID_REGION",
+                format!("region code starts with {province:02}, which is no province"),
+            ));
         }
-        let number = |range: std::ops::Range<usize>| digits[range].iter().fold(0u32, |n, d| n * 10 + u32::from(d - b'0'));
+        let number = |range: std::ops::Range<usize>| {
+            digits[range]
+                .iter()
+                .fold(0u32, |n, d| n * 10 + u32::from(d - b'0'))
+        };
         if number(2..4) == 0 {
-            return Err(Rejection::invalid(field, "CITIZEN_ID_REGION", "the region code's prefecture part is 00"));
+            return Err(Rejection::invalid(
+                field,
+                "CITIZEN_ID_REGION",
+                "the region code's prefecture part is 00",
+            ));
         }
         let year = number(6..10) as i32;
         let birth_date = u8::try_from(number(10..12))
             .ok()
             .and_then(|m| Month::try_from(m).ok())
-            .and_then(|month| Date::from_calendar_date(year, month, u8::try_from(number(12..14)).ok()?).ok())
+            .and_then(|month| {
+                Date::from_calendar_date(year, month, u8::try_from(number(12..14)).ok()?).ok()
+            })
             .filter(|_| year >= 1900)
-            .ok_or_else(|| Rejection::invalid(field, "CITIZEN_ID_BIRTH_DATE", "digits 7-14 are not a real birth date (YYYYMMDD, from 1900)"))?;
+            .ok_or_else(|| {
+                Rejection::invalid(
+                    field,
+                    "CITIZEN_ID_BIRTH_DATE",
+                    "digits 7-14 are not a real birth date (YYYYMMDD, from 1900)",
+                )
+            })?;
         if birth_date > today {
-            return Err(Rejection::invalid(field, "CITIZEN_ID_BIRTH_DATE_IN_FUTURE", "the birth date in the citizen ID lies in the future"));
+            return Err(Rejection::invalid(
+                field,
+                "CITIZEN_ID_BIRTH_DATE_IN_FUTURE",
+                "the birth date in the citizen ID lies in the future",
+            ));
         }
         Ok(Self { digits, birth_date })
     }
@@ -139,7 +174,11 @@ impl CitizenId {
     }
 
     pub fn gender(&self) -> Gender {
-        if (self.digits[16] - b'0') % 2 == 1 { Gender::Male } else { Gender::Female }
+        if (self.digits[16] - b'0') % 2 == 1 {
+            Gender::Male
+        } else {
+            Gender::Female
+        }
     }
 
     /// Age in whole years on `day`.
@@ -160,7 +199,12 @@ impl CitizenId {
 
 /// The ISO 7064 MOD 11-2 check character of the first 17 digits.
 pub fn check_char(digits: &[u8]) -> u8 {
-    let sum: u32 = digits.iter().take(17).zip(WEIGHTS).map(|(d, w)| u32::from(d - b'0') * w).sum();
+    let sum: u32 = digits
+        .iter()
+        .take(17)
+        .zip(WEIGHTS)
+        .map(|(d, w)| u32::from(d - b'0') * w)
+        .sum();
     CHECK_CHARS[(sum % 11) as usize]
 }
 
@@ -189,7 +233,8 @@ impl serde::Serialize for CitizenId {
 impl<'de> serde::Deserialize<'de> for CitizenId {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let raw = String::deserialize(d)?;
-        raw.parse().map_err(|e: Rejection| serde::de::Error::custom(e.reason))
+        raw.parse()
+            .map_err(|e: Rejection| serde::de::Error::custom(e.reason))
     }
 }
 
@@ -232,7 +277,12 @@ mod tests {
         // 11010519491231002X is the standard's worked example.
         let id = CitizenId::parse("11010519491231002X", TODAY).unwrap();
         assert_eq!(id.expose(), "11010519491231002X");
-        assert_eq!(CitizenId::parse("11010519491231002x", TODAY).unwrap().expose(), "11010519491231002X");
+        assert_eq!(
+            CitizenId::parse("11010519491231002x", TODAY)
+                .unwrap()
+                .expose(),
+            "11010519491231002X"
+        );
     }
 
     #[test]
@@ -249,22 +299,51 @@ mod tests {
         assert_eq!(reason("11010519491231002Y"), "CITIZEN_ID_CHARACTER");
         assert_eq!(reason("１1010519491231002X"), "CITIZEN_ID_LENGTH");
         assert_eq!(reason("110105194912310021"), "CITIZEN_ID_CHECK_DIGIT");
-        assert_eq!(reason(&with_check("99010519491231002")), "CITIZEN_ID_REGION");
-        assert_eq!(reason(&with_check("31000019491231002")), "CITIZEN_ID_REGION");
-        assert_eq!(reason(&with_check("31010519490231002")), "CITIZEN_ID_BIRTH_DATE");
-        assert_eq!(reason(&with_check("31010520230229002")), "CITIZEN_ID_BIRTH_DATE");
-        assert_eq!(reason(&with_check("31010520301231002")), "CITIZEN_ID_BIRTH_DATE_IN_FUTURE");
-        assert_eq!(reason(&with_check("31010520261124002")), "CITIZEN_ID_BIRTH_DATE_IN_FUTURE");
+        assert_eq!(
+            reason(&with_check("99010519491231002")),
+            "CITIZEN_ID_REGION"
+        );
+        assert_eq!(
+            reason(&with_check("31000019491231002")),
+            "CITIZEN_ID_REGION"
+        );
+        assert_eq!(
+            reason(&with_check("31010519490231002")),
+            "CITIZEN_ID_BIRTH_DATE"
+        );
+        assert_eq!(
+            reason(&with_check("31010520230229002")),
+            "CITIZEN_ID_BIRTH_DATE"
+        );
+        assert_eq!(
+            reason(&with_check("31010520301231002")),
+            "CITIZEN_ID_BIRTH_DATE_IN_FUTURE"
+        );
+        assert_eq!(
+            reason(&with_check("31010520261124002")),
+            "CITIZEN_ID_BIRTH_DATE_IN_FUTURE"
+        );
         assert!(CitizenId::parse(&with_check("31010520261123002"), TODAY).is_ok());
     }
 
     /// Valid IDs: a real province, a prefecture 01-99, a birth date 1900..today, any sequence.
     pub(crate) fn valid_id() -> impl Strategy<Value = String> {
         let provinces: Vec<u8> = PROVINCES.iter().map(|(c, _)| *c).collect();
-        (proptest::sample::select(provinces), 1u32..100, 0u32..100, 0i64..(TODAY - date!(1900 - 01 - 01)).whole_days(), 0u32..1000)
+        (
+            proptest::sample::select(provinces),
+            1u32..100,
+            0u32..100,
+            0i64..(TODAY - date!(1900 - 01 - 01)).whole_days(),
+            0u32..1000,
+        )
             .prop_map(|(p, pref, county, days, seq)| {
                 let birth = date!(1900 - 01 - 01) + time::Duration::days(days);
-                let first17 = format!("{p:02}{pref:02}{county:02}{:04}{:02}{:02}{seq:03}", birth.year(), birth.month() as u8, birth.day());
+                let first17 = format!(
+                    "{p:02}{pref:02}{county:02}{:04}{:02}{:02}{seq:03}",
+                    birth.year(),
+                    birth.month() as u8,
+                    birth.day()
+                );
                 with_check(&first17)
             })
     }

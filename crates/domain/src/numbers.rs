@@ -16,17 +16,29 @@ impl CardNumber {
         let field = "card_number";
         let b = raw.as_bytes();
         if b.len() != 9 || !b[0].is_ascii_uppercase() || !b[1..].iter().all(u8::is_ascii_digit) {
-            return Err(Rejection::invalid(field, "CARD_NUMBER_FORMAT", "a card number is one uppercase letter and eight digits"));
+            return Err(Rejection::invalid(
+                field,
+                "CARD_NUMBER_FORMAT",
+                "a card number is one uppercase letter and eight digits",
+            ));
         }
         if !luhn_valid(&raw[1..]) {
-            return Err(Rejection::invalid(field, "CARD_NUMBER_CHECK_DIGIT", "the card number's check digit does not match"));
+            return Err(Rejection::invalid(
+                field,
+                "CARD_NUMBER_CHECK_DIGIT",
+                "the card number's check digit does not match",
+            ));
         }
         Ok(Self(raw.to_string()))
     }
 
     /// The number in `series` with sequence `seq` (modulo 10^7), check digit appended.
     pub fn issue(series: char, seq: u64) -> Self {
-        let series = if series.is_ascii_uppercase() { series } else { 'A' };
+        let series = if series.is_ascii_uppercase() {
+            series
+        } else {
+            'A'
+        };
         let body = format!("{:07}", seq % 10_000_000);
         let check = luhn_check_digit(&body);
         Self(format!("{series}{body}{check}"))
@@ -72,10 +84,18 @@ impl BankAccountNumber {
     pub fn parse(raw: &str) -> Result<Self, Rejection> {
         let field = "account_number";
         if !(16..=19).contains(&raw.len()) || !raw.bytes().all(|b| b.is_ascii_digit()) {
-            return Err(Rejection::invalid(field, "ACCOUNT_NUMBER_FORMAT", "a bank account number has 16 to 19 ASCII digits"));
+            return Err(Rejection::invalid(
+                field,
+                "ACCOUNT_NUMBER_FORMAT",
+                "a bank account number has 16 to 19 ASCII digits",
+            ));
         }
         if !luhn_valid(raw) {
-            return Err(Rejection::invalid(field, "ACCOUNT_NUMBER_CHECK_DIGIT", "the bank account number fails the Luhn check"));
+            return Err(Rejection::invalid(
+                field,
+                "ACCOUNT_NUMBER_CHECK_DIGIT",
+                "the bank account number fails the Luhn check",
+            ));
         }
         Ok(Self(raw.to_string()))
     }
@@ -163,17 +183,34 @@ mod tests {
         let n = CardNumber::issue('A', 1);
         assert_eq!(n.as_str(), "A00000018");
         assert_eq!(CardNumber::parse("A00000018").unwrap(), n);
-        assert_eq!(CardNumber::parse("A00000019").unwrap_err().reason, "CARD_NUMBER_CHECK_DIGIT");
-        assert_eq!(CardNumber::parse("a00000018").unwrap_err().reason, "CARD_NUMBER_FORMAT");
-        assert_eq!(CardNumber::parse("A0000001").unwrap_err().reason, "CARD_NUMBER_FORMAT");
+        assert_eq!(
+            CardNumber::parse("A00000019").unwrap_err().reason,
+            "CARD_NUMBER_CHECK_DIGIT"
+        );
+        assert_eq!(
+            CardNumber::parse("a00000018").unwrap_err().reason,
+            "CARD_NUMBER_FORMAT"
+        );
+        assert_eq!(
+            CardNumber::parse("A0000001").unwrap_err().reason,
+            "CARD_NUMBER_FORMAT"
+        );
     }
 
     #[test]
     fn account_numbers_mask() {
         let body = "621226000000000123";
         let a = BankAccountNumber::parse(&format!("{body}{}", luhn_check_digit(body))).unwrap();
-        assert_eq!(a.masked(), format!("621226*********123{}", luhn_check_digit(body)));
-        assert_eq!(BankAccountNumber::parse("621226000000000").unwrap_err().reason, "ACCOUNT_NUMBER_FORMAT");
+        assert_eq!(
+            a.masked(),
+            format!("621226*********123{}", luhn_check_digit(body))
+        );
+        assert_eq!(
+            BankAccountNumber::parse("621226000000000")
+                .unwrap_err()
+                .reason,
+            "ACCOUNT_NUMBER_FORMAT"
+        );
     }
 
     proptest! {

@@ -1,0 +1,49 @@
+//! gRPC bootstrap: every service is served with `grpc.health.v1` and reflection v1 beside it, so
+//! `grpcurl list` and readiness probes work the same everywhere.
+
+use std::future::Future;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::service::Routes;
+use tonic::transport::Server;
+use tonic_health::ServingStatus;
+
+/// Serves `routes` on `listener` with health (each of `service_names` marked SERVING) and reflection
+/// over every socialcard contract, until `shutdown` completes.
+pub async fn serve(
+    listener: TcpListener,
+    routes: Routes,
+    service_names: &[&str],
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), tonic::transport::Error> {
+    let (reporter, health) = tonic_health::server::health_reporter();
+    for name in service_names {
+        reporter
+            .set_service_status(*name, ServingStatus::Serving)
+            .await;
+    }
+    // The empty name is the whole server's health.
+    reporter
+        .set_service_status("", ServingStatus::Serving)
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(socialcard_proto::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| {
+            tracing::error!(error = %e, "reflection descriptor set is invalid");
+            e
+        });
+    let mut routes = routes.add_service(health);
+    if let Ok(reflection) = reflection {
+        routes = routes.add_service(reflection);
+    }
+    Server::builder()
+        .timeout(Duration::from_secs(30))
+        .tcp_nodelay(true)
+        .trace_fn(|req| tracing::info_span!("grpc", path = %req.uri().path()))
+        .add_routes(routes)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await
+}

@@ -1,0 +1,151 @@
+//! The registry's storage behind one trait, with a SQLite (embedded default) and a PostgreSQL
+//! implementation picked by URL. Writes happen only through [`RegistryStore::commit`]: one transaction
+//! that records the idempotency key, the card and person changes (optimistically, by version), the
+//! audit rows and the outbox rows, so a state change without its audit row or event cannot exist.
+
+mod sql;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use socialcard_domain::Card;
+use time::OffsetDateTime;
+
+pub use sql::{PgStore, SqliteStore};
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PersonRecord {
+    pub citizen_id: String,
+    pub name: String,
+    pub phone: String,
+    pub registered_at: OffsetDateTime,
+    pub version: i64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CardRecord {
+    pub card: Card,
+    /// Keyed digest of the social PIN (never the PIN).
+    pub pin_digest: Vec<u8>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AuditRecord {
+    pub card_id: String,
+    pub at: OffsetDateTime,
+    pub action: String,
+    pub channel: String,
+    /// JSON of the domain `Actor`.
+    pub actor: String,
+    /// JSON of the domain `Documents`.
+    pub documents: String,
+    pub from_state: String,
+    pub to_state: String,
+    pub idempotency_key: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OutboxRecord {
+    pub event_id: String,
+    pub topic: String,
+    pub key: String,
+    pub event_type: String,
+    pub payload: Vec<u8>,
+    pub occurred_at: OffsetDateTime,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IdempotencyRecord {
+    pub key: String,
+    pub operation: String,
+    pub request_hash: Vec<u8>,
+    pub response: Vec<u8>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PersonWrite {
+    Insert(PersonRecord),
+    /// Bumps the person's version: serialises changes to a holder's set of cards (R2).
+    Touch {
+        citizen_id: String,
+        expected_version: i64,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CardWrite {
+    Insert(CardRecord),
+    /// Writes `record` if the stored version still is `record.card.version - 1`.
+    Update(CardRecord),
+}
+
+/// Everything one successful request writes, committed atomically.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Commit {
+    pub idempotency: Option<IdempotencyRecord>,
+    pub person: Option<PersonWrite>,
+    pub cards: Vec<CardWrite>,
+    pub audit: Vec<AuditRecord>,
+    pub outbox: Vec<OutboxRecord>,
+}
+
+/// Row counts, for operations dashboards and for tests that prove a refusal wrote nothing.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TableCounts {
+    pub persons: i64,
+    pub cards: i64,
+    pub audit: i64,
+    pub outbox: i64,
+    pub idempotency: i64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The idempotency key was taken by a concurrent request.
+    #[error("idempotency key already recorded")]
+    IdempotencyConflict,
+    /// A card or person changed since it was read.
+    #[error("concurrent change")]
+    VersionConflict,
+    /// A row with the same identity exists (person, card number).
+    #[error("already exists: {0}")]
+    Duplicate(&'static str),
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
+    #[error("stored data unreadable: {0}")]
+    Corrupt(String),
+}
+
+#[async_trait]
+pub trait RegistryStore: Send + Sync + std::fmt::Debug {
+    async fn person(&self, citizen_id: &str) -> Result<Option<PersonRecord>, StoreError>;
+    async fn card(&self, card_id: &str) -> Result<Option<CardRecord>, StoreError>;
+    async fn card_id_by_number(&self, card_number: &str) -> Result<Option<String>, StoreError>;
+    async fn cards_of(&self, citizen_id: &str) -> Result<Vec<CardRecord>, StoreError>;
+    async fn idempotency(&self, key: &str) -> Result<Option<IdempotencyRecord>, StoreError>;
+    async fn audit_trail(&self, card_id: &str) -> Result<Vec<(i64, AuditRecord)>, StoreError>;
+    /// Outbox rows after `after_seq`, oldest first.
+    async fn outbox(
+        &self,
+        after_seq: i64,
+        limit: i64,
+    ) -> Result<Vec<(i64, OutboxRecord)>, StoreError>;
+    /// The next value of a named counter (card numbers); gaps are allowed, repeats never.
+    async fn next_sequence(&self, name: &str) -> Result<i64, StoreError>;
+    async fn commit(&self, commit: Commit) -> Result<(), StoreError>;
+    async fn counts(&self) -> Result<TableCounts, StoreError>;
+}
+
+/// Opens the store a URL names (`sqlite://path?mode=rwc`, `sqlite::memory:`, `postgres://...`) and
+/// runs its migrations.
+pub async fn connect(url: &str) -> Result<Arc<dyn RegistryStore>, StoreError> {
+    if url.starts_with("sqlite:") {
+        Ok(Arc::new(SqliteStore::connect(url).await?))
+    } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        Ok(Arc::new(PgStore::connect(url).await?))
+    } else {
+        Err(StoreError::Unavailable(
+            "the database URL must start with sqlite: or postgres://".into(),
+        ))
+    }
+}

@@ -1,0 +1,409 @@
+//! One SQL text, two databases: the statements use `$n` placeholders and portable types (TEXT, 64-bit
+//! integers, bytes), so the same code body serves SQLite and PostgreSQL; the macro below stamps it out
+//! once per driver, and each driver has its own migrations.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sqlx::Row;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use time::OffsetDateTime;
+
+use super::{
+    AuditRecord, CardRecord, CardWrite, Commit, IdempotencyRecord, OutboxRecord, PersonRecord,
+    PersonWrite, RegistryStore, StoreError, TableCounts,
+};
+
+fn micros(t: OffsetDateTime) -> i64 {
+    i64::try_from(t.unix_timestamp_nanos() / 1_000).unwrap_or(i64::MAX)
+}
+
+fn from_micros(us: i64) -> Result<OffsetDateTime, StoreError> {
+    OffsetDateTime::from_unix_timestamp_nanos(i128::from(us) * 1_000)
+        .map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+fn db_error(e: sqlx::Error) -> StoreError {
+    match e {
+        sqlx::Error::Database(d) if d.is_unique_violation() => StoreError::Duplicate("row"),
+        sqlx::Error::ColumnDecode { .. }
+        | sqlx::Error::Decode(_)
+        | sqlx::Error::ColumnNotFound(_) => StoreError::Corrupt(e.to_string()),
+        other => StoreError::Unavailable(other.to_string()),
+    }
+}
+
+fn card_from_json(data: &str, pin_digest: Vec<u8>) -> Result<CardRecord, StoreError> {
+    let card =
+        serde_json::from_str(data).map_err(|e| StoreError::Corrupt(format!("card data: {e}")))?;
+    Ok(CardRecord { card, pin_digest })
+}
+
+fn social_label(card: &socialcard_domain::Card) -> &'static str {
+    card.social.as_str()
+}
+
+macro_rules! sql_store {
+    ($store:ident, $db:ty, $pool:ty) => {
+        #[derive(Clone, Debug)]
+        pub struct $store {
+            pool: $pool,
+        }
+
+        impl $store {
+            pub fn pool(&self) -> &$pool {
+                &self.pool
+            }
+
+            async fn write_card(tx: &mut sqlx::Transaction<'_, $db>, write: &CardWrite, now: i64) -> Result<(), StoreError> {
+                let (rec, insert) = match write {
+                    CardWrite::Insert(r) => (r, true),
+                    CardWrite::Update(r) => (r, false),
+                };
+                let c = &rec.card;
+                let data = serde_json::to_string(c).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                let number = c.card_number.as_ref().map(|n| n.as_str().to_string());
+                let result = if insert {
+                    sqlx::query(
+                        "INSERT INTO cards (card_id, citizen_id, card_number, bank_code, physical_state, social_state, financial_state, version, data, pin_digest, updated_at)
+                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+                    )
+                    .bind(&c.id)
+                    .bind(c.holder.expose())
+                    .bind(number)
+                    .bind(&c.bank_code)
+                    .bind(c.physical.as_str())
+                    .bind(social_label(c))
+                    .bind(c.financial.as_str())
+                    .bind(c.version)
+                    .bind(data)
+                    .bind(&rec.pin_digest)
+                    .bind(now)
+                    .execute(&mut **tx)
+                    .await
+                } else {
+                    sqlx::query(
+                        "UPDATE cards SET card_number = $1, physical_state = $2, social_state = $3, financial_state = $4, version = $5,
+                         data = $6, pin_digest = $7, updated_at = $8 WHERE card_id = $9 AND version = $10",
+                    )
+                    .bind(number)
+                    .bind(c.physical.as_str())
+                    .bind(social_label(c))
+                    .bind(c.financial.as_str())
+                    .bind(c.version)
+                    .bind(data)
+                    .bind(&rec.pin_digest)
+                    .bind(now)
+                    .bind(&c.id)
+                    .bind(c.version - 1)
+                    .execute(&mut **tx)
+                    .await
+                };
+                match result {
+                    Ok(r) if r.rows_affected() == 1 => Ok(()),
+                    Ok(_) => Err(StoreError::VersionConflict),
+                    Err(sqlx::Error::Database(d)) if d.is_unique_violation() => Err(StoreError::Duplicate("card")),
+                    Err(e) => Err(db_error(e)),
+                }
+            }
+
+            async fn commit_in(tx: &mut sqlx::Transaction<'_, $db>, commit: &Commit) -> Result<(), StoreError> {
+                let now = micros(OffsetDateTime::now_utc());
+                // The key first: a concurrent twin of this request fails here, before any other write.
+                if let Some(i) = &commit.idempotency {
+                    let r = sqlx::query(
+                        "INSERT INTO idempotency (idempotency_key, operation, request_hash, response, created_at) VALUES ($1, $2, $3, $4, $5)",
+                    )
+                    .bind(&i.key)
+                    .bind(&i.operation)
+                    .bind(&i.request_hash)
+                    .bind(&i.response)
+                    .bind(now)
+                    .execute(&mut **tx)
+                    .await;
+                    match r {
+                        Err(sqlx::Error::Database(d)) if d.is_unique_violation() => return Err(StoreError::IdempotencyConflict),
+                        Err(e) => return Err(db_error(e)),
+                        Ok(_) => {}
+                    }
+                }
+                match &commit.person {
+                    Some(PersonWrite::Insert(p)) => {
+                        let r = sqlx::query("INSERT INTO persons (citizen_id, name, phone, registered_at, version) VALUES ($1, $2, $3, $4, $5)")
+                            .bind(&p.citizen_id)
+                            .bind(&p.name)
+                            .bind(&p.phone)
+                            .bind(micros(p.registered_at))
+                            .bind(p.version)
+                            .execute(&mut **tx)
+                            .await;
+                        match r {
+                            Err(sqlx::Error::Database(d)) if d.is_unique_violation() => return Err(StoreError::Duplicate("person")),
+                            Err(e) => return Err(db_error(e)),
+                            Ok(_) => {}
+                        }
+                    }
+                    Some(PersonWrite::Touch { citizen_id, expected_version }) => {
+                        let r = sqlx::query("UPDATE persons SET version = version + 1 WHERE citizen_id = $1 AND version = $2")
+                            .bind(citizen_id)
+                            .bind(expected_version)
+                            .execute(&mut **tx)
+                            .await
+                            .map_err(db_error)?;
+                        if r.rows_affected() != 1 {
+                            return Err(StoreError::VersionConflict);
+                        }
+                    }
+                    None => {}
+                }
+                for w in &commit.cards {
+                    Self::write_card(tx, w, now).await?;
+                }
+                for a in &commit.audit {
+                    sqlx::query(
+                        "INSERT INTO audit_log (card_id, at, action, channel, actor, documents, from_state, to_state, idempotency_key)
+                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+                    )
+                    .bind(&a.card_id)
+                    .bind(micros(a.at))
+                    .bind(&a.action)
+                    .bind(&a.channel)
+                    .bind(&a.actor)
+                    .bind(&a.documents)
+                    .bind(&a.from_state)
+                    .bind(&a.to_state)
+                    .bind(&a.idempotency_key)
+                    .execute(&mut **tx)
+                    .await
+                    .map_err(db_error)?;
+                }
+                for o in &commit.outbox {
+                    sqlx::query(
+                        "INSERT INTO outbox (event_id, topic, event_key, event_type, payload, occurred_at) VALUES ($1, $2, $3, $4, $5, $6)",
+                    )
+                    .bind(&o.event_id)
+                    .bind(&o.topic)
+                    .bind(&o.key)
+                    .bind(&o.event_type)
+                    .bind(&o.payload)
+                    .bind(micros(o.occurred_at))
+                    .execute(&mut **tx)
+                    .await
+                    .map_err(db_error)?;
+                }
+                Ok(())
+            }
+        }
+
+        #[async_trait]
+        impl RegistryStore for $store {
+            async fn person(&self, citizen_id: &str) -> Result<Option<PersonRecord>, StoreError> {
+                let row = sqlx::query("SELECT citizen_id, name, phone, registered_at, version FROM persons WHERE citizen_id = $1")
+                    .bind(citizen_id)
+                    .fetch_optional(&self.pool)
+                    .await
+                    .map_err(db_error)?;
+                row.map(|r| {
+                    Ok(PersonRecord {
+                        citizen_id: r.try_get("citizen_id").map_err(db_error)?,
+                        name: r.try_get("name").map_err(db_error)?,
+                        phone: r.try_get("phone").map_err(db_error)?,
+                        registered_at: from_micros(r.try_get("registered_at").map_err(db_error)?)?,
+                        version: r.try_get("version").map_err(db_error)?,
+                    })
+                })
+                .transpose()
+            }
+
+            async fn card(&self, card_id: &str) -> Result<Option<CardRecord>, StoreError> {
+                let row = sqlx::query("SELECT data, pin_digest FROM cards WHERE card_id = $1")
+                    .bind(card_id)
+                    .fetch_optional(&self.pool)
+                    .await
+                    .map_err(db_error)?;
+                row.map(|r| card_from_json(&r.try_get::<String, _>("data").map_err(db_error)?, r.try_get("pin_digest").map_err(db_error)?))
+                    .transpose()
+            }
+
+            async fn card_id_by_number(&self, card_number: &str) -> Result<Option<String>, StoreError> {
+                sqlx::query("SELECT card_id FROM cards WHERE card_number = $1")
+                    .bind(card_number)
+                    .fetch_optional(&self.pool)
+                    .await
+                    .map_err(db_error)?
+                    .map(|r| r.try_get("card_id").map_err(db_error))
+                    .transpose()
+            }
+
+            async fn cards_of(&self, citizen_id: &str) -> Result<Vec<CardRecord>, StoreError> {
+                let rows = sqlx::query("SELECT data, pin_digest FROM cards WHERE citizen_id = $1 ORDER BY card_id")
+                    .bind(citizen_id)
+                    .fetch_all(&self.pool)
+                    .await
+                    .map_err(db_error)?;
+                rows.iter()
+                    .map(|r| card_from_json(&r.try_get::<String, _>("data").map_err(db_error)?, r.try_get("pin_digest").map_err(db_error)?))
+                    .collect()
+            }
+
+            async fn idempotency(&self, key: &str) -> Result<Option<IdempotencyRecord>, StoreError> {
+                let row = sqlx::query("SELECT idempotency_key, operation, request_hash, response FROM idempotency WHERE idempotency_key = $1")
+                    .bind(key)
+                    .fetch_optional(&self.pool)
+                    .await
+                    .map_err(db_error)?;
+                row.map(|r| {
+                    Ok(IdempotencyRecord {
+                        key: r.try_get("idempotency_key").map_err(db_error)?,
+                        operation: r.try_get("operation").map_err(db_error)?,
+                        request_hash: r.try_get("request_hash").map_err(db_error)?,
+                        response: r.try_get("response").map_err(db_error)?,
+                    })
+                })
+                .transpose()
+            }
+
+            async fn audit_trail(&self, card_id: &str) -> Result<Vec<(i64, AuditRecord)>, StoreError> {
+                let rows = sqlx::query(
+                    "SELECT seq, card_id, at, action, channel, actor, documents, from_state, to_state, idempotency_key
+                     FROM audit_log WHERE card_id = $1 ORDER BY seq",
+                )
+                .bind(card_id)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(db_error)?;
+                rows.iter()
+                    .map(|r| {
+                        Ok((
+                            r.try_get("seq").map_err(db_error)?,
+                            AuditRecord {
+                                card_id: r.try_get("card_id").map_err(db_error)?,
+                                at: from_micros(r.try_get("at").map_err(db_error)?)?,
+                                action: r.try_get("action").map_err(db_error)?,
+                                channel: r.try_get("channel").map_err(db_error)?,
+                                actor: r.try_get("actor").map_err(db_error)?,
+                                documents: r.try_get("documents").map_err(db_error)?,
+                                from_state: r.try_get("from_state").map_err(db_error)?,
+                                to_state: r.try_get("to_state").map_err(db_error)?,
+                                idempotency_key: r.try_get("idempotency_key").map_err(db_error)?,
+                            },
+                        ))
+                    })
+                    .collect()
+            }
+
+            async fn outbox(&self, after_seq: i64, limit: i64) -> Result<Vec<(i64, OutboxRecord)>, StoreError> {
+                let rows = sqlx::query(
+                    "SELECT seq, event_id, topic, event_key, event_type, payload, occurred_at FROM outbox WHERE seq > $1 ORDER BY seq LIMIT $2",
+                )
+                .bind(after_seq)
+                .bind(limit)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(db_error)?;
+                rows.iter()
+                    .map(|r| {
+                        Ok((
+                            r.try_get("seq").map_err(db_error)?,
+                            OutboxRecord {
+                                event_id: r.try_get("event_id").map_err(db_error)?,
+                                topic: r.try_get("topic").map_err(db_error)?,
+                                key: r.try_get("event_key").map_err(db_error)?,
+                                event_type: r.try_get("event_type").map_err(db_error)?,
+                                payload: r.try_get("payload").map_err(db_error)?,
+                                occurred_at: from_micros(r.try_get("occurred_at").map_err(db_error)?)?,
+                            },
+                        ))
+                    })
+                    .collect()
+            }
+
+            async fn next_sequence(&self, name: &str) -> Result<i64, StoreError> {
+                let row = sqlx::query("UPDATE sequences SET value = value + 1 WHERE name = $1 RETURNING value")
+                    .bind(name)
+                    .fetch_optional(&self.pool)
+                    .await
+                    .map_err(db_error)?
+                    .ok_or_else(|| StoreError::Corrupt(format!("no sequence {name}")))?;
+                row.try_get("value").map_err(db_error)
+            }
+
+            async fn commit(&self, commit: Commit) -> Result<(), StoreError> {
+                let mut tx = self.pool.begin().await.map_err(db_error)?;
+                match Self::commit_in(&mut tx, &commit).await {
+                    Ok(()) => tx.commit().await.map_err(db_error),
+                    Err(e) => {
+                        // Dropping the transaction would roll back too; say so explicitly.
+                        let _ = tx.rollback().await;
+                        Err(e)
+                    }
+                }
+            }
+
+            async fn counts(&self) -> Result<TableCounts, StoreError> {
+                let row = sqlx::query(
+                    "SELECT (SELECT COUNT(*) FROM persons) AS persons, (SELECT COUNT(*) FROM cards) AS cards,
+                            (SELECT COUNT(*) FROM audit_log) AS audit, (SELECT COUNT(*) FROM outbox) AS outbox,
+                            (SELECT COUNT(*) FROM idempotency) AS idempotency",
+                )
+                .fetch_one(&self.pool)
+                .await
+                .map_err(db_error)?;
+                Ok(TableCounts {
+                    persons: row.try_get("persons").map_err(db_error)?,
+                    cards: row.try_get("cards").map_err(db_error)?,
+                    audit: row.try_get("audit").map_err(db_error)?,
+                    outbox: row.try_get("outbox").map_err(db_error)?,
+                    idempotency: row.try_get("idempotency").map_err(db_error)?,
+                })
+            }
+        }
+    };
+}
+
+sql_store!(SqliteStore, sqlx::Sqlite, sqlx::SqlitePool);
+sql_store!(PgStore, sqlx::Postgres, sqlx::PgPool);
+
+impl SqliteStore {
+    /// Opens (creating if needed) a SQLite database in WAL mode and migrates it.
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        let options = SqliteConnectOptions::from_str(url)
+            .map_err(db_error)?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .busy_timeout(Duration::from_secs(10))
+            .foreign_keys(true);
+        // An in-memory database lives in one connection.
+        let max = if url.contains(":memory:") { 1 } else { 8 };
+        let pool = SqlitePoolOptions::new()
+            .max_connections(max)
+            .connect_with(options)
+            .await
+            .map_err(db_error)?;
+        sqlx::migrate!("./migrations/sqlite")
+            .run(&pool)
+            .await
+            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        Ok(Self { pool })
+    }
+}
+
+impl PgStore {
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        let options = PgConnectOptions::from_str(url).map_err(db_error)?;
+        let pool = PgPoolOptions::new()
+            .max_connections(16)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect_with(options)
+            .await
+            .map_err(db_error)?;
+        sqlx::migrate!("./migrations/postgres")
+            .run(&pool)
+            .await
+            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        Ok(Self { pool })
+    }
+}

@@ -1,0 +1,120 @@
+//! `socialcard up`: every service in one process. Configuration comes from flags or their
+//! `SOCIALCARD_*` environment variables; each service prints `<service> listening on <host:port>`.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use clap::Args;
+use socialcard_registry::RegistryConfig;
+use socialcard_server::SystemClock;
+use tokio::net::TcpListener;
+
+#[derive(Debug, Args)]
+pub struct UpArgs {
+    /// Where the embedded databases and keys live.
+    #[arg(long, env = "SOCIALCARD_DATA_DIR", default_value = "./data")]
+    data_dir: PathBuf,
+    /// The registry's gRPC address (port 0 picks a free one).
+    #[arg(
+        long,
+        env = "SOCIALCARD_REGISTRY_LISTEN",
+        default_value = "127.0.0.1:50051"
+    )]
+    registry_listen: String,
+    /// The registry's database; default: SQLite in the data directory. `postgres://...` for PostgreSQL.
+    #[arg(long, env = "SOCIALCARD_REGISTRY_DATABASE_URL")]
+    registry_database_url: Option<String>,
+    /// Hex key for the social PIN digests; default: a random key kept in the data directory.
+    #[arg(long, env = "SOCIALCARD_PIN_KEY", hide_env_values = true)]
+    pin_key: Option<String>,
+}
+
+/// Reads the PIN key from the data directory, creating a random one on first start.
+fn pin_key(args: &UpArgs) -> anyhow::Result<Vec<u8>> {
+    if let Some(hex_key) = &args.pin_key {
+        let key = hex::decode(hex_key).context("SOCIALCARD_PIN_KEY must be hex")?;
+        anyhow::ensure!(key.len() >= 16, "the PIN key needs at least 16 bytes");
+        return Ok(key);
+    }
+    let path = args.data_dir.join("pin.key");
+    if path.exists() {
+        let key =
+            hex::decode(std::fs::read_to_string(&path)?.trim()).context("pin.key is not hex")?;
+        anyhow::ensure!(key.len() >= 16, "pin.key is too short");
+        return Ok(key);
+    }
+    let mut key = vec![0u8; 32];
+    rand::fill(&mut key[..]);
+    write_private(&path, &hex::encode(&key))?;
+    Ok(key)
+}
+
+fn write_private(path: &Path, content: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    options.open(path)?.write_all(content.as_bytes())?;
+    Ok(())
+}
+
+pub async fn run(args: UpArgs) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&args.data_dir)
+        .with_context(|| format!("cannot create data directory {}", args.data_dir.display()))?;
+    let db_url = match &args.registry_database_url {
+        Some(url) => url.clone(),
+        None => format!(
+            "sqlite://{}?mode=rwc",
+            args.data_dir.join("registry.db").display()
+        ),
+    };
+    let registry = socialcard_registry::build(
+        &db_url,
+        Arc::new(SystemClock),
+        RegistryConfig::shanghai(pin_key(&args)?),
+    )
+    .await
+    .context("cannot open the registry's database")?;
+
+    let listener = TcpListener::bind(&args.registry_listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.registry_listen))?;
+    println!("registry listening on {}", listener.local_addr()?);
+
+    let routes = tonic::service::Routes::new(
+        socialcard_registry::grpc::RegistryGrpc::new(registry).into_server(),
+    );
+    let server = tokio::spawn(socialcard_server::grpc::serve(
+        listener,
+        routes,
+        &[socialcard_registry::SERVICE_NAME],
+        shutdown_signal(),
+    ));
+    server.await??;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+    tracing::info!("shutting down");
+}
