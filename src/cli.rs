@@ -13,12 +13,7 @@ use tonic::transport::Channel;
 #[derive(Debug, Args)]
 pub struct Connection {
     /// The registry's gRPC endpoint.
-    #[arg(
-        long,
-        global = true,
-        env = "SOCIALCARD_ENDPOINT",
-        default_value = "http://127.0.0.1:50051"
-    )]
+    #[arg(long, global = true, env = "SOCIALCARD_ENDPOINT", default_value = "http://127.0.0.1:50051")]
     endpoint: String,
     /// Idempotency key for the call; default: a new one.
     #[arg(long, global = true)]
@@ -102,18 +97,11 @@ pub enum Action {
 }
 
 fn key(c: &Connection) -> String {
-    c.idempotency_key
-        .clone()
-        .unwrap_or_else(|| uuid::Uuid::now_v7().to_string())
+    c.idempotency_key.clone().unwrap_or_else(|| uuid::Uuid::now_v7().to_string())
 }
 
 fn actor(channel: pb::Channel, site: &str) -> Option<pb::Actor> {
-    Some(pb::Actor {
-        channel: channel as i32,
-        operator_id: "cli".into(),
-        site_id: site.into(),
-        ..Default::default()
-    })
+    Some(pb::Actor { channel: channel as i32, operator_id: "cli".into(), site_id: site.into(), ..Default::default() })
 }
 
 fn in_person() -> Option<pb::Documents> {
@@ -137,11 +125,7 @@ fn demo_account(bank_code: &str, card_number: &str) -> anyhow::Result<String> {
 
 /// `PHYSICAL_STATE_IN_PRODUCTION` -> `in production`.
 fn label(enum_name: &str, prefix: &str) -> String {
-    enum_name
-        .strip_prefix(prefix)
-        .unwrap_or(enum_name)
-        .to_ascii_lowercase()
-        .replace('_', " ")
+    enum_name.strip_prefix(prefix).unwrap_or(enum_name).to_ascii_lowercase().replace('_', " ")
 }
 
 fn print_card(c: &pb::Card) {
@@ -149,40 +133,23 @@ fn print_card(c: &pb::Card) {
     println!("  holder            {}", c.citizen_id_masked);
     println!(
         "  type              {}",
-        label(
-            pb::CardType::try_from(c.card_type)
-                .map(|t| t.as_str_name())
-                .unwrap_or("?"),
-            "CARD_TYPE_"
-        )
+        label(pb::CardType::try_from(c.card_type).map(|t| t.as_str_name()).unwrap_or("?"), "CARD_TYPE_")
     );
     println!("  bank              {}", c.bank_code);
     println!("  card number       {}", c.card_number);
     println!("  account           {}", c.account_number_masked);
     println!(
         "  physical          {}",
-        label(
-            pb::PhysicalState::try_from(c.physical_state)
-                .map(|s| s.as_str_name())
-                .unwrap_or("?"),
-            "PHYSICAL_STATE_"
-        )
+        label(pb::PhysicalState::try_from(c.physical_state).map(|s| s.as_str_name()).unwrap_or("?"), "PHYSICAL_STATE_")
     );
     println!(
         "  social function   {}",
-        label(
-            pb::SocialState::try_from(c.social_state)
-                .map(|s| s.as_str_name())
-                .unwrap_or("?"),
-            "SOCIAL_STATE_"
-        )
+        label(pb::SocialState::try_from(c.social_state).map(|s| s.as_str_name()).unwrap_or("?"), "SOCIAL_STATE_")
     );
     println!(
         "  financial         {}",
         label(
-            pb::FinancialState::try_from(c.financial_state)
-                .map(|s| s.as_str_name())
-                .unwrap_or("?"),
+            pb::FinancialState::try_from(c.financial_state).map(|s| s.as_str_name()).unwrap_or("?"),
             "FINANCIAL_STATE_"
         )
     );
@@ -195,35 +162,21 @@ fn status_error(s: tonic::Status) -> anyhow::Error {
 }
 
 pub async fn run(c: &Connection, action: Action) -> anyhow::Result<()> {
-    let mut client: RegistryServiceClient<Channel> =
-        RegistryServiceClient::connect(c.endpoint.clone())
-            .await
-            .with_context(|| format!("cannot reach the registry at {}", c.endpoint))?;
+    let mut client: RegistryServiceClient<Channel> = RegistryServiceClient::connect(c.endpoint.clone())
+        .await
+        .with_context(|| format!("cannot reach the registry at {}", c.endpoint))?;
     let card = match action {
         Action::Register { id, name, phone } => {
             let r = client
-                .register_person(pb::RegisterPersonRequest {
-                    idempotency_key: key(c),
-                    citizen_id: id,
-                    name,
-                    phone,
-                })
+                .register_person(pb::RegisterPersonRequest { idempotency_key: key(c), citizen_id: id, name, phone })
                 .await
                 .map_err(status_error)?
                 .into_inner();
             let p = r.person.unwrap_or_default();
-            println!(
-                "registered {} {} born {}",
-                p.citizen_id_masked, p.name, p.birth_date
-            );
+            println!("registered {} {} born {}", p.citizen_id_masked, p.name, p.birth_date);
             return Ok(());
         }
-        Action::Apply {
-            id,
-            bank,
-            backup_point,
-            address,
-        } => {
+        Action::Apply { id, bank, backup_point, address } => {
             let req = pb::SubmitApplicationRequest {
                 idempotency_key: key(c),
                 citizen_id: id,
@@ -236,23 +189,12 @@ pub async fn run(c: &Connection, action: Action) -> anyhow::Result<()> {
                 card_type: pb::CardType::Adult as i32,
                 holder_status: pb::HolderStatus::Unemployed as i32,
                 bank_code: bank,
-                photo: Some(pb::Photo {
-                    source: pb::PhotoSource::CommunityPoint as i32,
-                    ..Default::default()
-                }),
-                delivery_address: Some(pb::Address {
-                    line: address,
-                    ..Default::default()
-                }),
+                photo: Some(pb::Photo { source: pb::PhotoSource::CommunityPoint as i32, ..Default::default() }),
+                delivery_address: Some(pb::Address { line: address, ..Default::default() }),
                 backup_point_id: backup_point,
                 ..Default::default()
             };
-            client
-                .submit_application(req)
-                .await
-                .map_err(status_error)?
-                .into_inner()
-                .card
+            client.submit_application(req).await.map_err(status_error)?.into_inner().card
         }
         Action::Approve { card_id } => {
             client
@@ -288,9 +230,7 @@ pub async fn run(c: &Connection, action: Action) -> anyhow::Result<()> {
                     idempotency_key: format!("{k}-result"),
                     card_id,
                     actor: actor(pb::Channel::Production, "factory"),
-                    result: Some(pb::record_production_result_request::Result::AccountNumber(
-                        account,
-                    )),
+                    result: Some(pb::record_production_result_request::Result::AccountNumber(account)),
                 })
                 .await
                 .map_err(status_error)?
@@ -312,11 +252,7 @@ pub async fn run(c: &Connection, action: Action) -> anyhow::Result<()> {
                 .into_inner()
                 .card
         }
-        Action::Activate {
-            card_id,
-            channel,
-            phone,
-        } => {
+        Action::Activate { card_id, channel, phone } => {
             if let ActivationChannel::Bank = channel {
                 let current = client
                     .get_card(pb::GetCardRequest {
@@ -341,9 +277,7 @@ pub async fn run(c: &Connection, action: Action) -> anyhow::Result<()> {
                     .map_err(status_error)?
                     .into_inner();
                 if r.social_awaits_bureau_unlock {
-                    println!(
-                        "financial function active; the social function awaits a bureau unlock (R22)"
-                    );
+                    println!("financial function active; the social function awaits a bureau unlock (R22)");
                 }
                 r.card
             } else {
@@ -351,18 +285,13 @@ pub async fn run(c: &Connection, action: Action) -> anyhow::Result<()> {
                     ActivationChannel::CommunityPoint => (pb::Channel::CommunityPoint, "point-001"),
                     ActivationChannel::BureauWindow => (pb::Channel::BureauWindow, "bureau"),
                     ActivationChannel::Online => (pb::Channel::Online, ""),
-                    ActivationChannel::Hotline | ActivationChannel::Bank => {
-                        (pb::Channel::Hotline, "")
-                    }
+                    ActivationChannel::Hotline | ActivationChannel::Bank => (pb::Channel::Hotline, ""),
                 };
                 let mut a = actor(ch, site);
                 if let Some(a) = a.as_mut() {
                     a.caller_phone = phone.unwrap_or_default();
-                    a.verification_ref = if matches!(channel, ActivationChannel::Online) {
-                        "face-cli".into()
-                    } else {
-                        String::new()
-                    };
+                    a.verification_ref =
+                        if matches!(channel, ActivationChannel::Online) { "face-cli".into() } else { String::new() };
                 }
                 client
                     .activate_social_function(pb::ActivateSocialFunctionRequest {
@@ -377,11 +306,7 @@ pub async fn run(c: &Connection, action: Action) -> anyhow::Result<()> {
                     .card
             }
         }
-        Action::ReportLoss {
-            card_id,
-            kind,
-            phone,
-        } => {
+        Action::ReportLoss { card_id, kind, phone } => {
             let (loss_kind, a) = match kind {
                 Loss::Temporary => {
                     let mut a = actor(pb::Channel::Hotline, "");
@@ -390,10 +315,7 @@ pub async fn run(c: &Connection, action: Action) -> anyhow::Result<()> {
                     }
                     (pb::LossKind::Temporary, a)
                 }
-                Loss::Written => (
-                    pb::LossKind::Written,
-                    actor(pb::Channel::BureauWindow, "bureau"),
-                ),
+                Loss::Written => (pb::LossKind::Written, actor(pb::Channel::BureauWindow, "bureau")),
             };
             let documents = Some(pb::Documents {
                 presenter: pb::Presenter::Holder as i32,
@@ -433,9 +355,7 @@ pub async fn run(c: &Connection, action: Action) -> anyhow::Result<()> {
                 pb::get_card_request::Lookup::CardId(card)
             };
             let found = client
-                .get_card(pb::GetCardRequest {
-                    lookup: Some(lookup),
-                })
+                .get_card(pb::GetCardRequest { lookup: Some(lookup) })
                 .await
                 .map_err(status_error)?
                 .into_inner()
@@ -443,9 +363,7 @@ pub async fn run(c: &Connection, action: Action) -> anyhow::Result<()> {
                 .unwrap_or_default();
             print_card(&found);
             let trail = client
-                .list_audit_trail(pb::ListAuditTrailRequest {
-                    card_id: found.card_id.clone(),
-                })
+                .list_audit_trail(pb::ListAuditTrailRequest { card_id: found.card_id.clone() })
                 .await
                 .map_err(status_error)?
                 .into_inner();
@@ -457,24 +375,15 @@ pub async fn run(c: &Connection, action: Action) -> anyhow::Result<()> {
                     .and_then(|a| pb::Channel::try_from(a.channel).ok())
                     .map(|c| label(c.as_str_name(), "CHANNEL_"))
                     .unwrap_or_default();
-                println!(
-                    "    #{:<4} {:<22} {:<28} {}",
-                    e.sequence, e.action, channel, e.to_state
-                );
+                println!("    #{:<4} {:<22} {:<28} {}", e.sequence, e.action, channel, e.to_state);
             }
             return Ok(());
         }
         Action::Person { id } => {
-            let r = client
-                .get_person(pb::GetPersonRequest { citizen_id: id })
-                .await
-                .map_err(status_error)?
-                .into_inner();
+            let r =
+                client.get_person(pb::GetPersonRequest { citizen_id: id }).await.map_err(status_error)?.into_inner();
             let p = r.person.unwrap_or_default();
-            println!(
-                "person {} {} born {} region {}",
-                p.citizen_id_masked, p.name, p.birth_date, p.region_code
-            );
+            println!("person {} {} born {} region {}", p.citizen_id_masked, p.name, p.birth_date, p.region_code);
             for card in &r.cards {
                 print_card(card);
             }

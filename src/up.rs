@@ -16,11 +16,7 @@ pub struct UpArgs {
     #[arg(long, env = "SOCIALCARD_DATA_DIR", default_value = "./data")]
     data_dir: PathBuf,
     /// The registry's gRPC address (port 0 picks a free one).
-    #[arg(
-        long,
-        env = "SOCIALCARD_REGISTRY_LISTEN",
-        default_value = "127.0.0.1:50051"
-    )]
+    #[arg(long, env = "SOCIALCARD_REGISTRY_LISTEN", default_value = "127.0.0.1:50051")]
     registry_listen: String,
     /// The registry's database; default: SQLite in the data directory. `postgres://...` for PostgreSQL.
     #[arg(long, env = "SOCIALCARD_REGISTRY_DATABASE_URL")]
@@ -39,8 +35,7 @@ fn pin_key(args: &UpArgs) -> anyhow::Result<Vec<u8>> {
     }
     let path = args.data_dir.join("pin.key");
     if path.exists() {
-        let key =
-            hex::decode(std::fs::read_to_string(&path)?.trim()).context("pin.key is not hex")?;
+        let key = hex::decode(std::fs::read_to_string(&path)?.trim()).context("pin.key is not hex")?;
         anyhow::ensure!(key.len() >= 16, "pin.key is too short");
         return Ok(key);
     }
@@ -65,27 +60,19 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         .with_context(|| format!("cannot create data directory {}", args.data_dir.display()))?;
     let db_url = match &args.registry_database_url {
         Some(url) => url.clone(),
-        None => format!(
-            "sqlite://{}?mode=rwc",
-            args.data_dir.join("registry.db").display()
-        ),
+        None => format!("sqlite://{}?mode=rwc", args.data_dir.join("registry.db").display()),
     };
-    let registry = socialcard_registry::build(
-        &db_url,
-        Arc::new(SystemClock),
-        RegistryConfig::shanghai(pin_key(&args)?),
-    )
-    .await
-    .context("cannot open the registry's database")?;
+    let registry =
+        socialcard_registry::build(&db_url, Arc::new(SystemClock), RegistryConfig::shanghai(pin_key(&args)?))
+            .await
+            .context("cannot open the registry's database")?;
 
     let listener = TcpListener::bind(&args.registry_listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.registry_listen))?;
     println!("registry listening on {}", listener.local_addr()?);
 
-    let routes = tonic::service::Routes::new(
-        socialcard_registry::grpc::RegistryGrpc::new(registry).into_server(),
-    );
+    let routes = tonic::service::Routes::new(socialcard_registry::grpc::RegistryGrpc::new(registry).into_server());
     let server = tokio::spawn(socialcard_server::grpc::serve(
         listener,
         routes,
@@ -101,14 +88,13 @@ async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => {
-                    let _ = ctrl_c.await;
-                    return;
-                }
-            };
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => {
+                let _ = ctrl_c.await;
+                return;
+            }
+        };
         tokio::select! {
             _ = ctrl_c => {}
             _ = term.recv() => {}

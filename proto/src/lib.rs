@@ -5,8 +5,7 @@
 #![allow(missing_debug_implementations, clippy::all)]
 
 /// The encoded `FileDescriptorSet` of every contract, served by gRPC reflection.
-pub const FILE_DESCRIPTOR_SET: &[u8] =
-    include_bytes!(concat!(env!("OUT_DIR"), "/socialcard_descriptor.bin"));
+pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/socialcard_descriptor.bin"));
 
 pub mod registry {
     pub mod v1 {

@@ -57,11 +57,10 @@ impl BankDirectory {
                         format!("bank code {} appears twice", a.code),
                     ));
                 }
-                let overlap = a.bin_prefixes.iter().any(|p| {
-                    b.bin_prefixes
-                        .iter()
-                        .any(|q| p.starts_with(q.as_str()) || q.starts_with(p.as_str()))
-                });
+                let overlap = a
+                    .bin_prefixes
+                    .iter()
+                    .any(|p| b.bin_prefixes.iter().any(|q| p.starts_with(q.as_str()) || q.starts_with(p.as_str())));
                 if overlap {
                     return Err(Rejection::invalid(
                         "banks",
@@ -81,19 +80,11 @@ impl BankDirectory {
             code: code.into(),
             name: name.into(),
             bin_prefixes: bins.iter().map(|b| (*b).to_string()).collect(),
-            policy: BankPolicy {
-                temporary_loss_expiry_days: expiry,
-                pin_tries_per_day: 3,
-            },
+            policy: BankPolicy { temporary_loss_expiry_days: expiry, pin_tries_per_day: 3 },
         };
         Self {
             banks: vec![
-                bank(
-                    "icbc",
-                    "Industrial and Commercial Bank of China",
-                    &["621226"],
-                    5,
-                ),
+                bank("icbc", "Industrial and Commercial Bank of China", &["621226"], 5),
                 bank("abc", "Agricultural Bank of China", &["622848"], 5),
                 bank("boc", "Bank of China", &["621661"], 5),
                 bank("ccb", "China Construction Bank", &["621700"], 5),
@@ -114,13 +105,8 @@ impl BankDirectory {
 
     /// Looks a bank code up, or says it is not one of the partner banks.
     pub fn require(&self, field: &'static str, code: &str) -> Result<&PartnerBank, Rejection> {
-        self.get(code).ok_or_else(|| {
-            Rejection::invalid(
-                field,
-                "UNKNOWN_BANK",
-                "the bank code is not one of the partner banks",
-            )
-        })
+        self.get(code)
+            .ok_or_else(|| Rejection::invalid(field, "UNKNOWN_BANK", "the bank code is not one of the partner banks"))
     }
 
     pub fn contains(&self, code: &str) -> bool {
@@ -149,19 +135,13 @@ mod tests {
         let d = BankDirectory::shanghai();
         assert_eq!(d.len(), 11);
         assert!(BankDirectory::new(d.banks().to_vec()).is_ok());
-        assert_eq!(
-            d.require("bank_code", "nope").unwrap_err().reason,
-            "UNKNOWN_BANK"
-        );
+        assert_eq!(d.require("bank_code", "nope").unwrap_err().reason, "UNKNOWN_BANK");
     }
 
     #[test]
     fn overlapping_bins_are_refused() {
         let mut banks = BankDirectory::shanghai().banks().to_vec();
         banks[1].bin_prefixes.push("6212".into());
-        assert_eq!(
-            BankDirectory::new(banks).unwrap_err().reason,
-            "BANK_CONFIG_BIN_OVERLAP"
-        );
+        assert_eq!(BankDirectory::new(banks).unwrap_err().reason, "BANK_CONFIG_BIN_OVERLAP");
     }
 }

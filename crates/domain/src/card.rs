@@ -12,10 +12,7 @@ use crate::numbers::{BankAccountNumber, CardNumber};
 use crate::photo::PhotoSource;
 use crate::policy::CityPolicy;
 use crate::rejection::{Rejection, RejectionKind};
-use crate::state::{
-    FinancialEvent, FinancialState, LossKind, PhysicalEvent, PhysicalState, SocialEvent,
-    SocialState,
-};
+use crate::state::{FinancialEvent, FinancialState, LossKind, PhysicalEvent, PhysicalState, SocialEvent, SocialState};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum CardType {
@@ -176,12 +173,7 @@ impl Card {
                 }
             }
             Channel::Online => {
-                if ctx
-                    .actor
-                    .verification_ref
-                    .as_deref()
-                    .is_none_or(str::is_empty)
-                {
+                if ctx.actor.verification_ref.as_deref().is_none_or(str::is_empty) {
                     return Err(Rejection::invalid(
                         "actor.verification_ref",
                         "IDENTITY_VERIFICATION_REQUIRED",
@@ -228,10 +220,7 @@ impl Card {
                 return Err(Rejection::invalid(
                     "card_type",
                     "CARD_TYPE_AGE_MISMATCH",
-                    format!(
-                        "holders aged {} or over get an adult card",
-                        policy.minor_below_age
-                    ),
+                    format!("holders aged {} or over get an adult card", policy.minor_below_age),
                 ));
             }
             _ => {}
@@ -241,11 +230,7 @@ impl Card {
         let preschool = age < policy.preschool_below_age;
         match (app.photo_source, preschool) {
             (PhotoSource::None, false) => {
-                return Err(Rejection::invalid(
-                    "photo.source",
-                    "PHOTO_REQUIRED",
-                    "the card needs a photo",
-                ));
+                return Err(Rejection::invalid("photo.source", "PHOTO_REQUIRED", "the card needs a photo"));
             }
             (source, true) if source != PhotoSource::None => {
                 return Err(Rejection::invalid(
@@ -255,10 +240,7 @@ impl Card {
                 ));
             }
             (PhotoSource::StudentCard, _)
-                if !matches!(
-                    app.holder_status,
-                    HolderStatus::Student | HolderStatus::Child
-                ) =>
+                if !matches!(app.holder_status, HolderStatus::Student | HolderStatus::Child) =>
             {
                 return Err(Rejection::invalid(
                     "photo.source",
@@ -282,21 +264,12 @@ impl Card {
         // R2, R24, R28: one valid card at a time.
         let replaced = match &app.replaces {
             Some(old_id) => {
-                let old = holder_cards
-                    .iter()
-                    .find(|c| &c.id == old_id)
-                    .ok_or_else(|| {
-                        Rejection::not_found(
-                            "CARD_NOT_FOUND",
-                            "the card to replace is not one of the holder's cards",
-                        )
-                    })?;
+                let old = holder_cards.iter().find(|c| &c.id == old_id).ok_or_else(|| {
+                    Rejection::not_found("CARD_NOT_FOUND", "the card to replace is not one of the holder's cards")
+                })?;
                 let written_loss = old.social.loss_kind() == Some(LossKind::Written);
-                let damaged_card_handed_in =
-                    old.physical == PhysicalState::Collected && ctx.documents.card_presented;
-                if old.physical != PhysicalState::Collected
-                    || !(written_loss || damaged_card_handed_in)
-                {
+                let damaged_card_handed_in = old.physical == PhysicalState::Collected && ctx.documents.card_presented;
+                if old.physical != PhysicalState::Collected || !(written_loss || damaged_card_handed_in) {
                     return Err(Rejection::precondition(
                         "REPLACEMENT_NOT_ALLOWED",
                         "a replacement needs a collected card under a written loss, or the damaged card handed in",
@@ -312,25 +285,20 @@ impl Card {
             }
             None => None,
         };
-        for other in holder_cards.iter().filter(|c| c.physical.is_live()) {
-            if replaced.is_some_and(|r| r.id == other.id) {
-                continue;
-            }
-            match (other.card_type, temporary) {
-                (CardType::Temporary, false) => {} // the formal card will retire it (R24)
-                (_, true) if other.card_type != CardType::Temporary => {
-                    return Err(Rejection::precondition(
-                        "FORMAL_CARD_VALID",
-                        "no temporary card while a formal card is valid (R24)",
-                    ));
-                }
-                _ => {
-                    return Err(Rejection::precondition(
-                        "ACTIVE_CARD_EXISTS",
-                        "the holder already has a valid or pending card (R2)",
-                    ));
-                }
-            }
+        let others: Vec<&Card> =
+            holder_cards.iter().filter(|c| c.physical.is_live() && replaced.is_none_or(|r| r.id != c.id)).collect();
+        if temporary && others.iter().any(|c| c.card_type != CardType::Temporary) {
+            return Err(Rejection::precondition(
+                "FORMAL_CARD_VALID",
+                "no temporary card while a formal card is valid or pending (R24)",
+            ));
+        }
+        // A temporary card does not stand in the way of a formal one: the formal card retires it (R24).
+        if others.iter().any(|c| temporary || c.card_type != CardType::Temporary) {
+            return Err(Rejection::precondition(
+                "ACTIVE_CARD_EXISTS",
+                "the holder already has a valid or pending card (R2)",
+            ));
         }
 
         Ok(Card {
@@ -343,11 +311,7 @@ impl Card {
             application_channel: ctx.channel,
             backup_point_id: app.backup_point_id,
             delivery: app.delivery,
-            fee_fen: if replaced.is_some() {
-                policy.replacement_fee_fen
-            } else {
-                0
-            },
+            fee_fen: if replaced.is_some() { policy.replacement_fee_fen } else { 0 },
             physical: PhysicalState::Applied,
             social: SocialState::NotActivated,
             financial: FinancialState::NotActivated,
@@ -375,25 +339,13 @@ impl Card {
     /// R10: a reviewer approves or rejects (with a reason the applicant sees).
     pub fn review(&self, approve: bool, reason: &str, ctx: &Context) -> Result<Card, Rejection> {
         if ctx.actor.operator_id.as_deref().is_none_or(str::is_empty) {
-            return Err(Rejection::invalid(
-                "actor.operator_id",
-                "REVIEWER_REQUIRED",
-                "a review names its reviewer",
-            ));
+            return Err(Rejection::invalid("actor.operator_id", "REVIEWER_REQUIRED", "a review names its reviewer"));
         }
         if !approve && reason.trim().is_empty() {
-            return Err(Rejection::invalid(
-                "reason",
-                "REJECTION_REASON_REQUIRED",
-                "a rejection says why (R10)",
-            ));
+            return Err(Rejection::invalid("reason", "REJECTION_REASON_REQUIRED", "a rejection says why (R10)"));
         }
         self.next(|c| {
-            c.physical = c.physical.apply(if approve {
-                PhysicalEvent::Approve
-            } else {
-                PhysicalEvent::Reject
-            })?;
+            c.physical = c.physical.apply(if approve { PhysicalEvent::Approve } else { PhysicalEvent::Reject })?;
             if !approve {
                 c.rejection_reason = Some(reason.trim().to_string());
                 c.social = SocialState::Cancelled;
@@ -405,11 +357,7 @@ impl Card {
 
     /// R11, R13: into production; the card number is issued the first time and kept for a remake.
     pub fn start_production(&self, number: CardNumber, ctx: &Context) -> Result<Card, Rejection> {
-        require_channel(
-            ctx,
-            &[Channel::Production, Channel::BureauWindow],
-            "start production",
-        )?;
+        require_channel(ctx, &[Channel::Production, Channel::BureauWindow], "start production")?;
         self.next(|c| {
             c.physical = c.physical.apply(PhysicalEvent::StartProduction)?;
             if c.card_number.is_none() {
@@ -462,19 +410,13 @@ impl Card {
             c.account_number = account;
             c.last_production_failure = None;
             if c.card_type == CardType::Temporary {
-                c.expires_at = Some(
-                    now + time::Duration::days(i64::from(policy.temporary_card_validity_days)),
-                );
+                c.expires_at = Some(now + time::Duration::days(i64::from(policy.temporary_card_validity_days)));
             }
             Ok(())
         })
     }
 
-    pub fn production_failed(
-        &self,
-        failure: ProductionFailure,
-        ctx: &Context,
-    ) -> Result<Card, Rejection> {
+    pub fn production_failed(&self, failure: ProductionFailure, ctx: &Context) -> Result<Card, Rejection> {
         require_channel(ctx, &[Channel::Production], "record production")?;
         if failure.reason.trim().is_empty() {
             return Err(Rejection::invalid(
@@ -538,21 +480,13 @@ impl Card {
             CollectionMethod::PickedUpAtPoint => {
                 require_channel(
                     ctx,
-                    &[
-                        Channel::CommunityPoint,
-                        Channel::BureauWindow,
-                        Channel::BankBranch,
-                    ],
+                    &[Channel::CommunityPoint, Channel::BureauWindow, Channel::BankBranch],
                     "record a pick-up",
                 )?;
                 ctx.require_counter_documents(self.card_type == CardType::Minor, false)?;
             }
             CollectionMethod::InstantIssue => {
-                require_channel(
-                    ctx,
-                    &[Channel::CommunityPoint, Channel::BankBranch],
-                    "issue a card instantly",
-                )?;
+                require_channel(ctx, &[Channel::CommunityPoint, Channel::BankBranch], "issue a card instantly")?;
                 ctx.require_counter_documents(self.card_type == CardType::Minor, false)?;
                 if self.physical != PhysicalState::Produced {
                     return Err(Rejection::precondition(
@@ -573,24 +507,14 @@ impl Card {
     pub fn return_for_remake(&self, reason: &str, ctx: &Context) -> Result<Card, Rejection> {
         require_channel(
             ctx,
-            &[
-                Channel::BureauWindow,
-                Channel::CommunityPoint,
-                Channel::BankBranch,
-            ],
+            &[Channel::BureauWindow, Channel::CommunityPoint, Channel::BankBranch],
             "return a card for remake",
         )?;
         ctx.require_counter_documents(self.card_type == CardType::Minor, true)?;
         if reason.trim().is_empty() {
-            return Err(Rejection::invalid(
-                "reason",
-                "REMAKE_REASON_REQUIRED",
-                "say what is wrong on the card",
-            ));
+            return Err(Rejection::invalid("reason", "REMAKE_REASON_REQUIRED", "say what is wrong on the card"));
         }
-        if self.social != SocialState::NotActivated
-            || self.financial != FinancialState::NotActivated
-        {
+        if self.social != SocialState::NotActivated || self.financial != FinancialState::NotActivated {
             return Err(Rejection::precondition(
                 "REMAKE_AFTER_ACTIVATION",
                 "an activated card is replaced, not remade",
@@ -607,12 +531,7 @@ impl Card {
     pub fn activate_social(&self, ctx: &Context, now: OffsetDateTime) -> Result<Card, Rejection> {
         match ctx.channel {
             Channel::Online => {
-                if ctx
-                    .actor
-                    .verification_ref
-                    .as_deref()
-                    .is_none_or(str::is_empty)
-                {
+                if ctx.actor.verification_ref.as_deref().is_none_or(str::is_empty) {
                     return Err(Rejection::invalid(
                         "actor.verification_ref",
                         "IDENTITY_VERIFICATION_REQUIRED",
@@ -721,10 +640,7 @@ impl Card {
             ));
         }
         if bank_code != self.bank_code {
-            return Err(Rejection::denied(
-                "WRONG_BANK",
-                "the card belongs to another bank",
-            ));
+            return Err(Rejection::denied("WRONG_BANK", "the card belongs to another bank"));
         }
         if self.card_type == CardType::Temporary {
             return Err(Rejection::precondition(
@@ -741,10 +657,7 @@ impl Card {
         self.require_collected()?;
         let awaits_unlock = self.social.loss_kind() == Some(LossKind::Automatic);
         match self.social {
-            SocialState::LossLocked {
-                kind: LossKind::Automatic,
-                ..
-            }
+            SocialState::LossLocked { kind: LossKind::Automatic, .. }
             | SocialState::NotActivated
             | SocialState::Active => {}
             other => {
@@ -766,10 +679,7 @@ impl Card {
     /// activated; the social function, once on, stays on.
     pub fn cancel_financial_activation(&self, bank_code: &str) -> Result<Card, Rejection> {
         if bank_code != self.bank_code {
-            return Err(Rejection::denied(
-                "WRONG_BANK",
-                "the card belongs to another bank",
-            ));
+            return Err(Rejection::denied("WRONG_BANK", "the card belongs to another bank"));
         }
         self.next(|c| {
             c.financial = c.financial.apply(FinancialEvent::CancelActivation)?;
@@ -815,33 +725,18 @@ impl Card {
                     ));
                 }
                 let Some(collected) = self.collected_at else {
-                    return Err(Rejection::precondition(
-                        "NOT_COLLECTED",
-                        "R22 runs from the collection date",
-                    ));
+                    return Err(Rejection::precondition("NOT_COLLECTED", "R22 runs from the collection date"));
                 };
-                if now
-                    < collected
-                        + time::Duration::days(i64::from(policy.auto_lock_days_without_financial))
-                {
-                    return Err(Rejection::precondition(
-                        "DEADLINE_NOT_REACHED",
-                        "the R22 deadline has not passed",
-                    ));
+                if now < collected + time::Duration::days(i64::from(policy.auto_lock_days_without_financial)) {
+                    return Err(Rejection::precondition("DEADLINE_NOT_REACHED", "the R22 deadline has not passed"));
                 }
             }
             (_, channel) => {
-                return Err(channel_not_allowed(
-                    channel,
-                    &format!("report a {} loss", kind.as_str()),
-                ));
+                return Err(channel_not_allowed(channel, &format!("report a {} loss", kind.as_str())));
             }
         }
         if !matches!(self.physical, PhysicalState::Collected) {
-            return Err(Rejection::precondition(
-                "NOT_COLLECTED",
-                "only a collected card can be reported lost",
-            ));
+            return Err(Rejection::precondition("NOT_COLLECTED", "only a collected card can be reported lost"));
         }
         self.next(|c| {
             c.social = c.social.apply(SocialEvent::ReportLoss(kind))?;
@@ -852,10 +747,7 @@ impl Card {
     /// R22, R27: lifting a loss lock on the social side.
     pub fn unlock_social(&self, ctx: &Context) -> Result<Card, Rejection> {
         let Some(kind) = self.social.loss_kind() else {
-            return Err(Rejection::precondition(
-                "NOT_LOSS_LOCKED",
-                "the social function is not loss-locked",
-            ));
+            return Err(Rejection::precondition("NOT_LOSS_LOCKED", "the social function is not loss-locked"));
         };
         match kind {
             LossKind::Temporary => {
@@ -902,18 +794,10 @@ impl Card {
     }
 
     /// R30: one PIN entry; too many wrong ones lock the social function.
-    pub fn pin_attempt(
-        &self,
-        correct: bool,
-        policy: &CityPolicy,
-    ) -> Result<(Card, PinOutcome), Rejection> {
+    pub fn pin_attempt(&self, correct: bool, policy: &CityPolicy) -> Result<(Card, PinOutcome), Rejection> {
         if self.social != SocialState::Active {
             return Err(Rejection::precondition(
-                if self.social == SocialState::PinLocked {
-                    "SOCIAL_PIN_LOCKED"
-                } else {
-                    "SOCIAL_NOT_ACTIVE"
-                },
+                if self.social == SocialState::PinLocked { "SOCIAL_PIN_LOCKED" } else { "SOCIAL_NOT_ACTIVE" },
                 format!("the social function is {}", self.social.as_str()),
             ));
         }
@@ -930,21 +814,14 @@ impl Card {
         })?;
         let outcome = PinOutcome {
             verified: correct,
-            remaining_attempts: policy
-                .social_pin_max_wrong
-                .saturating_sub(card.pin.wrong_attempts),
+            remaining_attempts: policy.social_pin_max_wrong.saturating_sub(card.pin.wrong_attempts),
             locked: card.social == SocialState::PinLocked,
         };
         Ok((card, outcome))
     }
 
     /// R29: a PIN change by phone (12333) or at a window, after the old PIN was checked.
-    pub fn change_pin(
-        &self,
-        new_pin: &str,
-        ctx: &Context,
-        policy: &CityPolicy,
-    ) -> Result<Card, Rejection> {
+    pub fn change_pin(&self, new_pin: &str, ctx: &Context, policy: &CityPolicy) -> Result<Card, Rejection> {
         require_channel(
             ctx,
             &[
@@ -970,21 +847,13 @@ impl Card {
             ));
         }
         self.next(|c| {
-            c.pin = PinState {
-                changed: true,
-                wrong_attempts: 0,
-            };
+            c.pin = PinState { changed: true, wrong_attempts: 0 };
             Ok(())
         })
     }
 
     /// R30: a forgotten or locked PIN is reset at a bureau card window with the card and an ID card.
-    pub fn reset_pin(
-        &self,
-        new_pin: &str,
-        ctx: &Context,
-        policy: &CityPolicy,
-    ) -> Result<Card, Rejection> {
+    pub fn reset_pin(&self, new_pin: &str, ctx: &Context, policy: &CityPolicy) -> Result<Card, Rejection> {
         require_channel(ctx, &[Channel::BureauWindow], "reset the social PIN")?;
         ctx.require_counter_documents(self.card_type == CardType::Minor, true)?;
         validate_pin("new_pin", new_pin)?;
@@ -997,10 +866,7 @@ impl Card {
         }
         self.next(|c| {
             c.social = c.social.apply(SocialEvent::PinReset)?;
-            c.pin = PinState {
-                changed: true,
-                wrong_attempts: 0,
-            };
+            c.pin = PinState { changed: true, wrong_attempts: 0 };
             Ok(())
         })
     }
@@ -1010,11 +876,7 @@ impl Card {
         require_channel(ctx, &[Channel::BureauWindow], "cancel a card")?;
         ctx.require_counter_documents(self.card_type == CardType::Minor, false)?;
         if reason.trim().is_empty() {
-            return Err(Rejection::invalid(
-                "reason",
-                "CANCEL_REASON_REQUIRED",
-                "a cancellation says why",
-            ));
+            return Err(Rejection::invalid("reason", "CANCEL_REASON_REQUIRED", "a cancellation says why"));
         }
         self.end(PhysicalEvent::Cancel)
     }
@@ -1029,10 +891,7 @@ impl Card {
     /// R24: a formal card's collection retires the holder's temporary card.
     pub fn retire_temporary(&self) -> Result<Card, Rejection> {
         if self.card_type != CardType::Temporary {
-            return Err(Rejection::precondition(
-                "NOT_TEMPORARY",
-                "only a temporary card is retired by a formal one",
-            ));
+            return Err(Rejection::precondition("NOT_TEMPORARY", "only a temporary card is retired by a formal one"));
         }
         self.end(PhysicalEvent::Cancel)
     }
@@ -1065,10 +924,7 @@ impl Card {
         match self.physical {
             PhysicalState::Collected => Ok(()),
             PhysicalState::Cancelled | PhysicalState::Replaced | PhysicalState::Rejected => {
-                Err(Rejection::precondition(
-                    "CARD_CANCELLED",
-                    format!("the card is {}", self.physical.as_str()),
-                ))
+                Err(Rejection::precondition("CARD_CANCELLED", format!("the card is {}", self.physical.as_str())))
             }
             other => Err(Rejection::precondition(
                 "NOT_COLLECTED",
@@ -1079,28 +935,17 @@ impl Card {
 
     /// The national card-application status code (domain.md, standard status codes).
     pub fn status_code(&self) -> &'static str {
-        if matches!(
-            self.physical,
-            PhysicalState::Cancelled | PhysicalState::Replaced | PhysicalState::Rejected
-        ) || self.social == SocialState::Cancelled
+        if matches!(self.physical, PhysicalState::Cancelled | PhysicalState::Replaced | PhysicalState::Rejected)
+            || self.social == SocialState::Cancelled
         {
             return "9";
         }
         match self.social {
             SocialState::NotActivated => "0",
             SocialState::Active => "1",
-            SocialState::LossLocked {
-                kind: LossKind::Written,
-                ..
-            } => "2",
-            SocialState::LossLocked {
-                kind: LossKind::Temporary,
-                ..
-            } => "4",
-            SocialState::LossLocked {
-                kind: LossKind::Automatic,
-                ..
-            }
+            SocialState::LossLocked { kind: LossKind::Written, .. } => "2",
+            SocialState::LossLocked { kind: LossKind::Temporary, .. } => "4",
+            SocialState::LossLocked { kind: LossKind::Automatic, .. }
             | SocialState::PinLocked
             | SocialState::Disabled => "3",
             SocialState::Cancelled => "9",
@@ -1113,47 +958,28 @@ impl Card {
             Some(k) => format!("loss_locked({})", k.as_str()),
             None => self.social.as_str().to_string(),
         };
-        format!(
-            "physical={} social={} financial={}",
-            self.physical.as_str(),
-            social,
-            self.financial.as_str()
-        )
+        format!("physical={} social={} financial={}", self.physical.as_str(), social, self.financial.as_str())
     }
 }
 
 /// R8: the bank a holder may choose.
 fn choose_bank(app: &Application, banks: &BankDirectory) -> Result<(), Rejection> {
     if app.bank_code.is_empty() {
-        return Err(Rejection::invalid(
-            "bank_code",
-            "BANK_REQUIRED",
-            "choose one of the partner banks (R8)",
-        ));
+        return Err(Rejection::invalid("bank_code", "BANK_REQUIRED", "choose one of the partner banks (R8)"));
     }
     banks.require("bank_code", &app.bank_code)?;
     let not_allowed = |msg: &str| Rejection::invalid("bank_code", "BANK_CHOICE_NOT_ALLOWED", msg);
     match app.holder_status {
         HolderStatus::Retired => {
-            if let Some(pension) = app
-                .pension_bank_code
-                .as_deref()
-                .filter(|p| banks.contains(p))
+            if let Some(pension) = app.pension_bank_code.as_deref().filter(|p| banks.contains(p))
                 && pension != app.bank_code
             {
-                return Err(not_allowed(
-                    "a retiree whose pension bank is a partner bank takes that bank (R8)",
-                ));
+                return Err(not_allowed("a retiree whose pension bank is a partner bank takes that bank (R8)"));
             }
         }
         HolderStatus::Employed => {
-            let partner_payroll: Vec<&String> = app
-                .payroll_bank_codes
-                .iter()
-                .filter(|p| banks.contains(p))
-                .collect();
-            if !partner_payroll.is_empty() && !partner_payroll.iter().any(|p| **p == app.bank_code)
-            {
+            let partner_payroll: Vec<&String> = app.payroll_bank_codes.iter().filter(|p| banks.contains(p)).collect();
+            if !partner_payroll.is_empty() && !partner_payroll.iter().any(|p| **p == app.bank_code) {
                 return Err(not_allowed(
                     "an employee takes one of the employer's payroll banks that is a partner bank (R8)",
                 ));
@@ -1165,11 +991,7 @@ fn choose_bank(app: &Application, banks: &BankDirectory) -> Result<(), Rejection
 }
 
 fn require_channel(ctx: &Context, allowed: &[Channel], what: &str) -> Result<(), Rejection> {
-    if allowed.contains(&ctx.channel) {
-        Ok(())
-    } else {
-        Err(channel_not_allowed(ctx.channel, what))
-    }
+    if allowed.contains(&ctx.channel) { Ok(()) } else { Err(channel_not_allowed(ctx.channel, what)) }
 }
 
 fn channel_not_allowed(channel: Channel, what: &str) -> Rejection {

@@ -63,17 +63,11 @@ impl Channel {
 
     /// Channels where a person stands at a counter.
     pub fn is_counter(self) -> bool {
-        matches!(
-            self,
-            Channel::BankBranch | Channel::CommunityPoint | Channel::BureauWindow
-        )
+        matches!(self, Channel::BankBranch | Channel::CommunityPoint | Channel::BureauWindow)
     }
 
     pub fn is_phone(self) -> bool {
-        matches!(
-            self,
-            Channel::Hotline | Channel::Hotline12333SelfService | Channel::Hotline12333Operator
-        )
+        matches!(self, Channel::Hotline | Channel::Hotline12333SelfService | Channel::Hotline12333Operator)
     }
 }
 
@@ -120,11 +114,7 @@ pub struct Context {
 
 impl Context {
     pub fn new(channel: Channel) -> Self {
-        Self {
-            channel,
-            actor: Actor::default(),
-            documents: Documents::default(),
-        }
+        Self { channel, actor: Actor::default(), documents: Documents::default() }
     }
 
     pub fn with_actor(mut self, actor: Actor) -> Self {
@@ -152,19 +142,11 @@ impl Context {
     /// R19/R31: business at a counter by the holder in person or by a proxy with the right papers.
     /// `holder_under_16` allows the household register in place of the holder's ID card for a guardian.
     /// `card_required` is false only where the card itself is not needed (a loss report).
-    pub fn require_counter_documents(
-        &self,
-        holder_under_16: bool,
-        card_required: bool,
-    ) -> Result<(), Rejection> {
+    pub fn require_counter_documents(&self, holder_under_16: bool, card_required: bool) -> Result<(), Rejection> {
         self.require_site()?;
         let d = &self.documents;
         if card_required && !d.card_presented {
-            return Err(Rejection::invalid(
-                "documents.card_presented",
-                "CARD_REQUIRED",
-                "the card must be presented",
-            ));
+            return Err(Rejection::invalid("documents.card_presented", "CARD_REQUIRED", "the card must be presented"));
         }
         let holder_identity = d.holder_id_card || (holder_under_16 && d.household_register);
         if !holder_identity {

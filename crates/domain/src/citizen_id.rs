@@ -74,10 +74,7 @@ impl CitizenId {
             return Err(Rejection::invalid(
                 field,
                 "CITIZEN_ID_LENGTH",
-                format!(
-                    "a citizen ID has 18 ASCII characters, got {}",
-                    raw.chars().count()
-                ),
+                format!("a citizen ID has 18 ASCII characters, got {}", raw.chars().count()),
             ));
         }
         let mut digits = [0u8; 18];
@@ -113,25 +110,16 @@ impl CitizenId {
                 format!("region code starts with {province:02}, which is no province"),
             ));
         }
-        let number = |range: std::ops::Range<usize>| {
-            digits[range]
-                .iter()
-                .fold(0u32, |n, d| n * 10 + u32::from(d - b'0'))
-        };
+        let number =
+            |range: std::ops::Range<usize>| digits[range].iter().fold(0u32, |n, d| n * 10 + u32::from(d - b'0'));
         if number(2..4) == 0 {
-            return Err(Rejection::invalid(
-                field,
-                "CITIZEN_ID_REGION",
-                "the region code's prefecture part is 00",
-            ));
+            return Err(Rejection::invalid(field, "CITIZEN_ID_REGION", "the region code's prefecture part is 00"));
         }
         let year = number(6..10) as i32;
         let birth_date = u8::try_from(number(10..12))
             .ok()
             .and_then(|m| Month::try_from(m).ok())
-            .and_then(|month| {
-                Date::from_calendar_date(year, month, u8::try_from(number(12..14)).ok()?).ok()
-            })
+            .and_then(|month| Date::from_calendar_date(year, month, u8::try_from(number(12..14)).ok()?).ok())
             .filter(|_| year >= 1900)
             .ok_or_else(|| {
                 Rejection::invalid(
@@ -174,11 +162,7 @@ impl CitizenId {
     }
 
     pub fn gender(&self) -> Gender {
-        if (self.digits[16] - b'0') % 2 == 1 {
-            Gender::Male
-        } else {
-            Gender::Female
-        }
+        if (self.digits[16] - b'0') % 2 == 1 { Gender::Male } else { Gender::Female }
     }
 
     /// Age in whole years on `day`.
@@ -199,12 +183,7 @@ impl CitizenId {
 
 /// The ISO 7064 MOD 11-2 check character of the first 17 digits.
 pub fn check_char(digits: &[u8]) -> u8 {
-    let sum: u32 = digits
-        .iter()
-        .take(17)
-        .zip(WEIGHTS)
-        .map(|(d, w)| u32::from(d - b'0') * w)
-        .sum();
+    let sum: u32 = digits.iter().take(17).zip(WEIGHTS).map(|(d, w)| u32::from(d - b'0') * w).sum();
     CHECK_CHARS[(sum % 11) as usize]
 }
 
@@ -233,8 +212,7 @@ impl serde::Serialize for CitizenId {
 impl<'de> serde::Deserialize<'de> for CitizenId {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let raw = String::deserialize(d)?;
-        raw.parse()
-            .map_err(|e: Rejection| serde::de::Error::custom(e.reason))
+        raw.parse().map_err(|e: Rejection| serde::de::Error::custom(e.reason))
     }
 }
 
@@ -277,12 +255,7 @@ mod tests {
         // 11010519491231002X is the standard's worked example.
         let id = CitizenId::parse("11010519491231002X", TODAY).unwrap();
         assert_eq!(id.expose(), "11010519491231002X");
-        assert_eq!(
-            CitizenId::parse("11010519491231002x", TODAY)
-                .unwrap()
-                .expose(),
-            "11010519491231002X"
-        );
+        assert_eq!(CitizenId::parse("11010519491231002x", TODAY).unwrap().expose(), "11010519491231002X");
     }
 
     #[test]
@@ -299,30 +272,12 @@ mod tests {
         assert_eq!(reason("11010519491231002Y"), "CITIZEN_ID_CHARACTER");
         assert_eq!(reason("１1010519491231002X"), "CITIZEN_ID_LENGTH");
         assert_eq!(reason("110105194912310021"), "CITIZEN_ID_CHECK_DIGIT");
-        assert_eq!(
-            reason(&with_check("99010519491231002")),
-            "CITIZEN_ID_REGION"
-        );
-        assert_eq!(
-            reason(&with_check("31000019491231002")),
-            "CITIZEN_ID_REGION"
-        );
-        assert_eq!(
-            reason(&with_check("31010519490231002")),
-            "CITIZEN_ID_BIRTH_DATE"
-        );
-        assert_eq!(
-            reason(&with_check("31010520230229002")),
-            "CITIZEN_ID_BIRTH_DATE"
-        );
-        assert_eq!(
-            reason(&with_check("31010520301231002")),
-            "CITIZEN_ID_BIRTH_DATE_IN_FUTURE"
-        );
-        assert_eq!(
-            reason(&with_check("31010520261124002")),
-            "CITIZEN_ID_BIRTH_DATE_IN_FUTURE"
-        );
+        assert_eq!(reason(&with_check("99010519491231002")), "CITIZEN_ID_REGION");
+        assert_eq!(reason(&with_check("31000019491231002")), "CITIZEN_ID_REGION");
+        assert_eq!(reason(&with_check("31010519490231002")), "CITIZEN_ID_BIRTH_DATE");
+        assert_eq!(reason(&with_check("31010520230229002")), "CITIZEN_ID_BIRTH_DATE");
+        assert_eq!(reason(&with_check("31010520301231002")), "CITIZEN_ID_BIRTH_DATE_IN_FUTURE");
+        assert_eq!(reason(&with_check("31010520261124002")), "CITIZEN_ID_BIRTH_DATE_IN_FUTURE");
         assert!(CitizenId::parse(&with_check("31010520261123002"), TODAY).is_ok());
     }
 

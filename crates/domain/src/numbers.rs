@@ -34,11 +34,7 @@ impl CardNumber {
 
     /// The number in `series` with sequence `seq` (modulo 10^7), check digit appended.
     pub fn issue(series: char, seq: u64) -> Self {
-        let series = if series.is_ascii_uppercase() {
-            series
-        } else {
-            'A'
-        };
+        let series = if series.is_ascii_uppercase() { series } else { 'A' };
         let body = format!("{:07}", seq % 10_000_000);
         let check = luhn_check_digit(&body);
         Self(format!("{series}{body}{check}"))
@@ -183,34 +179,17 @@ mod tests {
         let n = CardNumber::issue('A', 1);
         assert_eq!(n.as_str(), "A00000018");
         assert_eq!(CardNumber::parse("A00000018").unwrap(), n);
-        assert_eq!(
-            CardNumber::parse("A00000019").unwrap_err().reason,
-            "CARD_NUMBER_CHECK_DIGIT"
-        );
-        assert_eq!(
-            CardNumber::parse("a00000018").unwrap_err().reason,
-            "CARD_NUMBER_FORMAT"
-        );
-        assert_eq!(
-            CardNumber::parse("A0000001").unwrap_err().reason,
-            "CARD_NUMBER_FORMAT"
-        );
+        assert_eq!(CardNumber::parse("A00000019").unwrap_err().reason, "CARD_NUMBER_CHECK_DIGIT");
+        assert_eq!(CardNumber::parse("a00000018").unwrap_err().reason, "CARD_NUMBER_FORMAT");
+        assert_eq!(CardNumber::parse("A0000001").unwrap_err().reason, "CARD_NUMBER_FORMAT");
     }
 
     #[test]
     fn account_numbers_mask() {
         let body = "621226000000000123";
         let a = BankAccountNumber::parse(&format!("{body}{}", luhn_check_digit(body))).unwrap();
-        assert_eq!(
-            a.masked(),
-            format!("621226*********123{}", luhn_check_digit(body))
-        );
-        assert_eq!(
-            BankAccountNumber::parse("621226000000000")
-                .unwrap_err()
-                .reason,
-            "ACCOUNT_NUMBER_FORMAT"
-        );
+        assert_eq!(a.masked(), format!("621226*********123{}", luhn_check_digit(body)));
+        assert_eq!(BankAccountNumber::parse("621226000000000").unwrap_err().reason, "ACCOUNT_NUMBER_FORMAT");
     }
 
     proptest! {

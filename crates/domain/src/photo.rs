@@ -25,10 +25,7 @@ pub fn validate_upload(jpeg: &[u8], file_name: &str, citizen_id: &str) -> Result
         return Err(Rejection::invalid(
             field,
             "PHOTO_TOO_LARGE",
-            format!(
-                "the photo has {} bytes; at most {PHOTO_MAX_BYTES} are allowed",
-                jpeg.len()
-            ),
+            format!("the photo has {} bytes; at most {PHOTO_MAX_BYTES} are allowed", jpeg.len()),
         ));
     }
     let expected = format!("{citizen_id}.jpg");
@@ -39,9 +36,8 @@ pub fn validate_upload(jpeg: &[u8], file_name: &str, citizen_id: &str) -> Result
             "the photo file must be named by the holder's ID number, with .jpg",
         ));
     }
-    let (w, h) = jpeg_dimensions(jpeg).ok_or_else(|| {
-        Rejection::invalid(field, "PHOTO_NOT_JPEG", "the photo is not a readable JPEG")
-    })?;
+    let (w, h) = jpeg_dimensions(jpeg)
+        .ok_or_else(|| Rejection::invalid(field, "PHOTO_NOT_JPEG", "the photo is not a readable JPEG"))?;
     if (w, h) != (PHOTO_WIDTH, PHOTO_HEIGHT) {
         return Err(Rejection::invalid(
             field,
@@ -88,9 +84,7 @@ pub fn minimal_jpeg(width: u16, height: u16) -> Vec<u8> {
     let mut v = vec![0xFF, 0xD8, 0xFF, 0xC0, 0x00, 0x11, 0x08];
     v.extend_from_slice(&height.to_be_bytes());
     v.extend_from_slice(&width.to_be_bytes());
-    v.extend_from_slice(&[
-        0x03, 0x01, 0x22, 0x00, 0x02, 0x11, 0x01, 0x03, 0x11, 0x01, 0xFF, 0xD9,
-    ]);
+    v.extend_from_slice(&[0x03, 0x01, 0x22, 0x00, 0x02, 0x11, 0x01, 0x03, 0x11, 0x01, 0xFF, 0xD9]);
     v
 }
 
@@ -103,20 +97,10 @@ mod tests {
         let ok = minimal_jpeg(358, 441);
         assert_eq!(jpeg_dimensions(&ok), Some((358, 441)));
         assert!(validate_upload(&ok, "11010519491231002X.jpg", "11010519491231002X").is_ok());
-        let r = |j: &[u8], n: &str| {
-            validate_upload(j, n, "11010519491231002X")
-                .unwrap_err()
-                .reason
-        };
-        assert_eq!(
-            r(&minimal_jpeg(400, 441), "11010519491231002X.jpg"),
-            "PHOTO_DIMENSIONS"
-        );
+        let r = |j: &[u8], n: &str| validate_upload(j, n, "11010519491231002X").unwrap_err().reason;
+        assert_eq!(r(&minimal_jpeg(400, 441), "11010519491231002X.jpg"), "PHOTO_DIMENSIONS");
         assert_eq!(r(&ok, "photo.jpg"), "PHOTO_FILE_NAME");
         assert_eq!(r(b"GIF89a", "11010519491231002X.jpg"), "PHOTO_NOT_JPEG");
-        assert_eq!(
-            r(&vec![0xFF; PHOTO_MAX_BYTES + 1], "11010519491231002X.jpg"),
-            "PHOTO_TOO_LARGE"
-        );
+        assert_eq!(r(&vec![0xFF; PHOTO_MAX_BYTES + 1], "11010519491231002X.jpg"), "PHOTO_TOO_LARGE");
     }
 }

@@ -32,21 +32,11 @@ pub struct Rejection {
 
 impl Rejection {
     pub fn new(kind: RejectionKind, reason: &'static str, message: impl Into<String>) -> Self {
-        Self {
-            kind,
-            reason,
-            message: message.into(),
-            field: None,
-        }
+        Self { kind, reason, message: message.into(), field: None }
     }
 
     pub fn invalid(field: &'static str, reason: &'static str, message: impl Into<String>) -> Self {
-        Self {
-            kind: RejectionKind::InvalidArgument,
-            reason,
-            message: message.into(),
-            field: Some(field),
-        }
+        Self { kind: RejectionKind::InvalidArgument, reason, message: message.into(), field: Some(field) }
     }
 
     pub fn precondition(reason: &'static str, message: impl Into<String>) -> Self {

@@ -81,10 +81,7 @@ impl PhysicalState {
 
     /// No transition leaves these.
     pub fn is_terminal(self) -> bool {
-        matches!(
-            self,
-            PhysicalState::Rejected | PhysicalState::Replaced | PhysicalState::Cancelled
-        )
+        matches!(self, PhysicalState::Rejected | PhysicalState::Replaced | PhysicalState::Cancelled)
     }
 
     /// The card exists or will exist for its holder (R2 counts these).
@@ -98,9 +95,7 @@ impl PhysicalState {
         let next = match (self, event) {
             (S::Applied, E::Approve) => S::Approved,
             (S::Applied, E::Reject) => S::Rejected,
-            (S::Approved | S::ProductionFailed | S::ReturnedForRemake, E::StartProduction) => {
-                S::InProduction
-            }
+            (S::Approved | S::ProductionFailed | S::ReturnedForRemake, E::StartProduction) => S::InProduction,
             (S::InProduction, E::ProductionSucceeded) => S::Produced,
             (S::InProduction, E::ProductionFailed) => S::ProductionFailed,
             (S::Produced | S::DeliveryFailed, E::Dispatch) => S::Dispatched,
@@ -114,11 +109,7 @@ impl PhysicalState {
             (s, e) => {
                 return Err(Rejection::precondition(
                     "ILLEGAL_CARD_TRANSITION",
-                    format!(
-                        "a card that is {} cannot {}",
-                        s.as_str(),
-                        physical_event_name(e)
-                    ),
+                    format!("a card that is {} cannot {}", s.as_str(), physical_event_name(e)),
                 ));
             }
         };
@@ -217,33 +208,18 @@ impl SocialState {
         let next = match (self, event) {
             (S::NotActivated, E::Activate) => S::Active,
             (S::Active, E::Activate) => {
-                return Err(Rejection::precondition(
-                    "SOCIAL_ALREADY_ACTIVE",
-                    "the social function is already active",
-                ));
+                return Err(Rejection::precondition("SOCIAL_ALREADY_ACTIVE", "the social function is already active"));
             }
             (s @ (S::NotActivated | S::Active | S::PinLocked), E::ReportLoss(kind)) => {
-                S::LossLocked {
-                    kind,
-                    resume: resume_of(s).unwrap_or(Resume::NotActivated),
-                }
+                S::LossLocked { kind, resume: resume_of(s).unwrap_or(Resume::NotActivated) }
             }
             // A written report upgrades a temporary or automatic lock (R27); the way back stays the same.
             (
-                S::LossLocked {
-                    kind: LossKind::Temporary | LossKind::Automatic,
-                    resume,
-                },
+                S::LossLocked { kind: LossKind::Temporary | LossKind::Automatic, resume },
                 E::ReportLoss(LossKind::Written),
-            ) => S::LossLocked {
-                kind: LossKind::Written,
-                resume,
-            },
+            ) => S::LossLocked { kind: LossKind::Written, resume },
             (S::LossLocked { .. }, E::ReportLoss(_)) => {
-                return Err(Rejection::precondition(
-                    "CARD_LOSS_LOCKED",
-                    "the social function is already loss-locked",
-                ));
+                return Err(Rejection::precondition("CARD_LOSS_LOCKED", "the social function is already loss-locked"));
             }
             (S::LossLocked { resume, .. }, E::Unlock) => resume.into(),
             (S::Active, E::PinLock) => S::PinLocked,
@@ -259,11 +235,7 @@ impl SocialState {
                         S::Cancelled => "CARD_CANCELLED",
                         _ => "ILLEGAL_SOCIAL_TRANSITION",
                     },
-                    format!(
-                        "the social function is {} and cannot {}",
-                        s.as_str(),
-                        social_event_name(e)
-                    ),
+                    format!("the social function is {} and cannot {}", s.as_str(), social_event_name(e)),
                 ));
             }
         };
@@ -317,24 +289,11 @@ impl FinancialState {
         let next = match (self, event) {
             (S::NotActivated, E::Activate) => S::Active,
             (S::Active, E::CancelActivation) => S::NotActivated,
-            (S::Active, E::Freeze(kind)) => S::Frozen {
-                kind,
-                was_active: true,
-            },
-            (S::NotActivated, E::Freeze(kind)) => S::Frozen {
-                kind,
-                was_active: false,
-            },
-            (
-                S::Frozen {
-                    kind: LossKind::Temporary,
-                    was_active,
-                },
-                E::Freeze(LossKind::Written),
-            ) => S::Frozen {
-                kind: LossKind::Written,
-                was_active,
-            },
+            (S::Active, E::Freeze(kind)) => S::Frozen { kind, was_active: true },
+            (S::NotActivated, E::Freeze(kind)) => S::Frozen { kind, was_active: false },
+            (S::Frozen { kind: LossKind::Temporary, was_active }, E::Freeze(LossKind::Written)) => {
+                S::Frozen { kind: LossKind::Written, was_active }
+            }
             (S::Frozen { was_active, .. }, E::Unfreeze) => {
                 if was_active {
                     S::Active
@@ -351,10 +310,7 @@ impl FinancialState {
                         (S::Cancelled, _) => "CARD_CANCELLED",
                         _ => "ILLEGAL_FINANCIAL_TRANSITION",
                     },
-                    format!(
-                        "the financial function is {} and cannot take {e:?}",
-                        s.as_str()
-                    ),
+                    format!("the financial function is {} and cannot take {e:?}", s.as_str()),
                 ));
             }
         };

@@ -2,16 +2,14 @@
 //! rules forbid, and a refused operation never changes anything.
 
 use proptest::prelude::*;
-use socialcard_domain::card::{
-    CollectionMethod, ProductionFailure, ProductionStage, ShipmentProgress,
-};
+use socialcard_domain::card::{CollectionMethod, ProductionFailure, ProductionStage, ShipmentProgress};
 use socialcard_domain::channel::{Actor, Context, Documents, Presenter};
 use socialcard_domain::numbers::luhn_check_digit;
 use socialcard_domain::photo::PhotoSource;
 use socialcard_domain::state::{FinancialState, LossKind, PhysicalState, SocialState};
 use socialcard_domain::{
-    Application, BankAccountNumber, BankDirectory, Card, CardNumber, CardType, Channel, CitizenId,
-    CityPolicy, HolderStatus,
+    Application, BankAccountNumber, BankDirectory, Card, CardNumber, CardType, Channel, CitizenId, CityPolicy,
+    HolderStatus,
 };
 use time::macros::datetime;
 use time::{Duration, OffsetDateTime};
@@ -56,11 +54,7 @@ fn channel() -> impl Strategy<Value = Channel> {
 }
 
 fn op() -> impl Strategy<Value = Op> {
-    let loss = prop_oneof![
-        Just(LossKind::Temporary),
-        Just(LossKind::Written),
-        Just(LossKind::Automatic)
-    ];
+    let loss = prop_oneof![Just(LossKind::Temporary), Just(LossKind::Written), Just(LossKind::Automatic)];
     prop_oneof![
         any::<bool>().prop_map(Op::Review),
         Just(Op::StartProduction),
@@ -80,8 +74,7 @@ fn op() -> impl Strategy<Value = Op> {
         .prop_map(Op::Collect),
         Just(Op::Remake),
         (channel(), any::<bool>()).prop_map(|(c, p)| Op::ActivateSocial(c, p)),
-        (any::<bool>(), any::<bool>(), any::<bool>())
-            .prop_map(|(a, b, c)| Op::FinancialActivation(a, b, c)),
+        (any::<bool>(), any::<bool>(), any::<bool>()).prop_map(|(a, b, c)| Op::FinancialActivation(a, b, c)),
         (loss, channel()).prop_map(|(k, c)| Op::ReportLoss(k, c)),
         channel().prop_map(Op::Unlock),
         any::<bool>().prop_map(Op::Pin),
@@ -115,24 +108,13 @@ fn account(prefix: &str) -> BankAccountNumber {
 }
 
 fn new_card(card_type: CardType) -> Card {
-    let holder = if card_type == CardType::Minor {
-        "31010520150601002"
-    } else {
-        "31010519800601002"
-    };
-    let holder = format!(
-        "{holder}{}",
-        socialcard_domain::citizen_id::check_char(holder.as_bytes()) as char
-    );
+    let holder = if card_type == CardType::Minor { "31010520150601002" } else { "31010519800601002" };
+    let holder = format!("{holder}{}", socialcard_domain::citizen_id::check_char(holder.as_bytes()) as char);
     let app = Application {
         holder: CitizenId::parse(&holder, START.date()).unwrap(),
         registered_phone: "13800000000".into(),
         card_type,
-        holder_status: if card_type == CardType::Minor {
-            HolderStatus::Student
-        } else {
-            HolderStatus::Employed
-        },
+        holder_status: if card_type == CardType::Minor { HolderStatus::Student } else { HolderStatus::Employed },
         bank_code: "icbc".into(),
         pension_bank_code: None,
         payroll_bank_codes: vec![],
@@ -154,18 +136,10 @@ fn new_card(card_type: CardType) -> Card {
     .unwrap()
 }
 
-fn step(
-    card: &Card,
-    op: &Op,
-    now: &mut OffsetDateTime,
-    policy: &CityPolicy,
-    banks: &BankDirectory,
-) -> Option<Card> {
+fn step(card: &Card, op: &Op, now: &mut OffsetDateTime, policy: &CityPolicy, banks: &BankDirectory) -> Option<Card> {
     let r = match op.clone() {
         Op::Review(approve) => card.review(approve, "photo unclear", &ctx(Channel::BureauWindow)),
-        Op::StartProduction => {
-            card.start_production(CardNumber::issue('A', 1), &ctx(Channel::Production))
-        }
+        Op::StartProduction => card.start_production(CardNumber::issue('A', 1), &ctx(Channel::Production)),
         Op::ProductionOk(with_account) => card.production_succeeded(
             with_account.then(|| account("621226")),
             &ctx(Channel::Production),
@@ -174,10 +148,7 @@ fn step(
             banks,
         ),
         Op::ProductionFailed => card.production_failed(
-            ProductionFailure {
-                stage: ProductionStage::CardFactory,
-                reason: "chip".into(),
-            },
+            ProductionFailure { stage: ProductionStage::CardFactory, reason: "chip".into() },
             &ctx(Channel::Production),
         ),
         Op::Shipment(p) => card.shipment(p, &ctx(Channel::Courier)),
@@ -201,11 +172,7 @@ fn step(
                 if right_bank { "icbc" } else { "ccb" },
                 "face-1",
                 pin_changed,
-                if in_person {
-                    Presenter::Holder
-                } else {
-                    Presenter::Agent
-                },
+                if in_person { Presenter::Holder } else { Presenter::Agent },
                 &ctx(Channel::BankBranch),
                 banks,
             )
@@ -228,10 +195,7 @@ fn step(
 /// The rules no sequence may break.
 fn check_invariants(card: &Card, history: &[(Op, bool)]) -> Result<(), TestCaseError> {
     // An active, PIN-locked or loss-locked social function implies a card in the holder's hands.
-    if matches!(
-        card.social,
-        SocialState::Active | SocialState::PinLocked | SocialState::LossLocked { .. }
-    ) {
+    if matches!(card.social, SocialState::Active | SocialState::PinLocked | SocialState::LossLocked { .. }) {
         prop_assert!(
             card.physical == PhysicalState::Collected,
             "social {:?} on a {:?} card; {:?}",
@@ -240,66 +204,34 @@ fn check_invariants(card: &Card, history: &[(Op, bool)]) -> Result<(), TestCaseE
             history
         );
     }
-    if matches!(
-        card.financial,
-        FinancialState::Active
-            | FinancialState::Frozen {
-                was_active: true,
-                ..
-            }
-    ) {
-        prop_assert!(
-            card.physical == PhysicalState::Collected,
-            "financial on a {:?} card",
-            card.physical
-        );
-        prop_assert!(
-            card.card_type != CardType::Temporary,
-            "a temporary card with a financial function"
-        );
-        prop_assert!(
-            card.social != SocialState::NotActivated,
-            "financial active while social never switched on (R20)"
-        );
+    if matches!(card.financial, FinancialState::Active | FinancialState::Frozen { was_active: true, .. }) {
+        prop_assert!(card.physical == PhysicalState::Collected, "financial on a {:?} card", card.physical);
+        prop_assert!(card.card_type != CardType::Temporary, "a temporary card with a financial function");
+        prop_assert!(card.social != SocialState::NotActivated, "financial active while social never switched on (R20)");
     }
     if card.physical.is_terminal() {
         prop_assert_eq!(card.social, SocialState::Cancelled);
         prop_assert_eq!(card.financial, FinancialState::Cancelled);
     }
     if card.social == SocialState::Cancelled {
-        prop_assert!(
-            card.physical.is_terminal(),
-            "social cancelled on a live card"
-        );
+        prop_assert!(card.physical.is_terminal(), "social cancelled on a live card");
     }
     prop_assert_eq!(
         card.collected_at.is_some(),
-        card.physical == PhysicalState::Collected
-            || (card.physical.is_terminal() && card.collected_at.is_some())
+        card.physical == PhysicalState::Collected || (card.physical.is_terminal() && card.collected_at.is_some())
     );
-    let produced_once = !matches!(
-        card.physical,
-        PhysicalState::Applied | PhysicalState::Approved | PhysicalState::Rejected
-    );
+    let produced_once =
+        !matches!(card.physical, PhysicalState::Applied | PhysicalState::Approved | PhysicalState::Rejected);
     if produced_once && card.physical != PhysicalState::Cancelled {
-        prop_assert!(
-            card.card_number.is_some(),
-            "a card past approval without a number"
-        );
+        prop_assert!(card.card_number.is_some(), "a card past approval without a number");
     }
     if card.social != SocialState::PinLocked {
         prop_assert!(card.pin.wrong_attempts < CityPolicy::shanghai().social_pin_max_wrong);
     }
     if card.card_type != CardType::Temporary
-        && matches!(
-            card.physical,
-            PhysicalState::Produced | PhysicalState::Dispatched | PhysicalState::Collected
-        )
+        && matches!(card.physical, PhysicalState::Produced | PhysicalState::Dispatched | PhysicalState::Collected)
     {
-        prop_assert!(
-            card.account_number.is_some(),
-            "a produced formal card without an account"
-        );
+        prop_assert!(card.account_number.is_some(), "a produced formal card without an account");
     }
     Ok(())
 }
@@ -345,8 +277,7 @@ fn a_bank_activation_switches_the_social_function_on() {
         Op::Collect(CollectionMethod::PickedUpAtPoint),
         Op::FinancialActivation(true, true, true),
     ] {
-        card =
-            step(&card, &op, &mut now, &policy, &banks).unwrap_or_else(|| panic!("{op:?} refused"));
+        card = step(&card, &op, &mut now, &policy, &banks).unwrap_or_else(|| panic!("{op:?} refused"));
     }
     assert_eq!(card.social, SocialState::Active);
     assert_eq!(card.financial, FinancialState::Active);
@@ -359,56 +290,27 @@ fn r22_lock_then_bank_activation_then_bureau_unlock() {
     let banks = BankDirectory::shanghai();
     let mut now = START;
     let mut card = new_card(CardType::Adult);
-    for op in [
-        Op::Review(true),
-        Op::StartProduction,
-        Op::ProductionOk(true),
-        Op::Collect(CollectionMethod::PickedUpAtPoint),
-    ] {
+    for op in
+        [Op::Review(true), Op::StartProduction, Op::ProductionOk(true), Op::Collect(CollectionMethod::PickedUpAtPoint)]
+    {
         card = step(&card, &op, &mut now, &policy, &banks).unwrap();
     }
     // Too early.
     let early = card
-        .report_loss(
-            LossKind::Automatic,
-            &ctx(Channel::Scheduler),
-            now + Duration::days(299),
-            &policy,
-        )
+        .report_loss(LossKind::Automatic, &ctx(Channel::Scheduler), now + Duration::days(299), &policy)
         .unwrap_err();
     assert_eq!(early.reason, "DEADLINE_NOT_REACHED");
     let later = now + Duration::days(300);
-    card = card
-        .report_loss(
-            LossKind::Automatic,
-            &ctx(Channel::Scheduler),
-            later,
-            &policy,
-        )
-        .unwrap();
+    card = card.report_loss(LossKind::Automatic, &ctx(Channel::Scheduler), later, &policy).unwrap();
     // The bureau cannot unlock before the bank activation.
-    assert_eq!(
-        card.unlock_social(&ctx(Channel::BureauWindow))
-            .unwrap_err()
-            .reason,
-        "FINANCIAL_NOT_ACTIVE"
-    );
+    assert_eq!(card.unlock_social(&ctx(Channel::BureauWindow)).unwrap_err().reason, "FINANCIAL_NOT_ACTIVE");
     let (activated, awaits) = card
-        .record_financial_activation(
-            "icbc",
-            "face",
-            true,
-            Presenter::Holder,
-            &ctx(Channel::BankBranch),
-            &banks,
-        )
+        .record_financial_activation("icbc", "face", true, Presenter::Holder, &ctx(Channel::BankBranch), &banks)
         .unwrap();
     assert!(awaits);
     assert_eq!(activated.financial, FinancialState::Active);
     assert_eq!(activated.social.loss_kind(), Some(LossKind::Automatic));
-    let unlocked = activated
-        .unlock_social(&ctx(Channel::BureauWindow))
-        .unwrap();
+    let unlocked = activated.unlock_social(&ctx(Channel::BureauWindow)).unwrap();
     assert_eq!(unlocked.social, SocialState::Active);
 }
 
@@ -418,40 +320,16 @@ fn temporary_loss_blocks_the_bank_and_needs_a_written_unlock_at_the_bureau() {
     let banks = BankDirectory::shanghai();
     let mut now = START;
     let mut card = new_card(CardType::Adult);
-    for op in [
-        Op::Review(true),
-        Op::StartProduction,
-        Op::ProductionOk(true),
-        Op::Collect(CollectionMethod::PickedUpAtPoint),
-    ] {
+    for op in
+        [Op::Review(true), Op::StartProduction, Op::ProductionOk(true), Op::Collect(CollectionMethod::PickedUpAtPoint)]
+    {
         card = step(&card, &op, &mut now, &policy, &banks).unwrap();
     }
-    let locked = card
-        .report_loss(LossKind::Temporary, &ctx(Channel::Hotline), now, &policy)
-        .unwrap();
+    let locked = card.report_loss(LossKind::Temporary, &ctx(Channel::Hotline), now, &policy).unwrap();
     let refused = locked
-        .record_financial_activation(
-            "icbc",
-            "face",
-            true,
-            Presenter::Holder,
-            &ctx(Channel::BankBranch),
-            &banks,
-        )
+        .record_financial_activation("icbc", "face", true, Presenter::Holder, &ctx(Channel::BankBranch), &banks)
         .unwrap_err();
     assert_eq!(refused.reason, "CARD_LOSS_LOCKED");
-    assert_eq!(
-        locked
-            .unlock_social(&ctx(Channel::CommunityPoint))
-            .unwrap_err()
-            .reason,
-        "CHANNEL_NOT_ALLOWED"
-    );
-    assert_eq!(
-        locked
-            .unlock_social(&ctx(Channel::BureauWindow))
-            .unwrap()
-            .social,
-        SocialState::NotActivated
-    );
+    assert_eq!(locked.unlock_social(&ctx(Channel::CommunityPoint)).unwrap_err().reason, "CHANNEL_NOT_ALLOWED");
+    assert_eq!(locked.unlock_social(&ctx(Channel::BureauWindow)).unwrap().social, SocialState::NotActivated);
 }

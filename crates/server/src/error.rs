@@ -53,19 +53,11 @@ impl From<ApiError> for Status {
                     ERROR_DOMAIN,
                     std::collections::HashMap::new(),
                 );
-                Status::with_error_details(
-                    Code::Unavailable,
-                    "storage is unavailable, retry later",
-                    details,
-                )
+                Status::with_error_details(Code::Unavailable, "storage is unavailable, retry later", details)
             }
             ApiError::Internal(msg) => {
                 tracing::error!(error = %msg, "internal error");
-                let details = ErrorDetails::with_error_info(
-                    "INTERNAL",
-                    ERROR_DOMAIN,
-                    std::collections::HashMap::new(),
-                );
+                let details = ErrorDetails::with_error_info("INTERNAL", ERROR_DOMAIN, std::collections::HashMap::new());
                 Status::with_error_details(Code::Internal, "internal error", details)
             }
         }
@@ -83,18 +75,11 @@ mod tests {
 
     #[test]
     fn rejections_carry_code_reason_and_field() {
-        let s = rejection_status(&Rejection::invalid(
-            "citizen_id",
-            "CITIZEN_ID_CHECK_DIGIT",
-            "bad check",
-        ));
+        let s = rejection_status(&Rejection::invalid("citizen_id", "CITIZEN_ID_CHECK_DIGIT", "bad check"));
         assert_eq!(s.code(), Code::InvalidArgument);
         assert_eq!(reason_of(&s).as_deref(), Some("CITIZEN_ID_CHECK_DIGIT"));
         let br = s.get_details_bad_request().unwrap();
         assert_eq!(br.field_violations[0].field, "citizen_id");
-        assert_eq!(
-            rejection_status(&Rejection::denied("WRONG_BANK", "x")).code(),
-            Code::PermissionDenied
-        );
+        assert_eq!(rejection_status(&Rejection::denied("WRONG_BANK", "x")).code(), Code::PermissionDenied);
     }
 }

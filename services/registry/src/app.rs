@@ -13,8 +13,8 @@ use socialcard_domain::card::{DeliveryAddress, validate_pin};
 use socialcard_domain::channel::Context;
 use socialcard_domain::photo::{PhotoSource, validate_upload};
 use socialcard_domain::{
-    Application, BankAccountNumber, BankDirectory, Card, CardNumber, CardType, CitizenId,
-    CityPolicy, Rejection, RejectionKind,
+    Application, BankAccountNumber, BankDirectory, Card, CardNumber, CardType, CitizenId, CityPolicy, Rejection,
+    RejectionKind,
 };
 use socialcard_proto::events::v1 as ev;
 use socialcard_proto::events::v1::card_event::Kind;
@@ -25,8 +25,8 @@ use time::OffsetDateTime;
 use crate::convert::{self, MAX_TEXT};
 use crate::pin::PinHasher;
 use crate::storage::{
-    AuditRecord, CardRecord, CardWrite, Commit, IdempotencyRecord, OutboxRecord, PersonRecord,
-    PersonWrite, RegistryStore, StoreError,
+    AuditRecord, CardRecord, CardWrite, Commit, IdempotencyRecord, OutboxRecord, PersonRecord, PersonWrite,
+    RegistryStore, StoreError,
 };
 
 /// The topic card events are published to (issue 3's relay reads the outbox).
@@ -46,12 +46,7 @@ pub struct RegistryConfig {
 
 impl RegistryConfig {
     pub fn shanghai(pin_key: Vec<u8>) -> Self {
-        Self {
-            policy: CityPolicy::shanghai(),
-            banks: BankDirectory::shanghai(),
-            pin_key,
-            card_series: 'A',
-        }
+        Self { policy: CityPolicy::shanghai(), banks: BankDirectory::shanghai(), pin_key, card_series: 'A' }
     }
 }
 
@@ -73,10 +68,7 @@ struct Plan<R> {
 
 impl<R> Plan<R> {
     fn new(response: R) -> Self {
-        Self {
-            commit: Commit::default(),
-            response,
-        }
+        Self { commit: Commit::default(), response }
     }
 }
 
@@ -84,20 +76,14 @@ fn store_error(e: StoreError) -> ApiError {
     match e {
         StoreError::Duplicate(what) => ApiError::Rejected(Rejection::new(
             RejectionKind::AlreadyExists,
-            if what == "person" {
-                "PERSON_EXISTS"
-            } else {
-                "ALREADY_EXISTS"
-            },
+            if what == "person" { "PERSON_EXISTS" } else { "ALREADY_EXISTS" },
             format!("the {what} already exists"),
         )),
-        StoreError::VersionConflict | StoreError::IdempotencyConflict => {
-            ApiError::Rejected(Rejection::new(
-                RejectionKind::Aborted,
-                "CONCURRENT_CHANGE",
-                "a concurrent change won; retry",
-            ))
-        }
+        StoreError::VersionConflict | StoreError::IdempotencyConflict => ApiError::Rejected(Rejection::new(
+            RejectionKind::Aborted,
+            "CONCURRENT_CHANGE",
+            "a concurrent change won; retry",
+        )),
         StoreError::Unavailable(m) => ApiError::Unavailable(m),
         StoreError::Corrupt(m) => ApiError::Internal(m),
     }
@@ -111,11 +97,7 @@ fn request_hash(operation: &str, request: &impl Message) -> Vec<u8> {
     h.finalize().to_vec()
 }
 
-fn replay<R: Message + Default>(
-    stored: &IdempotencyRecord,
-    operation: &str,
-    hash: &[u8],
-) -> Result<R, ApiError> {
+fn replay<R: Message + Default>(stored: &IdempotencyRecord, operation: &str, hash: &[u8]) -> Result<R, ApiError> {
     if stored.operation != operation || stored.request_hash != hash {
         return Err(ApiError::Rejected(Rejection::new(
             RejectionKind::AlreadyExists,
@@ -123,8 +105,7 @@ fn replay<R: Message + Default>(
             "this idempotency key was used for another request",
         )));
     }
-    R::decode(stored.response.as_slice())
-        .map_err(|e| ApiError::Internal(format!("stored response unreadable: {e}")))
+    R::decode(stored.response.as_slice()).map_err(|e| ApiError::Internal(format!("stored response unreadable: {e}")))
 }
 
 fn event_type(kind: &Kind) -> &'static str {
@@ -151,11 +132,7 @@ fn event_type(kind: &Kind) -> &'static str {
 }
 
 impl Registry {
-    pub fn new(
-        store: Arc<dyn RegistryStore>,
-        clock: Arc<dyn Clock>,
-        config: RegistryConfig,
-    ) -> Self {
+    pub fn new(store: Arc<dyn RegistryStore>, clock: Arc<dyn Clock>, config: RegistryConfig) -> Self {
         Self {
             store,
             clock,
@@ -198,10 +175,17 @@ impl Registry {
             return replay(&stored, operation, &hash);
         }
         for attempt in 0..MAX_ATTEMPTS {
-            let Plan {
-                mut commit,
-                response,
-            } = plan().await?;
+            let Plan { mut commit, response } = match plan().await {
+                Ok(p) => p,
+                Err(e) => {
+                    // A twin of this request may have committed since the check above, changing the
+                    // state this plan was refused on: its stored answer is the answer.
+                    if let Some(stored) = self.store.idempotency(&key).await.map_err(store_error)? {
+                        return replay(&stored, operation, &hash);
+                    }
+                    return Err(e);
+                }
+            };
             commit.idempotency = Some(IdempotencyRecord {
                 key: key.clone(),
                 operation: operation.to_string(),
@@ -238,12 +222,7 @@ impl Registry {
             .card(card_id)
             .await
             .map_err(store_error)?
-            .ok_or_else(|| {
-                ApiError::Rejected(Rejection::not_found(
-                    "CARD_NOT_FOUND",
-                    "no card with this id",
-                ))
-            })
+            .ok_or_else(|| ApiError::Rejected(Rejection::not_found("CARD_NOT_FOUND", "no card with this id")))
     }
 
     /// The audit row and outbox event of one card change.
@@ -298,34 +277,19 @@ impl Registry {
         card_id: &str,
         action: &str,
         ctx: &Context,
-        change: impl FnOnce(
-            &CardRecord,
-            OffsetDateTime,
-        ) -> Result<(CardRecord, Option<Kind>, R), ApiError>,
+        change: impl FnOnce(&CardRecord, OffsetDateTime) -> Result<(CardRecord, Option<Kind>, R), ApiError>,
     ) -> Result<Plan<R>, ApiError> {
         let before = self.load_card(card_id).await?;
         let now = self.clock.now();
         let (after, kind, response) = change(&before, now)?;
         let mut plan = Plan::new(response);
-        self.record_change(
-            &mut plan.commit,
-            key,
-            action,
-            ctx,
-            Some(&before.card),
-            &after.card,
-            kind,
-            now,
-        );
+        self.record_change(&mut plan.commit, key, action, ctx, Some(&before.card), &after.card, kind, now);
         plan.commit.cards.push(CardWrite::Update(after));
         Ok(plan)
     }
 
     fn with_card(rec: &CardRecord, card: Card) -> CardRecord {
-        CardRecord {
-            card,
-            pin_digest: rec.pin_digest.clone(),
-        }
+        CardRecord { card, pin_digest: rec.pin_digest.clone() }
     }
 
     // ---- persons ----
@@ -339,21 +303,10 @@ impl Registry {
             let id = CitizenId::parse(&req.citizen_id, self.today(now))?;
             let name = convert::text("name", &req.name, 50)?;
             if name.is_empty() {
-                return Err(Rejection::invalid(
-                    "name",
-                    "NAME_REQUIRED",
-                    "the holder's name is required",
-                )
-                .into());
+                return Err(Rejection::invalid("name", "NAME_REQUIRED", "the holder's name is required").into());
             }
             let phone = convert::phone("phone", &req.phone)?;
-            if self
-                .store
-                .person(id.expose())
-                .await
-                .map_err(store_error)?
-                .is_some()
-            {
+            if self.store.person(id.expose()).await.map_err(store_error)?.is_some() {
                 return Err(Rejection::new(
                     RejectionKind::AlreadyExists,
                     "PERSON_EXISTS",
@@ -361,43 +314,21 @@ impl Registry {
                 )
                 .into());
             }
-            let record = PersonRecord {
-                citizen_id: id.expose().to_string(),
-                name,
-                phone,
-                registered_at: now,
-                version: 1,
-            };
-            let mut plan = Plan::new(pb::RegisterPersonResponse {
-                person: Some(person_to_pb(&record, &id)),
-            });
+            let record =
+                PersonRecord { citizen_id: id.expose().to_string(), name, phone, registered_at: now, version: 1 };
+            let mut plan = Plan::new(pb::RegisterPersonResponse { person: Some(person_to_pb(&record, &id)) });
             plan.commit.person = Some(PersonWrite::Insert(record));
             Ok(plan)
         })
         .await
     }
 
-    pub async fn get_person(
-        &self,
-        req: pb::GetPersonRequest,
-    ) -> Result<pb::GetPersonResponse, ApiError> {
+    pub async fn get_person(&self, req: pb::GetPersonRequest) -> Result<pb::GetPersonResponse, ApiError> {
         let id = CitizenId::parse(&req.citizen_id, self.today(self.clock.now()))?;
-        let person = self
-            .store
-            .person(id.expose())
-            .await
-            .map_err(store_error)?
-            .ok_or_else(|| {
-                ApiError::Rejected(Rejection::not_found(
-                    "PERSON_NOT_FOUND",
-                    "no person with this ID number",
-                ))
-            })?;
-        let cards = self
-            .store
-            .cards_of(id.expose())
-            .await
-            .map_err(store_error)?;
+        let person = self.store.person(id.expose()).await.map_err(store_error)?.ok_or_else(|| {
+            ApiError::Rejected(Rejection::not_found("PERSON_NOT_FOUND", "no person with this ID number"))
+        })?;
+        let cards = self.store.cards_of(id.expose()).await.map_err(store_error)?;
         Ok(pb::GetPersonResponse {
             person: Some(person_to_pb(&person, &id)),
             cards: cards.iter().map(|c| convert::card_to_pb(&c.card)).collect(),
@@ -417,11 +348,7 @@ impl Registry {
             let card_type = convert::card_type(req.card_type)?;
             let holder_status = convert::holder_status(req.holder_status)?;
             let photo = req.photo.as_ref().ok_or_else(|| {
-                Rejection::invalid(
-                    "photo",
-                    "PHOTO_SOURCE_REQUIRED",
-                    "say where the photo comes from (R9)",
-                )
+                Rejection::invalid("photo", "PHOTO_SOURCE_REQUIRED", "say where the photo comes from (R9)")
             })?;
             let photo_source = convert::photo_source(photo.source)?;
             if photo_source == PhotoSource::Upload {
@@ -434,18 +361,11 @@ impl Registry {
                 )
                 .into());
             }
-            let delivery = req
-                .delivery_address
-                .as_ref()
-                .map(delivery_address)
-                .transpose()?;
+            let delivery = req.delivery_address.as_ref().map(delivery_address).transpose()?;
             let replaces = if req.replaces_card_id.is_empty() {
                 None
             } else {
-                Some(
-                    convert::card_id(&req.replaces_card_id)
-                        .map_err(|r| r.at("replaces_card_id"))?,
-                )
+                Some(convert::card_id(&req.replaces_card_id).map_err(|r| r.at("replaces_card_id"))?)
             };
             let bank_codes = req
                 .payroll_bank_codes
@@ -457,14 +377,8 @@ impl Registry {
                 .person(holder.expose())
                 .await
                 .map_err(store_error)?
-                .ok_or_else(|| {
-                    Rejection::not_found("PERSON_NOT_FOUND", "register the person before applying")
-                })?;
-            let holder_cards = self
-                .store
-                .cards_of(holder.expose())
-                .await
-                .map_err(store_error)?;
+                .ok_or_else(|| Rejection::not_found("PERSON_NOT_FOUND", "register the person before applying"))?;
+            let holder_cards = self.store.cards_of(holder.expose()).await.map_err(store_error)?;
             let existing: Vec<Card> = holder_cards.iter().map(|c| c.card.clone()).collect();
             let app = Application {
                 holder: holder.clone(),
@@ -472,10 +386,7 @@ impl Registry {
                 card_type,
                 holder_status,
                 bank_code: convert::text("bank_code", &req.bank_code, 32)?,
-                pension_bank_code: convert::optional_text(
-                    "pension_bank_code",
-                    &req.pension_bank_code,
-                )?,
+                pension_bank_code: convert::optional_text("pension_bank_code", &req.pension_bank_code)?,
                 payroll_bank_codes: bank_codes,
                 employer_id: convert::optional_text("employer_id", &req.employer_id)?,
                 photo_source,
@@ -484,28 +395,13 @@ impl Registry {
                 replaces: replaces.clone(),
             };
             let id = uuid::Uuid::now_v7().to_string();
-            let card = Card::apply_for(
-                id.clone(),
-                app,
-                &ctx,
-                now,
-                &self.policy,
-                &self.banks,
-                &existing,
-            )?;
+            let card = Card::apply_for(id.clone(), app, &ctx, now, &self.policy, &self.banks, &existing)?;
             let pin = self.policy.initial_social_pin(&holder);
-            let record = CardRecord {
-                card: card.clone(),
-                pin_digest: self.pins.digest(&id, &pin),
-            };
+            let record = CardRecord { card: card.clone(), pin_digest: self.pins.digest(&id, &pin) };
 
-            let mut plan = Plan::new(pb::SubmitApplicationResponse {
-                card: Some(convert::card_to_pb(&card)),
-            });
-            plan.commit.person = Some(PersonWrite::Touch {
-                citizen_id: person.citizen_id.clone(),
-                expected_version: person.version,
-            });
+            let mut plan = Plan::new(pb::SubmitApplicationResponse { card: Some(convert::card_to_pb(&card)) });
+            plan.commit.person =
+                Some(PersonWrite::Touch { citizen_id: person.citizen_id.clone(), expected_version: person.version });
             let submitted = Kind::ApplicationSubmitted(ev::ApplicationSubmitted {
                 citizen_id_masked: holder.masked(),
                 card_type: convert::card_type_to_pb(card.card_type) as i32,
@@ -532,9 +428,7 @@ impl Registry {
                     .find(|c| &c.card.id == old_id)
                     .ok_or_else(|| ApiError::Internal("replaced card vanished".into()))?;
                 let replaced = old.card.replace_with(&id)?;
-                let kind = Kind::CardReplaced(ev::CardReplaced {
-                    replacement_card_id: id.clone(),
-                });
+                let kind = Kind::CardReplaced(ev::CardReplaced { replacement_card_id: id.clone() });
                 self.record_change(
                     &mut plan.commit,
                     &req.idempotency_key,
@@ -545,9 +439,7 @@ impl Registry {
                     Some(kind),
                     now,
                 );
-                plan.commit
-                    .cards
-                    .push(CardWrite::Update(Self::with_card(old, replaced)));
+                plan.commit.cards.push(CardWrite::Update(Self::with_card(old, replaced)));
             }
             Ok(plan)
         })
@@ -565,20 +457,12 @@ impl Registry {
                 Ok(pb::ReviewDecision::Approve) => true,
                 Ok(pb::ReviewDecision::Reject) => false,
                 Ok(pb::ReviewDecision::Unspecified) => {
-                    return Err(Rejection::invalid(
-                        "decision",
-                        "ENUM_UNSPECIFIED",
-                        "decision must be set",
-                    )
-                    .into());
+                    return Err(Rejection::invalid("decision", "ENUM_UNSPECIFIED", "decision must be set").into());
                 }
                 Err(_) => {
-                    return Err(Rejection::invalid(
-                        "decision",
-                        "UNKNOWN_ENUM_VALUE",
-                        "decision has an unknown value",
-                    )
-                    .into());
+                    return Err(
+                        Rejection::invalid("decision", "UNKNOWN_ENUM_VALUE", "decision has an unknown value").into()
+                    );
                 }
             };
             let reason = convert::text("reason", &req.reason, MAX_TEXT)?;
@@ -592,13 +476,9 @@ impl Registry {
                     let kind = if approve {
                         Kind::ApplicationApproved(ev::ApplicationApproved {})
                     } else {
-                        Kind::ApplicationRejected(ev::ApplicationRejected {
-                            reason: reason.clone(),
-                        })
+                        Kind::ApplicationRejected(ev::ApplicationRejected { reason: reason.clone() })
                     };
-                    let resp = pb::ReviewApplicationResponse {
-                        card: Some(convert::card_to_pb(&card)),
-                    };
+                    let resp = pb::ReviewApplicationResponse { card: Some(convert::card_to_pb(&card)) };
                     Ok((Self::with_card(rec, card), Some(kind), resp))
                 },
             )
@@ -617,39 +497,23 @@ impl Registry {
             let batch_id = convert::text("batch_id", &req.batch_id, 64)?;
             let current = self.load_card(&card_id).await?;
             // Check the transition before a card number is drawn, so a refusal consumes none.
-            current
-                .card
-                .start_production(CardNumber::issue(self.series, 0), &ctx)?;
+            current.card.start_production(CardNumber::issue(self.series, 0), &ctx)?;
             let number = match &current.card.card_number {
                 Some(n) => n.clone(),
                 None => CardNumber::issue(
                     self.series,
-                    u64::try_from(
-                        self.store
-                            .next_sequence("card_number")
-                            .await
-                            .map_err(store_error)?,
-                    )
-                    .unwrap_or(0),
+                    u64::try_from(self.store.next_sequence("card_number").await.map_err(store_error)?).unwrap_or(0),
                 ),
             };
-            self.change_card(
-                &req.idempotency_key,
-                &card_id,
-                "start_production",
-                &ctx,
-                |rec, _| {
-                    let card = rec.card.start_production(number.clone(), &ctx)?;
-                    let kind = Kind::ProductionStarted(ev::ProductionStarted {
-                        card_number: number.to_string(),
-                        batch_id: batch_id.clone(),
-                    });
-                    let resp = pb::StartProductionResponse {
-                        card: Some(convert::card_to_pb(&card)),
-                    };
-                    Ok((Self::with_card(rec, card), Some(kind), resp))
-                },
-            )
+            self.change_card(&req.idempotency_key, &card_id, "start_production", &ctx, |rec, _| {
+                let card = rec.card.start_production(number.clone(), &ctx)?;
+                let kind = Kind::ProductionStarted(ev::ProductionStarted {
+                    card_number: number.to_string(),
+                    batch_id: batch_id.clone(),
+                });
+                let resp = pb::StartProductionResponse { card: Some(convert::card_to_pb(&card)) };
+                Ok((Self::with_card(rec, card), Some(kind), resp))
+            })
             .await
         })
         .await
@@ -660,72 +524,52 @@ impl Registry {
         req: pb::RecordProductionResultRequest,
     ) -> Result<pb::RecordProductionResultResponse, ApiError> {
         use pb::record_production_result_request::Result as R;
-        self.run(
-            "RecordProductionResult",
-            &req.idempotency_key,
-            &req,
-            || async {
-                let ctx = convert::context(req.actor.as_ref(), None)?;
-                let card_id = convert::card_id(&req.card_id)?;
-                let outcome = match &req.result {
-                    None => {
-                        return Err(Rejection::invalid(
-                            "result",
-                            "RESULT_REQUIRED",
-                            "an account number or a failure",
+        self.run("RecordProductionResult", &req.idempotency_key, &req, || async {
+            let ctx = convert::context(req.actor.as_ref(), None)?;
+            let card_id = convert::card_id(&req.card_id)?;
+            let outcome = match &req.result {
+                None => {
+                    return Err(
+                        Rejection::invalid("result", "RESULT_REQUIRED", "an account number or a failure").into()
+                    );
+                }
+                Some(R::AccountNumber(a)) if a.is_empty() => None,
+                Some(R::AccountNumber(a)) => Some(Ok(BankAccountNumber::parse(a)?)),
+                Some(R::Failure(f)) => Some(Err(convert::production_failure(f)?)),
+            };
+            self.change_card(&req.idempotency_key, &card_id, "production_result", &ctx, |rec, now| {
+                let (card, kind) = match outcome.clone() {
+                    Some(Err(failure)) => {
+                        let card = rec.card.production_failed(failure.clone(), &ctx)?;
+                        (
+                            card,
+                            Kind::ProductionFailed(ev::ProductionFailed {
+                                failure: Some(convert::production_failure_to_pb(&failure)),
+                            }),
                         )
-                        .into());
                     }
-                    Some(R::AccountNumber(a)) if a.is_empty() => None,
-                    Some(R::AccountNumber(a)) => Some(Ok(BankAccountNumber::parse(a)?)),
-                    Some(R::Failure(f)) => Some(Err(convert::production_failure(f)?)),
+                    account => {
+                        let card = rec.card.production_succeeded(
+                            account.and_then(Result::ok),
+                            &ctx,
+                            now,
+                            &self.policy,
+                            &self.banks,
+                        )?;
+                        let kind = Kind::CardProduced(ev::CardProduced {
+                            card_number: card.card_number.as_ref().map(ToString::to_string).unwrap_or_default(),
+                            bank_code: card.bank_code.clone(),
+                            backup_point_id: card.backup_point_id.clone(),
+                            delivery_address: card.delivery.as_ref().map(delivery_to_pb),
+                        });
+                        (card, kind)
+                    }
                 };
-                self.change_card(
-                    &req.idempotency_key,
-                    &card_id,
-                    "production_result",
-                    &ctx,
-                    |rec, now| {
-                        let (card, kind) = match outcome.clone() {
-                            Some(Err(failure)) => {
-                                let card = rec.card.production_failed(failure.clone(), &ctx)?;
-                                (
-                                    card,
-                                    Kind::ProductionFailed(ev::ProductionFailed {
-                                        failure: Some(convert::production_failure_to_pb(&failure)),
-                                    }),
-                                )
-                            }
-                            account => {
-                                let card = rec.card.production_succeeded(
-                                    account.and_then(Result::ok),
-                                    &ctx,
-                                    now,
-                                    &self.policy,
-                                    &self.banks,
-                                )?;
-                                let kind = Kind::CardProduced(ev::CardProduced {
-                                    card_number: card
-                                        .card_number
-                                        .as_ref()
-                                        .map(ToString::to_string)
-                                        .unwrap_or_default(),
-                                    bank_code: card.bank_code.clone(),
-                                    backup_point_id: card.backup_point_id.clone(),
-                                    delivery_address: card.delivery.as_ref().map(delivery_to_pb),
-                                });
-                                (card, kind)
-                            }
-                        };
-                        let resp = pb::RecordProductionResultResponse {
-                            card: Some(convert::card_to_pb(&card)),
-                        };
-                        Ok((Self::with_card(rec, card), Some(kind), resp))
-                    },
-                )
-                .await
-            },
-        )
+                let resp = pb::RecordProductionResultResponse { card: Some(convert::card_to_pb(&card)) };
+                Ok((Self::with_card(rec, card), Some(kind), resp))
+            })
+            .await
+        })
         .await
     }
 
@@ -733,35 +577,22 @@ impl Registry {
         &self,
         req: pb::RecordShipmentProgressRequest,
     ) -> Result<pb::RecordShipmentProgressResponse, ApiError> {
-        self.run(
-            "RecordShipmentProgress",
-            &req.idempotency_key,
-            &req,
-            || async {
-                let ctx = convert::context(req.actor.as_ref(), None)?;
-                let card_id = convert::card_id(&req.card_id)?;
-                let progress = convert::shipment_progress(req.progress)?;
-                let waybill = convert::text("waybill", &req.waybill, 64)?;
-                self.change_card(
-                    &req.idempotency_key,
-                    &card_id,
-                    "shipment_progress",
-                    &ctx,
-                    |rec, _| {
-                        let card = rec.card.shipment(progress, &ctx)?;
-                        let kind = Kind::ShipmentProgressed(ev::ShipmentProgressed {
-                            progress: req.progress,
-                            waybill: waybill.clone(),
-                        });
-                        let resp = pb::RecordShipmentProgressResponse {
-                            card: Some(convert::card_to_pb(&card)),
-                        };
-                        Ok((Self::with_card(rec, card), Some(kind), resp))
-                    },
-                )
-                .await
-            },
-        )
+        self.run("RecordShipmentProgress", &req.idempotency_key, &req, || async {
+            let ctx = convert::context(req.actor.as_ref(), None)?;
+            let card_id = convert::card_id(&req.card_id)?;
+            let progress = convert::shipment_progress(req.progress)?;
+            let waybill = convert::text("waybill", &req.waybill, 64)?;
+            self.change_card(&req.idempotency_key, &card_id, "shipment_progress", &ctx, |rec, _| {
+                let card = rec.card.shipment(progress, &ctx)?;
+                let kind = Kind::ShipmentProgressed(ev::ShipmentProgressed {
+                    progress: req.progress,
+                    waybill: waybill.clone(),
+                });
+                let resp = pb::RecordShipmentProgressResponse { card: Some(convert::card_to_pb(&card)) };
+                Ok((Self::with_card(rec, card), Some(kind), resp))
+            })
+            .await
+        })
         .await
     }
 
@@ -773,31 +604,19 @@ impl Registry {
             let ctx = convert::context(req.actor.as_ref(), req.documents.as_ref())?;
             let card_id = convert::card_id(&req.card_id)?;
             let method = convert::collection_method(req.method)?;
-            let at = req
-                .collected_at
-                .as_ref()
-                .map(|t| convert::from_timestamp("collected_at", t))
-                .transpose()?;
+            let at = req.collected_at.as_ref().map(|t| convert::from_timestamp("collected_at", t)).transpose()?;
             let mut plan = self
-                .change_card(
-                    &req.idempotency_key,
-                    &card_id,
-                    "collect",
-                    &ctx,
-                    |rec, now| {
-                        let at = at.unwrap_or(now);
-                        let card = rec.card.collect(method, at, &ctx, now)?;
-                        let kind = Kind::CardCollected(ev::CardCollected {
-                            method: req.method,
-                            collected_at: Some(convert::timestamp(at)),
-                            bank_code: card.bank_code.clone(),
-                        });
-                        let resp = pb::RecordCollectionResponse {
-                            card: Some(convert::card_to_pb(&card)),
-                        };
-                        Ok((Self::with_card(rec, card), Some(kind), resp))
-                    },
-                )
+                .change_card(&req.idempotency_key, &card_id, "collect", &ctx, |rec, now| {
+                    let at = at.unwrap_or(now);
+                    let card = rec.card.collect(method, at, &ctx, now)?;
+                    let kind = Kind::CardCollected(ev::CardCollected {
+                        method: req.method,
+                        collected_at: Some(convert::timestamp(at)),
+                        bank_code: card.bank_code.clone(),
+                    });
+                    let resp = pb::RecordCollectionResponse { card: Some(convert::card_to_pb(&card)) };
+                    Ok((Self::with_card(rec, card), Some(kind), resp))
+                })
                 .await?;
             // R24: the formal card, once in the holder's hands, retires any temporary card.
             let collected = plan.commit.cards.first().map(|w| match w {
@@ -805,12 +624,7 @@ impl Registry {
             });
             if let Some(formal) = collected.filter(|c| c.card_type != CardType::Temporary) {
                 let now = self.clock.now();
-                for temp in self
-                    .store
-                    .cards_of(formal.holder.expose())
-                    .await
-                    .map_err(store_error)?
-                {
+                for temp in self.store.cards_of(formal.holder.expose()).await.map_err(store_error)? {
                     if temp.card.card_type == CardType::Temporary && temp.card.physical.is_live() {
                         let retired = temp.card.retire_temporary()?;
                         let kind = Kind::CardCancelled(ev::CardCancelled {
@@ -826,9 +640,7 @@ impl Registry {
                             Some(kind),
                             now,
                         );
-                        plan.commit
-                            .cards
-                            .push(CardWrite::Update(Self::with_card(&temp, retired)));
+                        plan.commit.cards.push(CardWrite::Update(Self::with_card(&temp, retired)));
                     }
                 }
             }
@@ -845,22 +657,12 @@ impl Registry {
             let ctx = convert::context(req.actor.as_ref(), req.documents.as_ref())?;
             let card_id = convert::card_id(&req.card_id)?;
             let reason = convert::text("reason", &req.reason, MAX_TEXT)?;
-            self.change_card(
-                &req.idempotency_key,
-                &card_id,
-                "return_for_remake",
-                &ctx,
-                |rec, _| {
-                    let card = rec.card.return_for_remake(&reason, &ctx)?;
-                    let kind = Kind::ReturnedForRemake(ev::ReturnedForRemake {
-                        reason: reason.clone(),
-                    });
-                    let resp = pb::ReturnForRemakeResponse {
-                        card: Some(convert::card_to_pb(&card)),
-                    };
-                    Ok((Self::with_card(rec, card), Some(kind), resp))
-                },
-            )
+            self.change_card(&req.idempotency_key, &card_id, "return_for_remake", &ctx, |rec, _| {
+                let card = rec.card.return_for_remake(&reason, &ctx)?;
+                let kind = Kind::ReturnedForRemake(ev::ReturnedForRemake { reason: reason.clone() });
+                let resp = pb::ReturnForRemakeResponse { card: Some(convert::card_to_pb(&card)) };
+                Ok((Self::with_card(rec, card), Some(kind), resp))
+            })
             .await
         })
         .await
@@ -872,33 +674,16 @@ impl Registry {
         &self,
         req: pb::ActivateSocialFunctionRequest,
     ) -> Result<pb::ActivateSocialFunctionResponse, ApiError> {
-        self.run(
-            "ActivateSocialFunction",
-            &req.idempotency_key,
-            &req,
-            || async {
-                let ctx = convert::context(req.actor.as_ref(), req.documents.as_ref())?;
-                let card_id = convert::card_id(&req.card_id)?;
-                self.change_card(
-                    &req.idempotency_key,
-                    &card_id,
-                    "activate_social",
-                    &ctx,
-                    |rec, now| {
-                        let card = rec.card.activate_social(&ctx, now)?;
-                        let resp = pb::ActivateSocialFunctionResponse {
-                            card: Some(convert::card_to_pb(&card)),
-                        };
-                        Ok((
-                            Self::with_card(rec, card),
-                            Some(Kind::SocialActivated(ev::SocialActivated {})),
-                            resp,
-                        ))
-                    },
-                )
-                .await
-            },
-        )
+        self.run("ActivateSocialFunction", &req.idempotency_key, &req, || async {
+            let ctx = convert::context(req.actor.as_ref(), req.documents.as_ref())?;
+            let card_id = convert::card_id(&req.card_id)?;
+            self.change_card(&req.idempotency_key, &card_id, "activate_social", &ctx, |rec, now| {
+                let card = rec.card.activate_social(&ctx, now)?;
+                let resp = pb::ActivateSocialFunctionResponse { card: Some(convert::card_to_pb(&card)) };
+                Ok((Self::with_card(rec, card), Some(Kind::SocialActivated(ev::SocialActivated {})), resp))
+            })
+            .await
+        })
         .await
     }
 
@@ -906,49 +691,33 @@ impl Registry {
         &self,
         req: pb::RecordFinancialActivationRequest,
     ) -> Result<pb::RecordFinancialActivationResponse, ApiError> {
-        self.run(
-            "RecordFinancialActivation",
-            &req.idempotency_key,
-            &req,
-            || async {
-                let ctx = convert::context(req.actor.as_ref(), None)?;
-                let card_id = convert::card_id(&req.card_id)?;
-                let bank_code = convert::text("bank_code", &req.bank_code, 32)?;
-                let face = convert::text(
-                    "face_verification_ref",
-                    &req.face_verification_ref,
-                    MAX_TEXT,
-                )?;
-                let presenter = convert::presenter(req.presenter)?;
-                self.change_card(
-                    &req.idempotency_key,
-                    &card_id,
-                    "financial_activation",
+        self.run("RecordFinancialActivation", &req.idempotency_key, &req, || async {
+            let ctx = convert::context(req.actor.as_ref(), None)?;
+            let card_id = convert::card_id(&req.card_id)?;
+            let bank_code = convert::text("bank_code", &req.bank_code, 32)?;
+            let face = convert::text("face_verification_ref", &req.face_verification_ref, MAX_TEXT)?;
+            let presenter = convert::presenter(req.presenter)?;
+            self.change_card(&req.idempotency_key, &card_id, "financial_activation", &ctx, |rec, _| {
+                let (card, awaits) = rec.card.record_financial_activation(
+                    &bank_code,
+                    &face,
+                    req.bank_pin_changed,
+                    presenter,
                     &ctx,
-                    |rec, _| {
-                        let (card, awaits) = rec.card.record_financial_activation(
-                            &bank_code,
-                            &face,
-                            req.bank_pin_changed,
-                            presenter,
-                            &ctx,
-                            &self.banks,
-                        )?;
-                        let kind =
-                            Kind::FinancialActivationRecorded(ev::FinancialActivationRecorded {
-                                bank_code: bank_code.clone(),
-                                social_awaits_bureau_unlock: awaits,
-                            });
-                        let resp = pb::RecordFinancialActivationResponse {
-                            card: Some(convert::card_to_pb(&card)),
-                            social_awaits_bureau_unlock: awaits,
-                        };
-                        Ok((Self::with_card(rec, card), Some(kind), resp))
-                    },
-                )
-                .await
-            },
-        )
+                    &self.banks,
+                )?;
+                let kind = Kind::FinancialActivationRecorded(ev::FinancialActivationRecorded {
+                    bank_code: bank_code.clone(),
+                    social_awaits_bureau_unlock: awaits,
+                });
+                let resp = pb::RecordFinancialActivationResponse {
+                    card: Some(convert::card_to_pb(&card)),
+                    social_awaits_bureau_unlock: awaits,
+                };
+                Ok((Self::with_card(rec, card), Some(kind), resp))
+            })
+            .await
+        })
         .await
     }
 
@@ -960,22 +729,12 @@ impl Registry {
             let ctx = convert::context(req.actor.as_ref(), req.documents.as_ref())?;
             let card_id = convert::card_id(&req.card_id)?;
             let kind = convert::loss_kind(req.loss_kind)?;
-            self.change_card(
-                &req.idempotency_key,
-                &card_id,
-                "loss_lock",
-                &ctx,
-                |rec, now| {
-                    let card = rec.card.report_loss(kind, &ctx, now, &self.policy)?;
-                    let event = Kind::SocialLossLocked(ev::SocialLossLocked {
-                        loss_kind: req.loss_kind,
-                    });
-                    let resp = pb::LockSocialFunctionResponse {
-                        card: Some(convert::card_to_pb(&card)),
-                    };
-                    Ok((Self::with_card(rec, card), Some(event), resp))
-                },
-            )
+            self.change_card(&req.idempotency_key, &card_id, "loss_lock", &ctx, |rec, now| {
+                let card = rec.card.report_loss(kind, &ctx, now, &self.policy)?;
+                let event = Kind::SocialLossLocked(ev::SocialLossLocked { loss_kind: req.loss_kind });
+                let resp = pb::LockSocialFunctionResponse { card: Some(convert::card_to_pb(&card)) };
+                Ok((Self::with_card(rec, card), Some(event), resp))
+            })
             .await
         })
         .await
@@ -985,27 +744,20 @@ impl Registry {
         &self,
         req: pb::UnlockSocialFunctionRequest,
     ) -> Result<pb::UnlockSocialFunctionResponse, ApiError> {
-        self.run(
-            "UnlockSocialFunction",
-            &req.idempotency_key,
-            &req,
-            || async {
-                let ctx = convert::context(req.actor.as_ref(), req.documents.as_ref())?;
-                let card_id = convert::card_id(&req.card_id)?;
-                self.change_card(&req.idempotency_key, &card_id, "unlock", &ctx, |rec, _| {
-                    let previous = rec.card.social.loss_kind();
-                    let card = rec.card.unlock_social(&ctx)?;
-                    let event = Kind::SocialUnlocked(ev::SocialUnlocked {
-                        previous_loss_kind: convert::loss_kind_to_pb(previous) as i32,
-                    });
-                    let resp = pb::UnlockSocialFunctionResponse {
-                        card: Some(convert::card_to_pb(&card)),
-                    };
-                    Ok((Self::with_card(rec, card), Some(event), resp))
-                })
-                .await
-            },
-        )
+        self.run("UnlockSocialFunction", &req.idempotency_key, &req, || async {
+            let ctx = convert::context(req.actor.as_ref(), req.documents.as_ref())?;
+            let card_id = convert::card_id(&req.card_id)?;
+            self.change_card(&req.idempotency_key, &card_id, "unlock", &ctx, |rec, _| {
+                let previous = rec.card.social.loss_kind();
+                let card = rec.card.unlock_social(&ctx)?;
+                let event = Kind::SocialUnlocked(ev::SocialUnlocked {
+                    previous_loss_kind: convert::loss_kind_to_pb(previous) as i32,
+                });
+                let resp = pb::UnlockSocialFunctionResponse { card: Some(convert::card_to_pb(&card)) };
+                Ok((Self::with_card(rec, card), Some(event), resp))
+            })
+            .await
+        })
         .await
     }
 
@@ -1029,11 +781,9 @@ impl Registry {
             });
             // A right PIN with no wrong ones before changes nothing; anything else is recorded.
             if !(correct && rec.card.pin.wrong_attempts == 0) {
-                let event = outcome.locked.then(|| {
-                    Kind::SocialPinLocked(ev::SocialPinLocked {
-                        wrong_attempts: card.pin.wrong_attempts,
-                    })
-                });
+                let event = outcome
+                    .locked
+                    .then(|| Kind::SocialPinLocked(ev::SocialPinLocked { wrong_attempts: card.pin.wrong_attempts }));
                 self.record_change(
                     &mut plan.commit,
                     &req.idempotency_key,
@@ -1044,9 +794,7 @@ impl Registry {
                     event,
                     self.clock.now(),
                 );
-                plan.commit
-                    .cards
-                    .push(CardWrite::Update(Self::with_card(&rec, card)));
+                plan.commit.cards.push(CardWrite::Update(Self::with_card(&rec, card)));
             }
             Ok(plan)
         })
@@ -1073,11 +821,9 @@ impl Registry {
                     remaining_attempts: outcome.remaining_attempts,
                     locked: outcome.locked,
                 });
-                let event = outcome.locked.then(|| {
-                    Kind::SocialPinLocked(ev::SocialPinLocked {
-                        wrong_attempts: card.pin.wrong_attempts,
-                    })
-                });
+                let event = outcome
+                    .locked
+                    .then(|| Kind::SocialPinLocked(ev::SocialPinLocked { wrong_attempts: card.pin.wrong_attempts }));
                 self.record_change(
                     &mut plan.commit,
                     &req.idempotency_key,
@@ -1088,9 +834,7 @@ impl Registry {
                     event,
                     now,
                 );
-                plan.commit
-                    .cards
-                    .push(CardWrite::Update(Self::with_card(&rec, card)));
+                plan.commit.cards.push(CardWrite::Update(Self::with_card(&rec, card)));
                 return Ok(plan);
             }
             let card = rec.card.change_pin(&req.new_pin, &ctx, &self.policy)?;
@@ -1110,10 +854,9 @@ impl Registry {
                 Some(Kind::SocialPinChanged(ev::SocialPinChanged {})),
                 now,
             );
-            plan.commit.cards.push(CardWrite::Update(CardRecord {
-                card,
-                pin_digest: self.pins.digest(&card_id, &req.new_pin),
-            }));
+            plan.commit
+                .cards
+                .push(CardWrite::Update(CardRecord { card, pin_digest: self.pins.digest(&card_id, &req.new_pin) }));
             Ok(plan)
         })
         .await
@@ -1127,50 +870,28 @@ impl Registry {
             let ctx = convert::context(req.actor.as_ref(), req.documents.as_ref())?;
             let card_id = convert::card_id(&req.card_id)?;
             validate_pin("new_pin", &req.new_pin)?;
-            self.change_card(
-                &req.idempotency_key,
-                &card_id,
-                "pin_reset",
-                &ctx,
-                |rec, _| {
-                    let card = rec.card.reset_pin(&req.new_pin, &ctx, &self.policy)?;
-                    let resp = pb::ResetSocialPinResponse {
-                        card: Some(convert::card_to_pb(&card)),
-                    };
-                    let record = CardRecord {
-                        card,
-                        pin_digest: self.pins.digest(&card_id, &req.new_pin),
-                    };
-                    Ok((
-                        record,
-                        Some(Kind::SocialPinReset(ev::SocialPinReset {})),
-                        resp,
-                    ))
-                },
-            )
+            self.change_card(&req.idempotency_key, &card_id, "pin_reset", &ctx, |rec, _| {
+                let card = rec.card.reset_pin(&req.new_pin, &ctx, &self.policy)?;
+                let resp = pb::ResetSocialPinResponse { card: Some(convert::card_to_pb(&card)) };
+                let record = CardRecord { card, pin_digest: self.pins.digest(&card_id, &req.new_pin) };
+                Ok((record, Some(Kind::SocialPinReset(ev::SocialPinReset {})), resp))
+            })
             .await
         })
         .await
     }
 
-    pub async fn cancel_card(
-        &self,
-        req: pb::CancelCardRequest,
-    ) -> Result<pb::CancelCardResponse, ApiError> {
+    pub async fn cancel_card(&self, req: pb::CancelCardRequest) -> Result<pb::CancelCardResponse, ApiError> {
         self.run("CancelCard", &req.idempotency_key, &req, || async {
             let ctx = convert::context(req.actor.as_ref(), req.documents.as_ref())?;
             let card_id = convert::card_id(&req.card_id)?;
             let reason = convert::text("reason", &req.reason, MAX_TEXT)?;
             self.change_card(&req.idempotency_key, &card_id, "cancel", &ctx, |rec, _| {
                 let card = rec.card.cancel(&reason, &ctx)?;
-                let resp = pb::CancelCardResponse {
-                    card: Some(convert::card_to_pb(&card)),
-                };
+                let resp = pb::CancelCardResponse { card: Some(convert::card_to_pb(&card)) };
                 Ok((
                     Self::with_card(rec, card),
-                    Some(Kind::CardCancelled(ev::CardCancelled {
-                        reason: reason.clone(),
-                    })),
+                    Some(Kind::CardCancelled(ev::CardCancelled { reason: reason.clone() })),
                     resp,
                 ))
             })
@@ -1187,30 +908,16 @@ impl Registry {
             Some(Lookup::CardId(id)) => convert::card_id(id)?,
             Some(Lookup::CardNumber(n)) => {
                 let number = CardNumber::parse(n)?;
-                self.store
-                    .card_id_by_number(number.as_str())
-                    .await
-                    .map_err(store_error)?
-                    .ok_or_else(|| {
-                        ApiError::Rejected(Rejection::not_found(
-                            "CARD_NOT_FOUND",
-                            "no card with this number",
-                        ))
-                    })?
+                self.store.card_id_by_number(number.as_str()).await.map_err(store_error)?.ok_or_else(|| {
+                    ApiError::Rejected(Rejection::not_found("CARD_NOT_FOUND", "no card with this number"))
+                })?
             }
             None => {
-                return Err(Rejection::invalid(
-                    "lookup",
-                    "LOOKUP_REQUIRED",
-                    "give a card_id or a card_number",
-                )
-                .into());
+                return Err(Rejection::invalid("lookup", "LOOKUP_REQUIRED", "give a card_id or a card_number").into());
             }
         };
         let rec = self.load_card(&card_id).await?;
-        Ok(pb::GetCardResponse {
-            card: Some(convert::card_to_pb(&rec.card)),
-        })
+        Ok(pb::GetCardResponse { card: Some(convert::card_to_pb(&rec.card)) })
     }
 
     pub async fn list_audit_trail(
@@ -1219,18 +926,12 @@ impl Registry {
     ) -> Result<pb::ListAuditTrailResponse, ApiError> {
         let card_id = convert::card_id(&req.card_id)?;
         self.load_card(&card_id).await?;
-        let rows = self
-            .store
-            .audit_trail(&card_id)
-            .await
-            .map_err(store_error)?;
+        let rows = self.store.audit_trail(&card_id).await.map_err(store_error)?;
         let entries = rows
             .into_iter()
             .map(|(seq, a)| {
-                let actor: socialcard_domain::Actor =
-                    serde_json::from_str(&a.actor).unwrap_or_default();
-                let documents: socialcard_domain::Documents =
-                    serde_json::from_str(&a.documents).unwrap_or_default();
+                let actor: socialcard_domain::Actor = serde_json::from_str(&a.actor).unwrap_or_default();
+                let documents: socialcard_domain::Documents = serde_json::from_str(&a.documents).unwrap_or_default();
                 let channel = socialcard_domain::Channel::from_label(&a.channel);
                 pb::AuditEntry {
                     sequence: seq,
@@ -1277,9 +978,7 @@ fn delivery_address(a: &pb::Address) -> Result<DeliveryAddress, Rejection> {
         ));
     }
     let postal_code = convert::text("delivery_address.postal_code", &a.postal_code, 6)?;
-    if !postal_code.is_empty()
-        && (postal_code.len() != 6 || !postal_code.bytes().all(|b| b.is_ascii_digit()))
-    {
+    if !postal_code.is_empty() && (postal_code.len() != 6 || !postal_code.bytes().all(|b| b.is_ascii_digit())) {
         return Err(Rejection::invalid(
             "delivery_address.postal_code",
             "POSTAL_CODE_FORMAT",
@@ -1288,11 +987,7 @@ fn delivery_address(a: &pb::Address) -> Result<DeliveryAddress, Rejection> {
     }
     Ok(DeliveryAddress {
         recipient: convert::text("delivery_address.recipient", &a.recipient, 50)?,
-        phone: if a.phone.is_empty() {
-            String::new()
-        } else {
-            convert::phone("delivery_address.phone", &a.phone)?
-        },
+        phone: if a.phone.is_empty() { String::new() } else { convert::phone("delivery_address.phone", &a.phone)? },
         line,
         district: convert::text("delivery_address.district", &a.district, 50)?,
         postal_code,

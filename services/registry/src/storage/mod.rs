@@ -125,11 +125,7 @@ pub trait RegistryStore: Send + Sync + std::fmt::Debug {
     async fn idempotency(&self, key: &str) -> Result<Option<IdempotencyRecord>, StoreError>;
     async fn audit_trail(&self, card_id: &str) -> Result<Vec<(i64, AuditRecord)>, StoreError>;
     /// Outbox rows after `after_seq`, oldest first.
-    async fn outbox(
-        &self,
-        after_seq: i64,
-        limit: i64,
-    ) -> Result<Vec<(i64, OutboxRecord)>, StoreError>;
+    async fn outbox(&self, after_seq: i64, limit: i64) -> Result<Vec<(i64, OutboxRecord)>, StoreError>;
     /// The next value of a named counter (card numbers); gaps are allowed, repeats never.
     async fn next_sequence(&self, name: &str) -> Result<i64, StoreError>;
     async fn commit(&self, commit: Commit) -> Result<(), StoreError>;
@@ -144,8 +140,6 @@ pub async fn connect(url: &str) -> Result<Arc<dyn RegistryStore>, StoreError> {
     } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
         Ok(Arc::new(PgStore::connect(url).await?))
     } else {
-        Err(StoreError::Unavailable(
-            "the database URL must start with sqlite: or postgres://".into(),
-        ))
+        Err(StoreError::Unavailable("the database URL must start with sqlite: or postgres://".into()))
     }
 }

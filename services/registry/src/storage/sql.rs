@@ -12,8 +12,8 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use time::OffsetDateTime;
 
 use super::{
-    AuditRecord, CardRecord, CardWrite, Commit, IdempotencyRecord, OutboxRecord, PersonRecord,
-    PersonWrite, RegistryStore, StoreError, TableCounts,
+    AuditRecord, CardRecord, CardWrite, Commit, IdempotencyRecord, OutboxRecord, PersonRecord, PersonWrite,
+    RegistryStore, StoreError, TableCounts,
 };
 
 fn micros(t: OffsetDateTime) -> i64 {
@@ -21,23 +21,21 @@ fn micros(t: OffsetDateTime) -> i64 {
 }
 
 fn from_micros(us: i64) -> Result<OffsetDateTime, StoreError> {
-    OffsetDateTime::from_unix_timestamp_nanos(i128::from(us) * 1_000)
-        .map_err(|e| StoreError::Corrupt(e.to_string()))
+    OffsetDateTime::from_unix_timestamp_nanos(i128::from(us) * 1_000).map_err(|e| StoreError::Corrupt(e.to_string()))
 }
 
 fn db_error(e: sqlx::Error) -> StoreError {
     match e {
         sqlx::Error::Database(d) if d.is_unique_violation() => StoreError::Duplicate("row"),
-        sqlx::Error::ColumnDecode { .. }
-        | sqlx::Error::Decode(_)
-        | sqlx::Error::ColumnNotFound(_) => StoreError::Corrupt(e.to_string()),
+        sqlx::Error::ColumnDecode { .. } | sqlx::Error::Decode(_) | sqlx::Error::ColumnNotFound(_) => {
+            StoreError::Corrupt(e.to_string())
+        }
         other => StoreError::Unavailable(other.to_string()),
     }
 }
 
 fn card_from_json(data: &str, pin_digest: Vec<u8>) -> Result<CardRecord, StoreError> {
-    let card =
-        serde_json::from_str(data).map_err(|e| StoreError::Corrupt(format!("card data: {e}")))?;
+    let card = serde_json::from_str(data).map_err(|e| StoreError::Corrupt(format!("card data: {e}")))?;
     Ok(CardRecord { card, pin_digest })
 }
 
@@ -378,15 +376,8 @@ impl SqliteStore {
             .foreign_keys(true);
         // An in-memory database lives in one connection.
         let max = if url.contains(":memory:") { 1 } else { 8 };
-        let pool = SqlitePoolOptions::new()
-            .max_connections(max)
-            .connect_with(options)
-            .await
-            .map_err(db_error)?;
-        sqlx::migrate!("./migrations/sqlite")
-            .run(&pool)
-            .await
-            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        let pool = SqlitePoolOptions::new().max_connections(max).connect_with(options).await.map_err(db_error)?;
+        sqlx::migrate!("./migrations/sqlite").run(&pool).await.map_err(|e| StoreError::Unavailable(e.to_string()))?;
         Ok(Self { pool })
     }
 }
@@ -400,10 +391,7 @@ impl PgStore {
             .connect_with(options)
             .await
             .map_err(db_error)?;
-        sqlx::migrate!("./migrations/postgres")
-            .run(&pool)
-            .await
-            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        sqlx::migrate!("./migrations/postgres").run(&pool).await.map_err(|e| StoreError::Unavailable(e.to_string()))?;
         Ok(Self { pool })
     }
 }
