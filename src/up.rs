@@ -10,6 +10,8 @@ use socialcard_registry::RegistryConfig;
 use socialcard_server::SystemClock;
 use tokio::net::TcpListener;
 
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
 #[derive(Debug, Args)]
 pub struct UpArgs {
     /// Where the embedded databases and keys live.
@@ -73,13 +75,22 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     println!("registry listening on {}", listener.local_addr()?);
 
     let routes = tonic::service::Routes::new(socialcard_registry::grpc::RegistryGrpc::new(registry).into_server());
-    let server = tokio::spawn(socialcard_server::grpc::serve(
-        listener,
-        routes,
-        &[socialcard_registry::SERVICE_NAME],
-        shutdown_signal(),
-    ));
-    server.await??;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let mut server =
+        tokio::spawn(socialcard_server::grpc::serve(listener, routes, &[socialcard_registry::SERVICE_NAME], async {
+            let _ = stopped.await;
+        }));
+    tokio::select! {
+        result = &mut server => result??,
+        () = shutdown_signal() => {
+            let _ = stop.send(());
+            // In-flight calls get a grace period; a client holding a stream open does not keep us up.
+            match tokio::time::timeout(SHUTDOWN_GRACE, server).await {
+                Ok(result) => result??,
+                Err(_) => tracing::warn!("connections still open after the grace period; stopping anyway"),
+            }
+        }
+    }
     tracing::info!("stopped");
     Ok(())
 }

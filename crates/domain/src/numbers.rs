@@ -137,7 +137,7 @@ impl fmt::Display for BankAccountNumber {
 
 /// True when the digit string passes the Luhn (mod 10) check.
 pub fn luhn_valid(digits: &str) -> bool {
-    !digits.is_empty() && luhn_sum(digits.bytes().rev(), false) % 10 == 0
+    !digits.is_empty() && luhn_sum(digits.bytes().rev(), false).is_multiple_of(10)
 }
 
 /// The Luhn check digit to append to `body`.

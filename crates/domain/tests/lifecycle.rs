@@ -1,6 +1,8 @@
 //! Random operation sequences through every entry point of the card aggregate never reach a state the
 //! rules forbid, and a refused operation never changes anything.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use proptest::prelude::*;
 use socialcard_domain::card::{CollectionMethod, ProductionFailure, ProductionStage, ShipmentProgress};
 use socialcard_domain::channel::{Actor, Context, Documents, Presenter};

@@ -24,13 +24,18 @@ pub async fn serve(
     }
     // The empty name is the whole server's health.
     reporter.set_service_status("", ServingStatus::Serving).await;
-    let reflection = tonic_reflection::server::Builder::configure()
+    // Reflection lists exactly what this server serves, described from the socialcard contracts.
+    let mut reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(socialcard_proto::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .map_err(|e| {
-            tracing::error!(error = %e, "reflection descriptor set is invalid");
-            e
-        });
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .with_service_name("grpc.health.v1.Health");
+    for name in service_names {
+        reflection = reflection.with_service_name(*name);
+    }
+    let reflection = reflection.build_v1().map_err(|e| {
+        tracing::error!(error = %e, "reflection descriptor set is invalid");
+        e
+    });
     let mut routes = routes.add_service(health);
     if let Ok(reflection) = reflection {
         routes = routes.add_service(reflection);

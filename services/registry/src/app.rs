@@ -781,9 +781,7 @@ impl Registry {
             });
             // A right PIN with no wrong ones before changes nothing; anything else is recorded.
             if !(correct && rec.card.pin.wrong_attempts == 0) {
-                let event = outcome
-                    .locked
-                    .then(|| Kind::SocialPinLocked(ev::SocialPinLocked { wrong_attempts: card.pin.wrong_attempts }));
+                let event = pin_lock_event(&card, outcome.locked);
                 self.record_change(
                     &mut plan.commit,
                     &req.idempotency_key,
@@ -821,9 +819,7 @@ impl Registry {
                     remaining_attempts: outcome.remaining_attempts,
                     locked: outcome.locked,
                 });
-                let event = outcome
-                    .locked
-                    .then(|| Kind::SocialPinLocked(ev::SocialPinLocked { wrong_attempts: card.pin.wrong_attempts }));
+                let event = pin_lock_event(&card, outcome.locked);
                 self.record_change(
                     &mut plan.commit,
                     &req.idempotency_key,
@@ -951,6 +947,11 @@ impl Registry {
             .collect();
         Ok(pb::ListAuditTrailResponse { entries })
     }
+}
+
+/// The event of a PIN entry: only the one that locks the card is news to other services.
+fn pin_lock_event(card: &Card, locked: bool) -> Option<Kind> {
+    locked.then_some(Kind::SocialPinLocked(ev::SocialPinLocked { wrong_attempts: card.pin.wrong_attempts }))
 }
 
 fn person_to_pb(p: &PersonRecord, id: &CitizenId) -> pb::Person {

@@ -101,11 +101,11 @@ impl Harness {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
-        if let Some((base, schema)) = self.pg_schema.take() {
-            if let Ok(pool) = sqlx::PgPool::connect(&base).await {
-                let _ = sqlx::query(sqlx::AssertSqlSafe(format!("DROP SCHEMA {schema} CASCADE"))).execute(&pool).await;
-                pool.close().await;
-            }
+        if let Some((base, schema)) = self.pg_schema.take()
+            && let Ok(pool) = sqlx::PgPool::connect(&base).await
+        {
+            let _ = sqlx::query(sqlx::AssertSqlSafe(format!("DROP SCHEMA {schema} CASCADE"))).execute(&pool).await;
+            pool.close().await;
         }
     }
 }
