@@ -6,6 +6,8 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use clap::Args;
+use socialcard_events::kafka::{KafkaConfig, KafkaPublisher};
+use socialcard_events::relay::RelayConfig;
 use socialcard_registry::RegistryConfig;
 use socialcard_server::SystemClock;
 use tokio::net::TcpListener;
@@ -26,6 +28,12 @@ pub struct UpArgs {
     /// Hex key for the social PIN digests; default: a random key kept in the data directory.
     #[arg(long, env = "SOCIALCARD_PIN_KEY", hide_env_values = true)]
     pin_key: Option<String>,
+    /// Kafka bootstrap servers (host:port,...). Without it, events stay in the embedded log.
+    #[arg(long, env = "SOCIALCARD_KAFKA_BROKERS")]
+    kafka_brokers: Option<String>,
+    /// Partitions of each topic created at start (they cannot be grown later on every broker).
+    #[arg(long, env = "SOCIALCARD_KAFKA_PARTITIONS", default_value_t = 8)]
+    kafka_partitions: i32,
 }
 
 /// Reads the PIN key from the data directory, creating a random one on first start.
@@ -64,10 +72,34 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         Some(url) => url.clone(),
         None => format!("sqlite://{}?mode=rwc", args.data_dir.join("registry.db").display()),
     };
-    let registry =
-        socialcard_registry::build(&db_url, Arc::new(SystemClock), RegistryConfig::shanghai(pin_key(&args)?))
-            .await
-            .context("cannot open the registry's database")?;
+    let built = socialcard_registry::build(&db_url, Arc::new(SystemClock), RegistryConfig::shanghai(pin_key(&args)?))
+        .await
+        .context("cannot open the registry's database")?;
+    let (stop_relay, relay_stopped) = tokio::sync::watch::channel(false);
+    let relay = match &args.kafka_brokers {
+        Some(brokers) => {
+            let mut kafka = KafkaConfig::new(brokers.clone());
+            kafka.partitions = args.kafka_partitions;
+            let mut topics: Vec<String> = socialcard_events::topics::ALL.iter().map(|t| (*t).to_string()).collect();
+            topics.extend(socialcard_events::topics::ALL.iter().map(|t| socialcard_events::topics::dead_letter(t)));
+            let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+            socialcard_events::kafka::ensure_topics(&kafka, &names).await.context("cannot create the Kafka topics")?;
+            let publisher = Arc::new(KafkaPublisher::new(&kafka).context("cannot create the Kafka producer")?);
+            println!("registry events published to kafka at {brokers}");
+            Some(tokio::spawn(socialcard_events::relay::run(
+                built.outbox.clone(),
+                publisher,
+                RelayConfig::default(),
+                relay_stopped,
+            )))
+        }
+        None => {
+            anyhow::ensure!(built.embedded_log, "a PostgreSQL registry publishes its events through --kafka-brokers");
+            println!("registry events kept in the embedded log (SQLite outbox)");
+            None
+        }
+    };
+    let registry = built.registry;
 
     let listener = TcpListener::bind(&args.registry_listen)
         .await
@@ -90,6 +122,10 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
                 Err(_) => tracing::warn!("connections still open after the grace period; stopping anyway"),
             }
         }
+    }
+    let _ = stop_relay.send(true);
+    if let Some(relay) = relay {
+        let _ = relay.await;
     }
     tracing::info!("stopped");
     Ok(())

@@ -265,6 +265,8 @@ impl Registry {
                 event_type: event_type.to_string(),
                 payload: event.encode_to_vec(),
                 occurred_at: now,
+                source: SOURCE.to_string(),
+                traceparent: None,
             });
         }
     }

@@ -21,12 +21,20 @@ use tonic::server::NamedService;
 /// The fully qualified gRPC service name, as health and reflection report it.
 pub const SERVICE_NAME: &str = <RegistryServiceServer<grpc::RegistryGrpc> as NamedService>::NAME;
 
+/// A registry and the outbox of its database.
+#[derive(Clone, Debug)]
+pub struct Built {
+    pub registry: Registry,
+    pub outbox: Arc<dyn socialcard_events::Outbox>,
+    pub embedded_log: bool,
+}
+
 /// Connects storage at `database_url` (migrating it) and builds the registry.
 pub async fn build(
     database_url: &str,
     clock: Arc<dyn Clock>,
     config: RegistryConfig,
-) -> Result<Registry, storage::StoreError> {
-    let store = storage::connect(database_url).await?;
-    Ok(Registry::new(store, clock, config))
+) -> Result<Built, storage::StoreError> {
+    let c = storage::connect(database_url).await?;
+    Ok(Built { registry: Registry::new(c.store, clock, config), outbox: c.outbox, embedded_log: c.embedded_log })
 }

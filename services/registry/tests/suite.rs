@@ -141,8 +141,8 @@ async fn full_lifecycle_writes_audit_and_events(mut h: Harness) {
     assert_eq!(trail[6].from_state, "physical=collected social=not_activated financial=not_activated");
 
     // Every change has its event, in order, keyed by the card, decodable.
-    let outbox = h.store.outbox(0, 100).await.unwrap();
-    let types: Vec<&str> = outbox.iter().map(|(_, o)| o.event_type.rsplit('.').next().unwrap()).collect();
+    let outbox = h.outbox.read_after("socialcard.card.v1", 0, 100).await.unwrap();
+    let types: Vec<&str> = outbox.iter().map(|r| r.envelope.event_type.rsplit('.').next().unwrap()).collect();
     assert_eq!(
         types,
         [
@@ -155,13 +155,15 @@ async fn full_lifecycle_writes_audit_and_events(mut h: Harness) {
             "SocialActivated"
         ]
     );
-    for (_, o) in &outbox {
-        assert_eq!(o.topic, "socialcard.card.v1");
-        assert_eq!(o.key, card.card_id);
-        let e = <ev::CardEvent as prost::Message>::decode(o.payload.as_slice()).unwrap();
+    for r in &outbox {
+        assert_eq!(r.envelope.topic, "socialcard.card.v1");
+        assert_eq!(r.envelope.subject, card.card_id);
+        assert_eq!(r.envelope.source, "registry");
+        let e = <ev::CardEvent as prost::Message>::decode(r.envelope.payload.as_slice()).unwrap();
         assert_eq!(e.card_id, card.card_id);
     }
-    let produced = <ev::CardEvent as prost::Message>::decode(outbox[3].1.payload.as_slice()).unwrap();
+    assert_eq!(h.outbox.backlog().await.unwrap(), outbox.len() as i64, "nothing published without a relay");
+    let produced = <ev::CardEvent as prost::Message>::decode(outbox[3].envelope.payload.as_slice()).unwrap();
     match produced.kind.unwrap() {
         ev::card_event::Kind::CardProduced(p) => {
             assert_eq!(p.backup_point_id, "point-42");

@@ -45,9 +45,14 @@ CREATE TABLE outbox (
     event_type   TEXT NOT NULL,
     payload      BYTEA NOT NULL,
     occurred_at  BIGINT NOT NULL,
+    -- socialcard_events::bucket_of(event_key): one relay at a time per bucket keeps a card's order.
+    bucket       INTEGER NOT NULL,
+    source       TEXT NOT NULL,
+    traceparent  TEXT,
     published_at BIGINT
 );
-CREATE INDEX outbox_unpublished ON outbox (seq) WHERE published_at IS NULL;
+CREATE INDEX outbox_unpublished ON outbox (bucket, seq) WHERE published_at IS NULL;
+CREATE INDEX outbox_by_topic ON outbox (topic, seq);
 
 CREATE TABLE idempotency (
     idempotency_key TEXT PRIMARY KEY,

@@ -52,6 +52,10 @@ pub struct OutboxRecord {
     pub event_type: String,
     pub payload: Vec<u8>,
     pub occurred_at: OffsetDateTime,
+    /// The producing service.
+    pub source: String,
+    /// W3C trace context of the change.
+    pub traceparent: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -124,21 +128,30 @@ pub trait RegistryStore: Send + Sync + std::fmt::Debug {
     async fn cards_of(&self, citizen_id: &str) -> Result<Vec<CardRecord>, StoreError>;
     async fn idempotency(&self, key: &str) -> Result<Option<IdempotencyRecord>, StoreError>;
     async fn audit_trail(&self, card_id: &str) -> Result<Vec<(i64, AuditRecord)>, StoreError>;
-    /// Outbox rows after `after_seq`, oldest first.
-    async fn outbox(&self, after_seq: i64, limit: i64) -> Result<Vec<(i64, OutboxRecord)>, StoreError>;
     /// The next value of a named counter (card numbers); gaps are allowed, repeats never.
     async fn next_sequence(&self, name: &str) -> Result<i64, StoreError>;
     async fn commit(&self, commit: Commit) -> Result<(), StoreError>;
     async fn counts(&self) -> Result<TableCounts, StoreError>;
 }
 
+/// A connected store and the outbox of the same database.
+#[derive(Clone, Debug)]
+pub struct Connected {
+    pub store: Arc<dyn RegistryStore>,
+    pub outbox: Arc<dyn socialcard_events::Outbox>,
+    /// True for SQLite: its outbox can serve as the embedded log (commit order is `seq` order).
+    pub embedded_log: bool,
+}
+
 /// Opens the store a URL names (`sqlite://path?mode=rwc`, `sqlite::memory:`, `postgres://...`) and
 /// runs its migrations.
-pub async fn connect(url: &str) -> Result<Arc<dyn RegistryStore>, StoreError> {
+pub async fn connect(url: &str) -> Result<Connected, StoreError> {
     if url.starts_with("sqlite:") {
-        Ok(Arc::new(SqliteStore::connect(url).await?))
+        let s = SqliteStore::connect(url).await?;
+        Ok(Connected { outbox: s.outbox(), store: Arc::new(s), embedded_log: true })
     } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        Ok(Arc::new(PgStore::connect(url).await?))
+        let s = PgStore::connect(url).await?;
+        Ok(Connected { outbox: s.outbox(), store: Arc::new(s), embedded_log: false })
     } else {
         Err(StoreError::Unavailable("the database URL must start with sqlite: or postgres://".into()))
     }

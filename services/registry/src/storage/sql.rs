@@ -5,15 +5,19 @@
 use std::str::FromStr;
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use async_trait::async_trait;
+use socialcard_events::Outbox;
+use socialcard_events::outbox::{PgOutbox, SqliteOutbox};
 use sqlx::Row;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use time::OffsetDateTime;
 
 use super::{
-    AuditRecord, CardRecord, CardWrite, Commit, IdempotencyRecord, OutboxRecord, PersonRecord, PersonWrite,
-    RegistryStore, StoreError, TableCounts,
+    AuditRecord, CardRecord, CardWrite, Commit, IdempotencyRecord, PersonRecord, PersonWrite, RegistryStore,
+    StoreError, TableCounts,
 };
 
 fn micros(t: OffsetDateTime) -> i64 {
@@ -179,7 +183,8 @@ macro_rules! sql_store {
                 }
                 for o in &commit.outbox {
                     sqlx::query(
-                        "INSERT INTO outbox (event_id, topic, event_key, event_type, payload, occurred_at) VALUES ($1, $2, $3, $4, $5, $6)",
+                        "INSERT INTO outbox (event_id, topic, event_key, event_type, payload, occurred_at, bucket, source, traceparent)
+                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
                     )
                     .bind(&o.event_id)
                     .bind(&o.topic)
@@ -187,6 +192,9 @@ macro_rules! sql_store {
                     .bind(&o.event_type)
                     .bind(&o.payload)
                     .bind(micros(o.occurred_at))
+                    .bind(socialcard_events::bucket_of(&o.key))
+                    .bind(&o.source)
+                    .bind(&o.traceparent)
                     .execute(&mut **tx)
                     .await
                     .map_err(db_error)?;
@@ -292,32 +300,6 @@ macro_rules! sql_store {
                     .collect()
             }
 
-            async fn outbox(&self, after_seq: i64, limit: i64) -> Result<Vec<(i64, OutboxRecord)>, StoreError> {
-                let rows = sqlx::query(
-                    "SELECT seq, event_id, topic, event_key, event_type, payload, occurred_at FROM outbox WHERE seq > $1 ORDER BY seq LIMIT $2",
-                )
-                .bind(after_seq)
-                .bind(limit)
-                .fetch_all(&self.pool)
-                .await
-                .map_err(db_error)?;
-                rows.iter()
-                    .map(|r| {
-                        Ok((
-                            r.try_get("seq").map_err(db_error)?,
-                            OutboxRecord {
-                                event_id: r.try_get("event_id").map_err(db_error)?,
-                                topic: r.try_get("topic").map_err(db_error)?,
-                                key: r.try_get("event_key").map_err(db_error)?,
-                                event_type: r.try_get("event_type").map_err(db_error)?,
-                                payload: r.try_get("payload").map_err(db_error)?,
-                                occurred_at: from_micros(r.try_get("occurred_at").map_err(db_error)?)?,
-                            },
-                        ))
-                    })
-                    .collect()
-            }
-
             async fn next_sequence(&self, name: &str) -> Result<i64, StoreError> {
                 let row = sqlx::query("UPDATE sequences SET value = value + 1 WHERE name = $1 RETURNING value")
                     .bind(name)
@@ -365,6 +347,11 @@ sql_store!(SqliteStore, sqlx::Sqlite, sqlx::SqlitePool);
 sql_store!(PgStore, sqlx::Postgres, sqlx::PgPool);
 
 impl SqliteStore {
+    /// The outbox of this database: what the relay publishes and the embedded log serves.
+    pub fn outbox(&self) -> Arc<dyn Outbox> {
+        Arc::new(SqliteOutbox::new(self.pool.clone()))
+    }
+
     /// Opens (creating if needed) a SQLite database in WAL mode and migrates it.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
         let options = SqliteConnectOptions::from_str(url)
@@ -383,6 +370,10 @@ impl SqliteStore {
 }
 
 impl PgStore {
+    pub fn outbox(&self) -> Arc<dyn Outbox> {
+        Arc::new(PgOutbox::new(self.pool.clone()))
+    }
+
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
         let options = PgConnectOptions::from_str(url).map_err(db_error)?;
         let pool = PgPoolOptions::new()

@@ -27,6 +27,7 @@ pub enum Backend {
 pub struct Harness {
     pub client: RegistryServiceClient<Channel>,
     pub store: Arc<dyn RegistryStore>,
+    pub outbox: Arc<dyn socialcard_events::Outbox>,
     pub clock: ManualClock,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     pg_schema: Option<(String, String)>,
@@ -80,16 +81,17 @@ impl Harness {
             }
         };
         let clock = ManualClock::new(datetime!(2026-11-23 02:00 UTC)); // Monday 10:00 in Shanghai
-        let registry = socialcard_registry::build(
+        let built = socialcard_registry::build(
             &url,
             Arc::new(clock.clone()),
             RegistryConfig::shanghai(b"test-pin-key-0123456789".to_vec()),
         )
         .await
         .expect("registry starts");
-        let store = registry.store().clone();
-        let (client, shutdown) = serve(registry).await;
-        Some(Harness { client, store, clock, shutdown: Some(shutdown), pg_schema, _dir: dir })
+        let store = built.registry.store().clone();
+        let outbox = built.outbox.clone();
+        let (client, shutdown) = serve(built.registry).await;
+        Some(Harness { client, store, outbox, clock, shutdown: Some(shutdown), pg_schema, _dir: dir })
     }
 
     pub async fn counts(&self) -> TableCounts {

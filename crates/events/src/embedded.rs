@@ -1,0 +1,150 @@
+//! The embedded log: consumers read a SQLite outbox directly, as if it were the topic, with the same
+//! semantics as the Kafka consumer: the handler's transaction (effect + inbox row) first, then the
+//! consumer's position, stored durably in the consumer's own database; failures retried, then
+//! dead-lettered. So `socialcard up` needs no broker and loses nothing across restarts.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::Row;
+use tokio::sync::watch;
+
+use crate::handler::handle_with_retries;
+use crate::{Applied, EventError, Handler, Outbox, OutboxRow};
+
+/// A consumer's position and dead letters, in its own SQLite database (tables in
+/// [`crate::inbox::SQLITE_SCHEMA`]).
+#[derive(Clone, Debug)]
+pub struct SqliteOffsets {
+    pool: sqlx::SqlitePool,
+}
+
+impl SqliteOffsets {
+    pub fn new(pool: sqlx::SqlitePool) -> Self {
+        Self { pool }
+    }
+
+    pub async fn position(&self, group: &str, topic: &str) -> Result<i64, EventError> {
+        let row = sqlx::query("SELECT next_seq FROM consumer_offsets WHERE consumer_group = $1 AND topic = $2")
+            .bind(group)
+            .bind(topic)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(match row {
+            Some(r) => r.try_get("next_seq")?,
+            None => 0,
+        })
+    }
+
+    pub async fn commit(&self, group: &str, topic: &str, seq: i64) -> Result<(), EventError> {
+        sqlx::query(
+            "INSERT INTO consumer_offsets (consumer_group, topic, next_seq) VALUES ($1, $2, $3)
+             ON CONFLICT (consumer_group, topic) DO UPDATE SET next_seq = excluded.next_seq",
+        )
+        .bind(group)
+        .bind(topic)
+        .bind(seq)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn dead_letter(&self, group: &str, row: &OutboxRow, error: &str) -> Result<(), EventError> {
+        sqlx::query("INSERT INTO dead_letters (consumer_group, topic, event_id, error, payload, at) VALUES ($1, $2, $3, $4, $5, $6)")
+            .bind(group)
+            .bind(&row.envelope.topic)
+            .bind(&row.envelope.id)
+            .bind(error)
+            .bind(&row.envelope.payload)
+            .bind(time::OffsetDateTime::now_utc().unix_timestamp())
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn dead_letter_count(&self, group: &str) -> Result<i64, EventError> {
+        Ok(sqlx::query("SELECT COUNT(*) AS n FROM dead_letters WHERE consumer_group = $1")
+            .bind(group)
+            .fetch_one(&self.pool)
+            .await?
+            .try_get("n")?)
+    }
+}
+
+#[derive(Clone)]
+pub struct EmbeddedConsumer {
+    pub group: String,
+    pub topic: String,
+    pub log: Arc<dyn Outbox>,
+    pub offsets: SqliteOffsets,
+    pub handler: Arc<dyn Handler>,
+    pub max_attempts: u32,
+    pub retry_backoff: Duration,
+    /// How often an idle consumer looks for new events.
+    pub poll: Duration,
+}
+
+impl std::fmt::Debug for EmbeddedConsumer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EmbeddedConsumer").field("group", &self.group).field("topic", &self.topic).finish()
+    }
+}
+
+impl EmbeddedConsumer {
+    pub fn new(
+        group: &str,
+        topic: &str,
+        log: Arc<dyn Outbox>,
+        offsets: SqliteOffsets,
+        handler: Arc<dyn Handler>,
+    ) -> Self {
+        Self {
+            group: group.into(),
+            topic: topic.into(),
+            log,
+            offsets,
+            handler,
+            max_attempts: 5,
+            retry_backoff: Duration::from_millis(100),
+            poll: Duration::from_millis(2),
+        }
+    }
+
+    /// Processes one batch; returns how many events it moved past.
+    pub async fn poll_once(&self) -> Result<usize, EventError> {
+        let position = self.offsets.position(&self.group, &self.topic).await?;
+        let rows = self.log.read_after(&self.topic, position, 256).await?;
+        for row in &rows {
+            match handle_with_retries(self.handler.as_ref(), &row.envelope, self.max_attempts, self.retry_backoff).await
+            {
+                Ok(Applied::Applied | Applied::Duplicate) => {}
+                Err(e) => {
+                    tracing::error!(group = %self.group, event_id = %row.envelope.id, error = %e, "dead-lettering event");
+                    self.offsets.dead_letter(&self.group, row, &e.to_string()).await?;
+                }
+            }
+            self.offsets.commit(&self.group, &self.topic, row.seq).await?;
+        }
+        Ok(rows.len())
+    }
+
+    pub async fn run(self, mut stop: watch::Receiver<bool>) {
+        loop {
+            if *stop.borrow() {
+                return;
+            }
+            let pause = match self.poll_once().await {
+                Ok(0) => self.poll,
+                Ok(_) => continue,
+                Err(e) => {
+                    tracing::warn!(group = %self.group, error = %e, "embedded consumer failed; retrying");
+                    Duration::from_millis(200)
+                }
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(pause) => {}
+                _ = stop.changed() => {}
+            }
+        }
+    }
+}

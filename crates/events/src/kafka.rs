@@ -1,0 +1,249 @@
+//! Kafka through rdkafka: the idempotent producer behind the relay, topic creation at start, and the
+//! consumer loop (consumer group, manual commits after the handler's transaction, dead letters).
+//!
+//! Kafka features relied on: consumer groups with committed offsets, the idempotent producer
+//! (`enable.idempotence`, `acks=all`), headers, and topic creation through the admin API. Not relied
+//! on: transactions, growing partitions.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{BorrowedMessage, Header, Headers, Message, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use tokio::sync::watch;
+
+use crate::handler::handle_with_retries;
+use crate::{Applied, Envelope, EventError, Handler, OutboxRow, Publish};
+
+#[derive(Clone, Debug)]
+pub struct KafkaConfig {
+    pub brokers: String,
+    /// Partitions of each topic created at start. Not every broker can grow them later: choose up front.
+    pub partitions: i32,
+    pub replication: i32,
+    /// How long a produce may take before it counts as failed (and the relay retries).
+    pub message_timeout: Duration,
+}
+
+impl KafkaConfig {
+    pub fn new(brokers: impl Into<String>) -> Self {
+        Self { brokers: brokers.into(), partitions: 8, replication: 1, message_timeout: Duration::from_secs(10) }
+    }
+
+    fn client(&self) -> ClientConfig {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", &self.brokers).set("socket.nagle.disable", "true");
+        c
+    }
+}
+
+/// Creates the topics that are missing (existing ones are left as they are).
+pub async fn ensure_topics(config: &KafkaConfig, topics: &[&str]) -> Result<(), EventError> {
+    let admin: AdminClient<DefaultClientContext> = config.client().create()?;
+    let new: Vec<NewTopic<'_>> = topics
+        .iter()
+        .map(|t| NewTopic::new(t, config.partitions, TopicReplication::Fixed(config.replication)))
+        .collect();
+    let results =
+        admin.create_topics(&new, &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)))).await?;
+    for r in results {
+        match r {
+            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((topic, code)) => return Err(EventError::Kafka(format!("cannot create topic {topic}: {code}"))),
+        }
+    }
+    Ok(())
+}
+
+/// The relay's producer: idempotent, `acks=all`, so retries inside librdkafka neither duplicate nor
+/// reorder a partition's messages.
+#[derive(Clone)]
+pub struct KafkaPublisher {
+    producer: FutureProducer,
+}
+
+impl std::fmt::Debug for KafkaPublisher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("KafkaPublisher")
+    }
+}
+
+impl KafkaPublisher {
+    pub fn new(config: &KafkaConfig) -> Result<Self, EventError> {
+        let producer = config
+            .client()
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("linger.ms", "1")
+            .set("message.timeout.ms", config.message_timeout.as_millis().to_string())
+            .create()?;
+        Ok(Self { producer })
+    }
+}
+
+#[async_trait]
+impl Publish for KafkaPublisher {
+    async fn publish(&self, rows: &[OutboxRow]) -> Result<(), EventError> {
+        let mut deliveries = Vec::with_capacity(rows.len());
+        for row in rows {
+            let e = &row.envelope;
+            let mut record = FutureRecord::to(&e.topic).key(&e.subject).payload(&e.payload).headers(e.kafka_headers());
+            // Enqueue all, then wait for all: one round trip for the batch, order kept by the producer.
+            let delivery = loop {
+                match self.producer.send_result(record) {
+                    Ok(d) => break d,
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                        record = r;
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                    }
+                    Err((e, _)) => return Err(e.into()),
+                }
+            };
+            deliveries.push(delivery);
+        }
+        for d in deliveries {
+            match d.await {
+                Ok(Ok(_)) => {}
+                Ok(Err((e, _))) => return Err(e.into()),
+                Err(_) => return Err(EventError::Kafka("producer dropped the delivery".into())),
+            }
+        }
+        Ok(())
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct ConsumerConfig {
+    pub group: String,
+    pub topics: Vec<String>,
+    /// Tries before an event is dead-lettered.
+    pub max_attempts: u32,
+    pub retry_backoff: Duration,
+}
+
+impl ConsumerConfig {
+    pub fn new(group: impl Into<String>, topics: &[&str]) -> Self {
+        Self {
+            group: group.into(),
+            topics: topics.iter().map(|t| (*t).to_string()).collect(),
+            max_attempts: 5,
+            retry_backoff: Duration::from_millis(100),
+        }
+    }
+}
+
+/// A consumer-group member: per message, the handler's transaction (effect + inbox row) commits first,
+/// then the offset. A crash in between redelivers the message, and the inbox makes it a no-op.
+pub struct KafkaConsumer {
+    consumer: StreamConsumer,
+    dead_letters: FutureProducer,
+    config: ConsumerConfig,
+    handler: Arc<dyn Handler>,
+}
+
+impl std::fmt::Debug for KafkaConsumer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaConsumer").field("group", &self.config.group).finish()
+    }
+}
+
+impl KafkaConsumer {
+    pub fn new(kafka: &KafkaConfig, config: ConsumerConfig, handler: Arc<dyn Handler>) -> Result<Self, EventError> {
+        let consumer: StreamConsumer = kafka
+            .client()
+            .set("group.id", &config.group)
+            .set("enable.auto.commit", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("fetch.wait.max.ms", "10")
+            .set("session.timeout.ms", "10000")
+            .create()?;
+        let topics: Vec<&str> = config.topics.iter().map(String::as_str).collect();
+        consumer.subscribe(&topics)?;
+        let dead_letters = KafkaPublisher::new(kafka)?.producer;
+        Ok(Self { consumer, dead_letters, config, handler })
+    }
+
+    /// Processes messages until `stop` turns true.
+    pub async fn run(&self, mut stop: watch::Receiver<bool>) -> Result<(), EventError> {
+        loop {
+            let message = tokio::select! {
+                m = self.consumer.recv() => m,
+                _ = stop.changed() => return Ok(()),
+            };
+            if *stop.borrow() {
+                return Ok(());
+            }
+            match message {
+                Ok(m) => self.process(&m).await?,
+                Err(e) => {
+                    tracing::warn!(error = %e, "consumer error");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+
+    /// Handles one message and commits its offset. Exposed so tests can stop between the two.
+    pub async fn process(&self, m: &BorrowedMessage<'_>) -> Result<(), EventError> {
+        self.handle_only(m).await?;
+        self.consumer.commit_message(m, CommitMode::Async)?;
+        Ok(())
+    }
+
+    /// Handles one message (dead-lettering it when it cannot be handled) without committing its offset.
+    pub async fn handle_only(&self, m: &BorrowedMessage<'_>) -> Result<Option<Applied>, EventError> {
+        let outcome = match Envelope::from_message(m) {
+            Ok(event) => {
+                handle_with_retries(self.handler.as_ref(), &event, self.config.max_attempts, self.config.retry_backoff)
+                    .await
+                    .map_err(|e| e.to_string())
+            }
+            Err(e) => Err(e.to_string()),
+        };
+        match outcome {
+            Ok(applied) => Ok(Some(applied)),
+            Err(error) => {
+                tracing::error!(topic = m.topic(), partition = m.partition(), offset = m.offset(), %error, "dead-lettering event");
+                self.dead_letter(m, &error).await?;
+                Ok(None)
+            }
+        }
+    }
+
+    async fn dead_letter(&self, m: &BorrowedMessage<'_>, error: &str) -> Result<(), EventError> {
+        let topic = crate::topics::dead_letter(m.topic());
+        let mut headers = OwnedHeaders::new();
+        if let Some(h) = m.headers() {
+            for header in h.iter() {
+                headers = headers.insert(Header { key: header.key, value: header.value });
+            }
+        }
+        let partition = m.partition().to_string();
+        let offset = m.offset().to_string();
+        headers = headers
+            .insert(Header { key: "dlt_error", value: Some(error) })
+            .insert(Header { key: "dlt_topic", value: Some(m.topic()) })
+            .insert(Header { key: "dlt_partition", value: Some(&partition) })
+            .insert(Header { key: "dlt_offset", value: Some(&offset) })
+            .insert(Header { key: "dlt_group", value: Some(&self.config.group) });
+        let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&topic).headers(headers);
+        if let Some(k) = m.key() {
+            record = record.key(k);
+        }
+        if let Some(p) = m.payload() {
+            record = record.payload(p);
+        }
+        self.dead_letters.send(record, Duration::from_secs(30)).await.map_err(|(e, _)| EventError::from(e))?;
+        Ok(())
+    }
+
+    pub fn consumer(&self) -> &StreamConsumer {
+        &self.consumer
+    }
+}

@@ -1,0 +1,58 @@
+//! The outbox relay: publishes outbox rows in order and marks them only after the broker acknowledged
+//! them. While the broker is away it backs off and retries the same rows: nothing is lost, and a card's
+//! events are never reordered (a batch is marked all-or-nothing, and the next attempt starts from the
+//! oldest unmarked row). A crash between publish and mark republishes; consumers' inboxes absorb that.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use crate::{Outbox, Publish};
+
+#[derive(Clone, Debug)]
+pub struct RelayConfig {
+    pub batch: i64,
+    /// Sleep when the outbox is empty.
+    pub idle: Duration,
+    pub max_backoff: Duration,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        Self { batch: 256, idle: Duration::from_millis(5), max_backoff: Duration::from_secs(5) }
+    }
+}
+
+/// Runs the relay until `stop` turns true.
+pub async fn run(
+    outbox: Arc<dyn Outbox>,
+    publisher: Arc<dyn Publish>,
+    config: RelayConfig,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        let pause = match outbox.relay_once(config.batch, publisher.as_ref()).await {
+            Ok(0) => config.idle,
+            Ok(n) => {
+                tracing::trace!(published = n, "outbox batch published");
+                backoff = Duration::from_millis(50);
+                continue;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "outbox relay failed");
+                let b = backoff;
+                backoff = (backoff * 2).min(config.max_backoff);
+                b
+            }
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(pause) => {}
+            _ = stop.changed() => {}
+        }
+    }
+}

@@ -1,0 +1,515 @@
+//! The backbone's promises, against librdkafka's mock broker always and against a real Kafka-protocol
+//! broker when `SOCIALCARD_TEST_KAFKA_BROKERS` is set (CI sets it): per-card order, no loss when the
+//! relay dies between produce and mark, no double effect when a consumer dies between its transaction
+//! and the offset commit, dead letters, and a broker that goes away and comes back. And the embedded
+//! log with the same semantics.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use rdkafka::ClientConfig;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use socialcard_events::embedded::{EmbeddedConsumer, SqliteOffsets};
+use socialcard_events::kafka::{ConsumerConfig, KafkaConfig, KafkaConsumer, KafkaPublisher};
+use socialcard_events::outbox::SqliteOutbox;
+use socialcard_events::{Applied, Envelope, EventError, Handler, HandlerError, Outbox, OutboxRow, Publish};
+use sqlx::Row;
+use sqlx::sqlite::{SqliteConnectOptions, SqlitePool, SqlitePoolOptions};
+use tokio::sync::watch;
+
+// ---------- fixtures ----------
+
+struct TempDir(std::path::PathBuf);
+impl TempDir {
+    fn new() -> Self {
+        let d = std::env::temp_dir().join(format!("socialcard-events-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&d).unwrap();
+        Self(d)
+    }
+}
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+async fn sqlite(dir: &TempDir, name: &str) -> SqlitePool {
+    let opts = SqliteConnectOptions::new()
+        .filename(dir.0.join(name))
+        .create_if_missing(true)
+        .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal)
+        .busy_timeout(Duration::from_secs(10));
+    SqlitePoolOptions::new().max_connections(4).connect_with(opts).await.unwrap()
+}
+
+/// A producing service's database: the outbox table as services create it.
+async fn source_db(dir: &TempDir) -> SqlitePool {
+    let pool = sqlite(dir, "source.db").await;
+    sqlx::query(
+        "CREATE TABLE outbox (seq INTEGER PRIMARY KEY AUTOINCREMENT, event_id TEXT NOT NULL UNIQUE, topic TEXT NOT NULL,
+         event_key TEXT NOT NULL, event_type TEXT NOT NULL, payload BLOB NOT NULL, occurred_at INTEGER NOT NULL,
+         bucket INTEGER NOT NULL, source TEXT NOT NULL, traceparent TEXT, published_at INTEGER)",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    pool
+}
+
+async fn append(pool: &SqlitePool, topic: &str, key: &str, payload: &str) {
+    sqlx::query(
+        "INSERT INTO outbox (event_id, topic, event_key, event_type, payload, occurred_at, bucket, source, traceparent)
+         VALUES ($1, $2, $3, 'test.v1.Counted', $4, $5, $6, 'test', '00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01')",
+    )
+    .bind(uuid::Uuid::now_v7().to_string())
+    .bind(topic)
+    .bind(key)
+    .bind(payload.as_bytes())
+    .bind(time::OffsetDateTime::now_utc().unix_timestamp() * 1_000_000)
+    .bind(socialcard_events::bucket_of(key))
+    .execute(pool)
+    .await
+    .unwrap();
+}
+
+/// `per_key` events for each of `keys` cards, interleaved, payload `<key>:<n>`.
+async fn append_interleaved(pool: &SqlitePool, topic: &str, keys: usize, per_key: usize) {
+    for n in 1..=per_key {
+        for k in 0..keys {
+            append(pool, topic, &format!("card-{k}"), &format!("card-{k}:{n}")).await;
+        }
+    }
+}
+
+/// A consumer whose effect is a ledger row per event and a per-key counter, written with the inbox row
+/// in one transaction. It records order violations instead of hiding them.
+struct Ledger {
+    pool: SqlitePool,
+    duplicates: AtomicUsize,
+}
+
+impl Ledger {
+    async fn new(dir: &TempDir, name: &str) -> Arc<Ledger> {
+        let pool = sqlite(dir, name).await;
+        sqlx::raw_sql(socialcard_events::inbox::SQLITE_SCHEMA).execute(&pool).await.unwrap();
+        sqlx::raw_sql(
+            "CREATE TABLE applied (event_id TEXT PRIMARY KEY, event_key TEXT NOT NULL, n INTEGER NOT NULL);
+             CREATE TABLE last_seen (event_key TEXT PRIMARY KEY, n INTEGER NOT NULL);
+             CREATE TABLE violations (event_id TEXT NOT NULL, what TEXT NOT NULL);",
+        )
+        .execute(&pool)
+        .await
+        .unwrap();
+        Arc::new(Ledger { pool, duplicates: AtomicUsize::new(0) })
+    }
+
+    async fn count(&self, table: &str) -> i64 {
+        sqlx::query(sqlx::AssertSqlSafe(format!("SELECT COUNT(*) AS n FROM {table}")))
+            .fetch_one(&self.pool)
+            .await
+            .unwrap()
+            .try_get("n")
+            .unwrap()
+    }
+
+    async fn wait_for(&self, applied: i64, within: Duration) {
+        let start = Instant::now();
+        while self.count("applied").await < applied {
+            assert!(start.elapsed() < within, "only {} of {applied} applied", self.count("applied").await);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+#[async_trait]
+impl Handler for Ledger {
+    async fn handle(&self, event: &Envelope) -> Result<Applied, HandlerError> {
+        let body = String::from_utf8(event.payload.clone()).map_err(|e| HandlerError::Permanent(e.to_string()))?;
+        if body == "poison" {
+            return Err(HandlerError::Permanent("poison payload".into()));
+        }
+        let (key, n) = body.rsplit_once(':').ok_or_else(|| HandlerError::Permanent("not key:n".into()))?;
+        let n: i64 = n.parse().map_err(|_| HandlerError::Permanent("n is no number".into()))?;
+        let t = |e: sqlx::Error| HandlerError::Transient(e.to_string());
+        let mut tx = self.pool.begin().await.map_err(t)?;
+        if !socialcard_events::inbox::record_sqlite(&mut tx, &event.id).await.map_err(t)? {
+            self.duplicates.fetch_add(1, Ordering::SeqCst);
+            return Ok(Applied::Duplicate);
+        }
+        let last: Option<i64> = sqlx::query("SELECT n FROM last_seen WHERE event_key = $1")
+            .bind(key)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(t)?
+            .map(|r| r.get("n"));
+        if last.is_some_and(|l| n != l + 1) || (last.is_none() && n != 1) {
+            sqlx::query("INSERT INTO violations (event_id, what) VALUES ($1, $2)")
+                .bind(&event.id)
+                .bind(format!("{key}: {n} after {last:?}"))
+                .execute(&mut *tx)
+                .await
+                .map_err(t)?;
+        }
+        sqlx::query(
+            "INSERT INTO last_seen (event_key, n) VALUES ($1, $2) ON CONFLICT (event_key) DO UPDATE SET n = excluded.n",
+        )
+        .bind(key)
+        .bind(n)
+        .execute(&mut *tx)
+        .await
+        .map_err(t)?;
+        sqlx::query("INSERT INTO applied (event_id, event_key, n) VALUES ($1, $2, $3)")
+            .bind(&event.id)
+            .bind(key)
+            .bind(n)
+            .execute(&mut *tx)
+            .await
+            .map_err(t)?;
+        tx.commit().await.map_err(t)?;
+        Ok(Applied::Applied)
+    }
+}
+
+/// Publishes through Kafka, then "dies" before the rows are marked (once).
+struct DiesAfterPublish {
+    inner: KafkaPublisher,
+    died: AtomicBool,
+}
+
+#[async_trait]
+impl Publish for DiesAfterPublish {
+    async fn publish(&self, rows: &[OutboxRow]) -> Result<(), EventError> {
+        self.inner.publish(rows).await?;
+        if !self.died.swap(true, Ordering::SeqCst) {
+            return Err(EventError::Kafka("relay killed after produce, before mark".into()));
+        }
+        Ok(())
+    }
+}
+
+struct Broker {
+    mock: Option<MockCluster<'static, rdkafka::producer::DefaultProducerContext>>,
+    bootstrap: String,
+}
+
+impl Broker {
+    fn mock() -> Broker {
+        let mock = MockCluster::new(1).unwrap();
+        let bootstrap = mock.bootstrap_servers();
+        Broker { mock: Some(mock), bootstrap }
+    }
+
+    fn real() -> Option<Broker> {
+        let b = std::env::var("SOCIALCARD_TEST_KAFKA_BROKERS").ok().filter(|b| !b.is_empty())?;
+        Some(Broker { mock: None, bootstrap: b })
+    }
+
+    fn config(&self) -> KafkaConfig {
+        let mut c = KafkaConfig::new(self.bootstrap.clone());
+        c.partitions = 4;
+        c.message_timeout = Duration::from_secs(5);
+        c
+    }
+
+    /// A fresh topic (and its dead-letter topic) for one test.
+    async fn topic(&self) -> String {
+        let topic = format!("test-{}", uuid::Uuid::new_v4().simple());
+        let dlt = socialcard_events::topics::dead_letter(&topic);
+        match &self.mock {
+            Some(m) => {
+                m.create_topic(&topic, 4, 1).unwrap();
+                m.create_topic(&dlt, 1, 1).unwrap();
+            }
+            None => socialcard_events::kafka::ensure_topics(&self.config(), &[&topic, &dlt]).await.unwrap(),
+        }
+        topic
+    }
+}
+
+async fn relay_until_empty(outbox: &dyn Outbox, publisher: &dyn Publish) {
+    let start = Instant::now();
+    while outbox.backlog().await.unwrap() > 0 {
+        assert!(start.elapsed() < Duration::from_secs(60), "relay did not drain the outbox");
+        if let Err(e) = outbox.relay_once(100, publisher).await {
+            eprintln!("relay attempt failed: {e}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+fn spawn_consumer(
+    broker: &Broker,
+    group: &str,
+    topic: &str,
+    handler: Arc<dyn Handler>,
+) -> (watch::Sender<bool>, tokio::task::JoinHandle<()>) {
+    let mut cfg = ConsumerConfig::new(group, &[topic]);
+    cfg.max_attempts = 2;
+    cfg.retry_backoff = Duration::from_millis(10);
+    let consumer = KafkaConsumer::new(&broker.config(), cfg, handler).unwrap();
+    let (stop, stopped) = watch::channel(false);
+    let task = tokio::spawn(async move {
+        consumer.run(stopped).await.unwrap();
+    });
+    (stop, task)
+}
+
+async fn stop(consumer: (watch::Sender<bool>, tokio::task::JoinHandle<()>)) {
+    consumer.0.send(true).unwrap();
+    consumer.1.await.unwrap();
+}
+
+// ---------- the scenarios, each run on the mock and on a real broker ----------
+
+macro_rules! on_every_broker {
+    ($($test:ident),* $(,)?) => {
+        mod mock {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    let broker = super::Broker::mock();
+                    super::$test(&broker).await;
+                }
+            )*
+        }
+        mod real_broker {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    match super::Broker::real() {
+                        Some(broker) => super::$test(&broker).await,
+                        None => eprintln!("skipped: set SOCIALCARD_TEST_KAFKA_BROKERS to run against a real broker"),
+                    }
+                }
+            )*
+        }
+    };
+}
+
+on_every_broker!(
+    per_card_order_and_one_effect_each,
+    relay_killed_between_produce_and_mark_loses_nothing,
+    consumer_killed_between_transaction_and_commit_has_no_double_effect,
+    poison_messages_are_dead_lettered_and_the_consumer_moves_on,
+);
+
+async fn per_card_order_and_one_effect_each(broker: &Broker) {
+    let dir = TempDir::new();
+    let source = source_db(&dir).await;
+    let topic = broker.topic().await;
+    append_interleaved(&source, &topic, 8, 25).await;
+    let outbox = SqliteOutbox::new(source.clone());
+    relay_until_empty(&outbox, &KafkaPublisher::new(&broker.config()).unwrap()).await;
+
+    let ledger = Ledger::new(&dir, "ledger.db").await;
+    let consumer = spawn_consumer(broker, &format!("g-{topic}"), &topic, ledger.clone());
+    ledger.wait_for(200, Duration::from_secs(60)).await;
+    stop(consumer).await;
+    assert_eq!(ledger.count("violations").await, 0, "a card's events arrived out of order");
+    assert_eq!(ledger.count("applied").await, 200);
+    assert_eq!(ledger.duplicates.load(Ordering::SeqCst), 0);
+}
+
+async fn relay_killed_between_produce_and_mark_loses_nothing(broker: &Broker) {
+    let dir = TempDir::new();
+    let source = source_db(&dir).await;
+    let topic = broker.topic().await;
+    append_interleaved(&source, &topic, 4, 10).await;
+    let outbox = SqliteOutbox::new(source.clone());
+    let dying =
+        DiesAfterPublish { inner: KafkaPublisher::new(&broker.config()).unwrap(), died: AtomicBool::new(false) };
+    // The first batch reaches Kafka but is not marked: it stays in the outbox and is sent again.
+    assert!(outbox.relay_once(25, &dying).await.is_err());
+    assert_eq!(outbox.backlog().await.unwrap(), 40);
+    relay_until_empty(&outbox, &dying).await;
+
+    let ledger = Ledger::new(&dir, "ledger.db").await;
+    let consumer = spawn_consumer(broker, &format!("g-{topic}"), &topic, ledger.clone());
+    ledger.wait_for(40, Duration::from_secs(60)).await;
+    let start = Instant::now();
+    while ledger.duplicates.load(Ordering::SeqCst) < 25 && start.elapsed() < Duration::from_secs(30) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop(consumer).await;
+    assert_eq!(ledger.count("applied").await, 40, "every event applied exactly once");
+    assert_eq!(ledger.duplicates.load(Ordering::SeqCst), 25, "the republished batch was absorbed by the inbox");
+    assert_eq!(ledger.count("violations").await, 0);
+}
+
+async fn consumer_killed_between_transaction_and_commit_has_no_double_effect(broker: &Broker) {
+    let dir = TempDir::new();
+    let source = source_db(&dir).await;
+    let topic = broker.topic().await;
+    append_interleaved(&source, &topic, 1, 10).await;
+    let outbox = SqliteOutbox::new(source.clone());
+    relay_until_empty(&outbox, &KafkaPublisher::new(&broker.config()).unwrap()).await;
+    let ledger = Ledger::new(&dir, "ledger.db").await;
+    let group = format!("g-{topic}");
+
+    {
+        // The first member applies one event and dies before committing its offset.
+        let first =
+            KafkaConsumer::new(&broker.config(), ConsumerConfig::new(&group, &[&topic]), ledger.clone()).unwrap();
+        let m = tokio::time::timeout(Duration::from_secs(30), first.consumer().recv()).await.unwrap().unwrap();
+        assert_eq!(first.handle_only(&m).await.unwrap(), Some(Applied::Applied));
+        drop(m);
+        first.consumer().unsubscribe();
+    }
+    assert_eq!(ledger.count("applied").await, 1);
+
+    // The next member gets the same event again; the inbox makes it a no-op.
+    let consumer = spawn_consumer(broker, &group, &topic, ledger.clone());
+    ledger.wait_for(10, Duration::from_secs(60)).await;
+    stop(consumer).await;
+    assert_eq!(ledger.count("applied").await, 10);
+    assert_eq!(ledger.duplicates.load(Ordering::SeqCst), 1, "the redelivered event had no second effect");
+    assert_eq!(ledger.count("violations").await, 0);
+}
+
+async fn poison_messages_are_dead_lettered_and_the_consumer_moves_on(broker: &Broker) {
+    let dir = TempDir::new();
+    let source = source_db(&dir).await;
+    let topic = broker.topic().await;
+    append(&source, &topic, "card-0", "card-0:1").await;
+    append(&source, &topic, "card-0", "poison").await;
+    append(&source, &topic, "card-0", "card-0:2").await;
+    let outbox = SqliteOutbox::new(source.clone());
+    relay_until_empty(&outbox, &KafkaPublisher::new(&broker.config()).unwrap()).await;
+    // And a message that is not an event at all: no envelope headers.
+    let raw: FutureProducer = ClientConfig::new().set("bootstrap.servers", &broker.bootstrap).create().unwrap();
+    raw.send(FutureRecord::to(&topic).key("card-0").payload("garbage"), Duration::from_secs(10)).await.unwrap();
+
+    let ledger = Ledger::new(&dir, "ledger.db").await;
+    let consumer = spawn_consumer(broker, &format!("g-{topic}"), &topic, ledger.clone());
+    ledger.wait_for(2, Duration::from_secs(60)).await;
+
+    let dlt = socialcard_events::topics::dead_letter(&topic);
+    let reader: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &broker.bootstrap)
+        .set("group.id", format!("dlt-{topic}"))
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .unwrap();
+    reader.subscribe(&[&dlt]).unwrap();
+    let mut errors = Vec::new();
+    for _ in 0..2 {
+        let m = tokio::time::timeout(Duration::from_secs(30), reader.recv()).await.unwrap().unwrap();
+        let headers = m.headers().unwrap();
+        let error = headers
+            .iter()
+            .find(|h| h.key == "dlt_error")
+            .and_then(|h| h.value)
+            .map(|v| String::from_utf8_lossy(v).into_owned());
+        let source_topic = headers
+            .iter()
+            .find(|h| h.key == "dlt_topic")
+            .and_then(|h| h.value)
+            .map(|v| String::from_utf8_lossy(v).into_owned());
+        assert_eq!(source_topic.as_deref(), Some(topic.as_str()));
+        errors.push((error.unwrap(), m.payload().map(<[u8]>::to_vec).unwrap_or_default()));
+    }
+    drop(reader);
+    stop(consumer).await;
+    errors.sort();
+    assert!(errors.iter().any(|(e, p)| e.contains("ce_") && p == b"garbage"), "{errors:?}");
+    assert!(errors.iter().any(|(e, p)| e.contains("poison") && p == b"poison"), "{errors:?}");
+    assert_eq!(ledger.count("applied").await, 2, "the events around the poison were applied");
+    assert_eq!(ledger.count("violations").await, 0);
+}
+
+// ---------- broker outages: the mock broker can be taken down ----------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_down_for_seconds_then_back_loses_and_reorders_nothing() {
+    let broker = Broker::mock();
+    let dir = TempDir::new();
+    let source = source_db(&dir).await;
+    let topic = broker.topic().await;
+    let outbox = Arc::new(SqliteOutbox::new(source.clone()));
+    let mut config = broker.config();
+    config.message_timeout = Duration::from_secs(2);
+    let publisher = Arc::new(KafkaPublisher::new(&config).unwrap());
+    let (stop_relay, relay_stopped) = watch::channel(false);
+    let relay = tokio::spawn(socialcard_events::relay::run(
+        outbox.clone(),
+        publisher,
+        socialcard_events::relay::RelayConfig {
+            batch: 16,
+            idle: Duration::from_millis(5),
+            max_backoff: Duration::from_millis(500),
+        },
+        relay_stopped,
+    ));
+
+    append_interleaved(&source, &topic, 3, 5).await;
+    let mock = broker.mock.as_ref().unwrap();
+    mock.broker_down(1).unwrap();
+    append_interleaved_from(&source, &topic, 3, 6, 12).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(outbox.backlog().await.unwrap() > 0, "nothing can be published while the broker is down");
+    mock.broker_up(1).unwrap();
+    let start = Instant::now();
+    while outbox.backlog().await.unwrap() > 0 {
+        assert!(start.elapsed() < Duration::from_secs(60), "the relay did not recover");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop_relay.send(true).unwrap();
+    relay.await.unwrap();
+
+    let ledger = Ledger::new(&dir, "ledger.db").await;
+    let consumer = spawn_consumer(&broker, &format!("g-{topic}"), &topic, ledger.clone());
+    ledger.wait_for(36, Duration::from_secs(60)).await;
+    stop(consumer).await;
+    assert_eq!(ledger.count("applied").await, 36);
+    assert_eq!(ledger.count("violations").await, 0, "order kept across the outage");
+}
+
+async fn append_interleaved_from(pool: &SqlitePool, topic: &str, keys: usize, from: usize, to: usize) {
+    for n in from..=to {
+        for k in 0..keys {
+            append(pool, topic, &format!("card-{k}"), &format!("card-{k}:{n}")).await;
+        }
+    }
+}
+
+// ---------- the embedded log ----------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_log_delivers_in_order_once_and_survives_restart() {
+    let dir = TempDir::new();
+    let source = source_db(&dir).await;
+    let topic = "socialcard.card.v1";
+    append_interleaved(&source, topic, 4, 10).await;
+    append(&source, "socialcard.other.v1", "card-0", "card-0:99").await;
+    append(&source, topic, "card-0", "poison").await;
+    let log: Arc<dyn Outbox> = Arc::new(SqliteOutbox::new(source.clone()));
+    let ledger = Ledger::new(&dir, "ledger.db").await;
+    let offsets = SqliteOffsets::new(ledger.pool.clone());
+    let mut consumer = EmbeddedConsumer::new("ledger", topic, log.clone(), offsets.clone(), ledger.clone());
+    consumer.retry_backoff = Duration::from_millis(1);
+
+    assert_eq!(consumer.poll_once().await.unwrap(), 41);
+    assert_eq!(ledger.count("applied").await, 40);
+    assert_eq!(offsets.dead_letter_count("ledger").await.unwrap(), 1, "the poison event was dead-lettered");
+
+    // A restart resumes from the stored position: new events only.
+    append_interleaved_from(&source, topic, 4, 11, 12).await;
+    let restarted = EmbeddedConsumer::new("ledger", topic, log.clone(), offsets.clone(), ledger.clone());
+    assert_eq!(restarted.poll_once().await.unwrap(), 8);
+    assert_eq!(ledger.count("applied").await, 48);
+
+    // A crash after the handler's transaction but before the position was stored redelivers: no effect.
+    let position = offsets.position("ledger", topic).await.unwrap();
+    offsets.commit("ledger", topic, position - 3).await.unwrap();
+    assert_eq!(restarted.poll_once().await.unwrap(), 3);
+    assert_eq!(ledger.count("applied").await, 48);
+    assert_eq!(ledger.duplicates.load(Ordering::SeqCst), 3);
+    assert_eq!(ledger.count("violations").await, 0);
+}
