@@ -123,7 +123,11 @@ impl EmbeddedConsumer {
                     self.offsets.dead_letter(&self.group, row, &e.to_string()).await?;
                 }
             }
-            self.offsets.commit(&self.group, &self.topic, row.seq).await?;
+        }
+        // The position moves once per batch: a crash inside the batch redelivers its applied events,
+        // which the handler's inbox turns into no-ops.
+        if let Some(last) = rows.last() {
+            self.offsets.commit(&self.group, &self.topic, last.seq).await?;
         }
         Ok(rows.len())
     }

@@ -46,10 +46,17 @@ impl KafkaConfig {
 /// Creates the topics that are missing (existing ones are left as they are).
 pub async fn ensure_topics(config: &KafkaConfig, topics: &[&str]) -> Result<(), EventError> {
     let admin: AdminClient<DefaultClientContext> = config.client().create()?;
+    // Ask only for what is missing: a restart then needs no admin call at all.
+    let metadata = admin.inner().fetch_metadata(None, Duration::from_secs(10))?;
+    let existing: Vec<&str> = metadata.topics().iter().filter(|t| t.error().is_none()).map(|t| t.name()).collect();
     let new: Vec<NewTopic<'_>> = topics
         .iter()
+        .filter(|t| !existing.contains(t))
         .map(|t| NewTopic::new(t, config.partitions, TopicReplication::Fixed(config.replication)))
         .collect();
+    if new.is_empty() {
+        return Ok(());
+    }
     let results =
         admin.create_topics(&new, &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)))).await?;
     for r in results {

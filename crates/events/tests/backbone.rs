@@ -513,3 +513,85 @@ async fn embedded_log_delivers_in_order_once_and_survives_restart() {
     assert_eq!(ledger.duplicates.load(Ordering::SeqCst), 3);
     assert_eq!(ledger.count("violations").await, 0);
 }
+
+// ---------- several relays on one PostgreSQL outbox ----------
+
+/// Three relays drain one PostgreSQL outbox at once (advisory-locked buckets, `FOR UPDATE SKIP LOCKED`):
+/// every event is published once and each card's events stay in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_relays_on_postgres_keep_each_cards_order() {
+    let Some(base) = std::env::var("SOCIALCARD_TEST_DATABASE_URL").ok().filter(|u| !u.is_empty()) else {
+        eprintln!("skipped: set SOCIALCARD_TEST_DATABASE_URL to run against PostgreSQL");
+        return;
+    };
+    let schema = format!("t_{}", uuid::Uuid::new_v4().simple());
+    let admin = sqlx::PgPool::connect(&base).await.unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}"))).execute(&admin).await.unwrap();
+    let sep = if base.contains('?') { '&' } else { '?' };
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(8)
+        .connect(&format!("{base}{sep}options=-c%20search_path%3D{schema}"))
+        .await
+        .unwrap();
+    sqlx::query(
+        "CREATE TABLE outbox (seq BIGSERIAL PRIMARY KEY, event_id TEXT NOT NULL UNIQUE, topic TEXT NOT NULL,
+         event_key TEXT NOT NULL, event_type TEXT NOT NULL, payload BYTEA NOT NULL, occurred_at BIGINT NOT NULL,
+         bucket INTEGER NOT NULL, source TEXT NOT NULL, traceparent TEXT, published_at BIGINT)",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+
+    let broker = Broker::mock();
+    let topic = broker.topic().await;
+    for n in 1..=30 {
+        for k in 0..8 {
+            let key = format!("card-{k}");
+            sqlx::query(
+                "INSERT INTO outbox (event_id, topic, event_key, event_type, payload, occurred_at, bucket, source)
+                 VALUES ($1, $2, $3, 'test.v1.Counted', $4, 0, $5, 'test')",
+            )
+            .bind(uuid::Uuid::now_v7().to_string())
+            .bind(&topic)
+            .bind(&key)
+            .bind(format!("{key}:{n}").into_bytes())
+            .bind(socialcard_events::bucket_of(&key))
+            .execute(&pool)
+            .await
+            .unwrap();
+        }
+    }
+    let outbox: Arc<dyn Outbox> = Arc::new(socialcard_events::outbox::PgOutbox::new(pool.clone()));
+    let (stop_relays, stopped) = watch::channel(false);
+    let mut relays = Vec::new();
+    for _ in 0..3 {
+        let publisher = Arc::new(KafkaPublisher::new(&broker.config()).unwrap());
+        relays.push(tokio::spawn(socialcard_events::relay::run(
+            outbox.clone(),
+            publisher,
+            socialcard_events::relay::RelayConfig { batch: 7, ..Default::default() },
+            stopped.clone(),
+        )));
+    }
+    let start = Instant::now();
+    while outbox.backlog().await.unwrap() > 0 {
+        assert!(start.elapsed() < Duration::from_secs(60), "the relays did not drain the outbox");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop_relays.send(true).unwrap();
+    for r in relays {
+        r.await.unwrap();
+    }
+
+    let dir = TempDir::new();
+    let ledger = Ledger::new(&dir, "ledger.db").await;
+    let consumer = spawn_consumer(&broker, &format!("g-{topic}"), &topic, ledger.clone());
+    ledger.wait_for(240, Duration::from_secs(60)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop(consumer).await;
+    assert_eq!(ledger.count("applied").await, 240);
+    assert_eq!(ledger.duplicates.load(Ordering::SeqCst), 0, "no event was published twice");
+    assert_eq!(ledger.count("violations").await, 0, "a card's events were reordered across relays");
+    pool.close().await;
+    sqlx::query(sqlx::AssertSqlSafe(format!("DROP SCHEMA {schema} CASCADE"))).execute(&admin).await.unwrap();
+}

@@ -1,0 +1,49 @@
+//! `cargo run --release -p socialcard-bench -- <scenario> [--json] [--quick]`
+//!
+//! Each scenario prints a table (or one JSON object with `--json`). The machines are shared and noisy,
+//! so every figure stands beside a baseline measured in the same run. `--quick` runs a tiny size, for CI
+//! to keep the benchmarks working; its figures mean nothing.
+
+mod propagation;
+mod stats;
+
+use clap::{Parser, ValueEnum};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Scenario {
+    /// Commit-to-consumer-applied latency through the embedded log and through Kafka.
+    Propagation,
+    All,
+}
+
+#[derive(Debug, Parser)]
+#[command(name = "socialcard-bench")]
+struct Args {
+    scenario: Scenario,
+    /// One JSON object instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// A tiny run that only proves the scenario works.
+    #[arg(long)]
+    quick: bool,
+    /// A real Kafka-protocol broker; default: librdkafka's mock broker in this process.
+    #[arg(long, env = "SOCIALCARD_BENCH_KAFKA_BROKERS")]
+    kafka_brokers: Option<String>,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let mut results = Vec::new();
+    if matches!(args.scenario, Scenario::Propagation | Scenario::All) {
+        results.push(propagation::run(args.quick, args.kafka_brokers.clone()).await?);
+    }
+    if args.json {
+        println!("{{{}}}", results.iter().map(|r| r.json()).collect::<Vec<_>>().join(","));
+    } else {
+        for r in &results {
+            r.print();
+        }
+    }
+    Ok(())
+}

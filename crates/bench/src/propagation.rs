@@ -1,0 +1,272 @@
+//! `propagation`: from the commit of a state change (a business row and its outbox row in one SQLite
+//! transaction, as the registry writes them) to the moment a consumer in another database has applied
+//! it (effect + inbox row committed), at a fixed offered rate, through the embedded log and through
+//! Kafka (relay + consumer group). Baseline: the commit itself, measured in the same run: the floor
+//! no propagation can beat.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use rdkafka::mocking::MockCluster;
+use socialcard_events::embedded::{EmbeddedConsumer, SqliteOffsets};
+use socialcard_events::kafka::{ConsumerConfig, KafkaConfig, KafkaConsumer, KafkaPublisher};
+use socialcard_events::outbox::SqliteOutbox;
+use socialcard_events::relay::RelayConfig;
+use socialcard_events::{Applied, Envelope, Handler, HandlerError, Outbox};
+use sqlx::SqlitePool;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use time::OffsetDateTime;
+use tokio::sync::watch;
+
+use crate::stats::{Samples, Table};
+
+struct Dir(std::path::PathBuf);
+impl Drop for Dir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+async fn db(path: std::path::PathBuf) -> anyhow::Result<SqlitePool> {
+    let opts = SqliteConnectOptions::new()
+        .filename(path)
+        .create_if_missing(true)
+        .journal_mode(SqliteJournalMode::Wal)
+        .synchronous(SqliteSynchronous::Normal)
+        .busy_timeout(Duration::from_secs(10));
+    Ok(SqlitePoolOptions::new().max_connections(4).connect_with(opts).await?)
+}
+
+/// The consumer's effect, as a service would apply it: inbox row + effect row, one transaction;
+/// then the latency from the event's commit.
+struct Applier {
+    pool: SqlitePool,
+    latencies: Mutex<Samples>,
+}
+
+#[async_trait]
+impl Handler for Applier {
+    async fn handle(&self, event: &Envelope) -> Result<Applied, HandlerError> {
+        let t = |e: sqlx::Error| HandlerError::Transient(e.to_string());
+        let mut tx = self.pool.begin().await.map_err(t)?;
+        if !socialcard_events::inbox::record_sqlite(&mut tx, &event.id).await.map_err(t)? {
+            return Ok(Applied::Duplicate);
+        }
+        sqlx::query("INSERT INTO effects (event_id, card_id) VALUES ($1, $2)")
+            .bind(&event.id)
+            .bind(&event.subject)
+            .execute(&mut *tx)
+            .await
+            .map_err(t)?;
+        tx.commit().await.map_err(t)?;
+        let lag = OffsetDateTime::now_utc() - event.time;
+        if let Ok(lag) = Duration::try_from(lag) {
+            self.latencies.lock().unwrap_or_else(|p| p.into_inner()).push(lag);
+        }
+        Ok(Applied::Applied)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Path {
+    Embedded,
+    Kafka,
+}
+
+struct Run {
+    path: Path,
+    rate: u32,
+    offered: usize,
+    /// How long the writer took to commit them all (it falls behind when the rate is beyond it).
+    written: Duration,
+    applied: usize,
+    elapsed: Duration,
+    latency: Samples,
+    commit: Samples,
+}
+
+type Mock = MockCluster<'static, rdkafka::producer::DefaultProducerContext>;
+
+async fn one_run(path: Path, rate: u32, seconds: f64, brokers: &str, mock: Option<&Mock>) -> anyhow::Result<Run> {
+    let dir = Dir(std::env::temp_dir().join(format!("socialcard-bench-{}", uuid::Uuid::new_v4().simple())));
+    std::fs::create_dir_all(&dir.0)?;
+    let source = db(dir.0.join("source.db")).await?;
+    sqlx::raw_sql(
+        "CREATE TABLE cards (card_id TEXT PRIMARY KEY, version INTEGER NOT NULL);
+         CREATE TABLE outbox (seq INTEGER PRIMARY KEY AUTOINCREMENT, event_id TEXT NOT NULL UNIQUE, topic TEXT NOT NULL,
+           event_key TEXT NOT NULL, event_type TEXT NOT NULL, payload BLOB NOT NULL, occurred_at INTEGER NOT NULL,
+           bucket INTEGER NOT NULL, source TEXT NOT NULL, traceparent TEXT, published_at INTEGER);
+         CREATE INDEX outbox_unpublished ON outbox (bucket, seq) WHERE published_at IS NULL;
+         CREATE INDEX outbox_by_topic ON outbox (topic, seq);",
+    )
+    .execute(&source)
+    .await?;
+    let target = db(dir.0.join("target.db")).await?;
+    sqlx::raw_sql(socialcard_events::inbox::SQLITE_SCHEMA).execute(&target).await?;
+    sqlx::raw_sql("CREATE TABLE effects (event_id TEXT PRIMARY KEY, card_id TEXT NOT NULL)").execute(&target).await?;
+    let applier = Arc::new(Applier { pool: target.clone(), latencies: Mutex::new(Samples::default()) });
+    let topic = format!("bench-{}", uuid::Uuid::new_v4().simple());
+    let outbox: Arc<dyn Outbox> = Arc::new(SqliteOutbox::new(source.clone()));
+    let (stop, stopped) = watch::channel(false);
+    let mut tasks = Vec::new();
+    match path {
+        Path::Embedded => {
+            let consumer = EmbeddedConsumer::new(
+                "bench",
+                &topic,
+                outbox.clone(),
+                SqliteOffsets::new(target.clone()),
+                applier.clone(),
+            );
+            tasks.push(tokio::spawn(consumer.run(stopped.clone())));
+        }
+        Path::Kafka => {
+            let mut kafka = KafkaConfig::new(brokers);
+            kafka.partitions = 8;
+            let dlt = socialcard_events::topics::dead_letter(&topic);
+            match mock {
+                // The mock broker does not implement CreateTopics.
+                Some(m) => {
+                    m.create_topic(&topic, 8, 1)?;
+                    m.create_topic(&dlt, 1, 1)?;
+                }
+                None => socialcard_events::kafka::ensure_topics(&kafka, &[&topic, &dlt]).await?,
+            }
+            let publisher = Arc::new(KafkaPublisher::new(&kafka)?);
+            let relay_config = RelayConfig { batch: 512, idle: Duration::from_millis(1), ..RelayConfig::default() };
+            tasks.push(tokio::spawn(socialcard_events::relay::run(
+                outbox.clone(),
+                publisher,
+                relay_config,
+                stopped.clone(),
+            )));
+            let consumer = KafkaConsumer::new(&kafka, ConsumerConfig::new("bench", &[&topic]), applier.clone())?;
+            let mut s = stopped.clone();
+            tasks.push(tokio::spawn(async move {
+                let _ = consumer.run(s.clone()).await;
+                let _ = s.changed().await;
+            }));
+        }
+    }
+    // Warm up: one change must come through (the Kafka consumer has joined its group) before the clock starts.
+    commit_change(&source, &topic, "warm-up").await?;
+    let warm = Instant::now();
+    while applier.latencies.lock().unwrap_or_else(|p| p.into_inner()).len() == 0 {
+        anyhow::ensure!(warm.elapsed() < Duration::from_secs(60), "the warm-up event never arrived");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    *applier.latencies.lock().unwrap_or_else(|p| p.into_inner()) = Samples::default();
+
+    // Offer `rate` state changes per second, each its own transaction, paced on a 1 ms tick.
+    let total = (f64::from(rate) * seconds) as usize;
+    let mut commit = Samples::default();
+    let start = Instant::now();
+    let mut sent = 0usize;
+    let mut tick = tokio::time::interval(Duration::from_millis(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    while sent < total {
+        tick.tick().await;
+        let due = ((start.elapsed().as_secs_f64() * f64::from(rate)) as usize).min(total);
+        while sent < due {
+            let card = format!("card-{}", sent % 1000);
+            commit.push(commit_change(&source, &topic, &card).await?);
+            sent += 1;
+        }
+    }
+    let written = start.elapsed();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while applier.latencies.lock().unwrap_or_else(|p| p.into_inner()).len() < total && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let elapsed = start.elapsed();
+    let _ = stop.send(true);
+    for t in tasks {
+        let _ = t.await;
+    }
+    let latency = std::mem::take(&mut *applier.latencies.lock().unwrap_or_else(|p| p.into_inner()));
+    Ok(Run { path, rate, offered: total, written, applied: latency.len(), elapsed, latency, commit })
+}
+
+/// One state change as a service commits it: its row and its outbox row in one transaction. Returns
+/// how long the commit took.
+async fn commit_change(source: &SqlitePool, topic: &str, card: &str) -> anyhow::Result<Duration> {
+    let began = Instant::now();
+    let mut tx = source.begin().await?;
+    sqlx::query(
+        "INSERT INTO cards (card_id, version) VALUES ($1, 1) ON CONFLICT (card_id) DO UPDATE SET version = version + 1",
+    )
+    .bind(card)
+    .execute(&mut *tx)
+    .await?;
+    let now = OffsetDateTime::now_utc();
+    sqlx::query(
+        "INSERT INTO outbox (event_id, topic, event_key, event_type, payload, occurred_at, bucket, source)
+         VALUES ($1, $2, $3, 'bench.v1.Changed', $4, $5, $6, 'bench')",
+    )
+    .bind(uuid::Uuid::now_v7().to_string())
+    .bind(topic)
+    .bind(card)
+    .bind(vec![0u8; 64])
+    .bind(i64::try_from(now.unix_timestamp_nanos() / 1_000).unwrap_or(0))
+    .bind(socialcard_events::bucket_of(card))
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(began.elapsed())
+}
+
+pub async fn run(quick: bool, brokers: Option<String>) -> anyhow::Result<Table> {
+    // The mock broker stays on this task for the whole scenario.
+    let mock = if brokers.is_none() { Some(MockCluster::new(1)?) } else { None };
+    let brokers = brokers.unwrap_or_else(|| mock.as_ref().map(MockCluster::bootstrap_servers).unwrap_or_default());
+    let (rates, seconds): (&[u32], f64) = if quick { (&[200], 0.5) } else { (&[1_000, 10_000], 5.0) };
+    let mut rows = Vec::new();
+    for &rate in rates {
+        for path in [Path::Embedded, Path::Kafka] {
+            let mut r = one_run(path, rate, seconds, &brokers, mock.as_ref()).await?;
+            rows.push(vec![
+                match r.path {
+                    Path::Embedded => "embedded log".to_string(),
+                    Path::Kafka => {
+                        if mock.is_some() {
+                            "kafka (mock broker)".to_string()
+                        } else {
+                            "kafka".to_string()
+                        }
+                    }
+                },
+                r.rate.to_string(),
+                format!("{:.0}", r.offered as f64 / r.written.as_secs_f64()),
+                format!("{:.0}", r.applied as f64 / r.elapsed.as_secs_f64()),
+                format!("{}/{}", r.applied, r.offered),
+                format!("{:.2}", r.latency.quantile_ms(0.50)),
+                format!("{:.2}", r.latency.quantile_ms(0.99)),
+                format!("{:.2}", r.commit.quantile_ms(0.50)),
+                format!("{:.2}", r.commit.quantile_ms(0.99)),
+                format!("{:.1}", r.latency.quantile_ms(0.99) / r.commit.quantile_ms(0.99).max(0.001)),
+            ]);
+        }
+    }
+    Ok(Table {
+        name: "propagation",
+        columns: vec![
+            "path",
+            "offered/s",
+            "committed/s",
+            "applied/s",
+            "applied",
+            "p50 ms",
+            "p99 ms",
+            "commit p50 ms",
+            "commit p99 ms",
+            "p99 / commit p99",
+        ],
+        rows,
+        notes: vec![
+            "latency: commit of the change (business row + outbox row) to the consumer's effect + inbox row committed"
+                .into(),
+            "baseline: the commit alone, same run; target p99 <= 50 ms at 1,000/s".into(),
+        ],
+    })
+}
