@@ -272,7 +272,7 @@ async fn registry_events_reach_kafka_and_are_applied_once_across_a_crash() {
     task.await.unwrap();
     drop(up);
 
-    let versions = log.versions.lock().unwrap();
+    let versions = log.versions.lock().unwrap().clone();
     for c in &cards {
         assert_eq!(versions[c], vec![1, 2, 3, 4, 5], "card {c}: each change once, in order");
     }

@@ -38,10 +38,18 @@ impl Up {
             .spawn()
             .unwrap();
         let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        let line = lines.next().expect("up printed nothing").unwrap();
-        let addr =
-            line.strip_prefix("registry listening on ").unwrap_or_else(|| panic!("unexpected first line: {line}"));
-        let endpoint = format!("http://{addr}");
+        let mut before = Vec::new();
+        let endpoint = loop {
+            let line = lines.next().expect("up stopped before listening").unwrap();
+            match line.strip_prefix("registry listening on ") {
+                Some(addr) => break format!("http://{addr}"),
+                None => before.push(line),
+            }
+        };
+        assert!(
+            before.iter().any(|l| l.contains("embedded log")),
+            "without a broker, events stay in the embedded log: {before:?}"
+        );
         std::thread::spawn(move || for _ in lines {});
         Up { child, endpoint }
     }
