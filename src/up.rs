@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use clap::Args;
+use socialcard_events::Metrics;
 use socialcard_events::kafka::{KafkaConfig, KafkaPublisher};
 use socialcard_events::relay::RelayConfig;
 use socialcard_registry::RegistryConfig;
@@ -34,6 +35,9 @@ pub struct UpArgs {
     /// Partitions of each topic created at start (they cannot be grown later on every broker).
     #[arg(long, env = "SOCIALCARD_KAFKA_PARTITIONS", default_value_t = 8)]
     kafka_partitions: i32,
+    /// Prometheus metrics over HTTP (`GET /metrics`).
+    #[arg(long, env = "SOCIALCARD_METRICS_LISTEN", default_value = "127.0.0.1:9464")]
+    metrics_listen: String,
 }
 
 /// Reads the PIN key from the data directory, creating a random one on first start.
@@ -75,6 +79,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let built = socialcard_registry::build(&db_url, Arc::new(SystemClock), RegistryConfig::shanghai(pin_key(&args)?))
         .await
         .context("cannot open the registry's database")?;
+    let metrics = Metrics::new();
     let (stop_relay, relay_stopped) = tokio::sync::watch::channel(false);
     let relay = match &args.kafka_brokers {
         Some(brokers) => {
@@ -89,7 +94,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             Some(tokio::spawn(socialcard_events::relay::run(
                 built.outbox.clone(),
                 publisher,
-                RelayConfig::default(),
+                RelayConfig { source: "registry".into(), metrics: Some(metrics.clone()), ..RelayConfig::default() },
                 relay_stopped,
             )))
         }
@@ -100,6 +105,19 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         }
     };
     let registry = built.registry;
+
+    let metrics_listener = TcpListener::bind(&args.metrics_listen)
+        .await
+        .with_context(|| format!("cannot listen on {} for metrics", args.metrics_listen))?;
+    println!("metrics listening on {}", metrics_listener.local_addr()?);
+    let render: socialcard_server::metrics_http::Render = {
+        let metrics = metrics.clone();
+        Arc::new(move || metrics.render())
+    };
+    let mut metrics_stopped = stop_relay.subscribe();
+    tokio::spawn(socialcard_server::metrics_http::serve(metrics_listener, render, async move {
+        let _ = metrics_stopped.changed().await;
+    }));
 
     let listener = TcpListener::bind(&args.registry_listen)
         .await

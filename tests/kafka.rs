@@ -24,7 +24,7 @@ use tokio::sync::watch;
 
 const BIN: &str = env!("CARGO_BIN_EXE_socialcard");
 
-struct Up(Child, String);
+struct Up(Child, String, String);
 
 impl Up {
     fn start(data_dir: &std::path::Path, brokers: &str) -> Up {
@@ -32,6 +32,8 @@ impl Up {
             .args([
                 "up",
                 "--registry-listen",
+                "127.0.0.1:0",
+                "--metrics-listen",
                 "127.0.0.1:0",
                 "--kafka-partitions",
                 "4",
@@ -46,11 +48,15 @@ impl Up {
             .unwrap();
         let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
         let mut endpoint = None;
+        let mut metrics = None;
         let mut publishing = false;
         for line in lines.by_ref() {
             let line = line.unwrap();
             if let Some(addr) = line.strip_prefix("registry listening on ") {
                 endpoint = Some(format!("http://{addr}"));
+            }
+            if let Some(addr) = line.strip_prefix("metrics listening on ") {
+                metrics = Some(addr.to_string());
             }
             publishing |= line.starts_with("registry events published to kafka");
             if publishing && endpoint.is_some() {
@@ -58,7 +64,7 @@ impl Up {
             }
         }
         std::thread::spawn(move || for _ in lines {});
-        Up(child, endpoint.expect("no listening line"))
+        Up(child, endpoint.expect("no listening line"), metrics.expect("no metrics line"))
     }
 }
 
@@ -98,6 +104,15 @@ impl Handler for CardLog {
         self.versions.lock().unwrap().entry(e.card_id).or_default().push(e.card_version);
         Ok(Applied::Applied)
     }
+}
+
+fn http_get(addr: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
 }
 
 fn key() -> String {
@@ -270,6 +285,18 @@ async fn registry_events_reach_kafka_and_are_applied_once_across_a_crash() {
     }
     stop.send(true).unwrap();
     task.await.unwrap();
+
+    // Prometheus sees the relay's backlog drained.
+    let start = Instant::now();
+    loop {
+        let text = http_get(&up.2, "/metrics");
+        if text.starts_with("HTTP/1.1 200") && text.contains("socialcard_outbox_backlog{source=\"registry\"} 0") {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(30), "backlog gauge not at 0: {text}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(http_get(&up.2, "/other").starts_with("HTTP/1.1 404"));
     drop(up);
 
     let versions = log.versions.lock().unwrap().clone();

@@ -30,7 +30,7 @@ impl Up {
     /// Starts `socialcard up` and waits for its `registry listening on` line.
     fn start(data_dir: &Path) -> Up {
         let mut child = Command::new(BIN)
-            .args(["up", "--registry-listen", "127.0.0.1:0", "--data-dir"])
+            .args(["up", "--registry-listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--data-dir"])
             .arg(data_dir)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
@@ -170,7 +170,11 @@ fn up_refuses_a_port_in_use_with_a_clear_error() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap().to_string();
     let dir = temp_dir();
-    let out = Command::new(BIN).args(["up", "--registry-listen", &addr, "--data-dir"]).arg(&dir).output().unwrap();
+    let out = Command::new(BIN)
+        .args(["up", "--registry-listen", &addr, "--metrics-listen", "127.0.0.1:0", "--data-dir"])
+        .arg(&dir)
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains(&format!("cannot listen on {addr}")), "{stderr}");

@@ -10,7 +10,7 @@ use sqlx::Row;
 use tokio::sync::watch;
 
 use crate::handler::handle_with_retries;
-use crate::{Applied, EventError, Handler, Outbox, OutboxRow};
+use crate::{Applied, EventError, Handler, Metrics, Outbox, OutboxRow};
 
 /// A consumer's position and dead letters, in its own SQLite database (tables in
 /// [`crate::inbox::SQLITE_SCHEMA`]).
@@ -82,6 +82,7 @@ pub struct EmbeddedConsumer {
     pub retry_backoff: Duration,
     /// How often an idle consumer looks for new events.
     pub poll: Duration,
+    pub metrics: Option<Metrics>,
 }
 
 impl std::fmt::Debug for EmbeddedConsumer {
@@ -107,6 +108,7 @@ impl EmbeddedConsumer {
             max_attempts: 5,
             retry_backoff: Duration::from_millis(100),
             poll: Duration::from_millis(2),
+            metrics: None,
         }
     }
 
@@ -114,11 +116,14 @@ impl EmbeddedConsumer {
     pub async fn poll_once(&self) -> Result<usize, EventError> {
         let position = self.offsets.position(&self.group, &self.topic).await?;
         let rows = self.log.read_after(&self.topic, position, 256).await?;
+        let (mut applied, mut duplicates, mut dead) = (0, 0, 0);
         for row in &rows {
             match handle_with_retries(self.handler.as_ref(), &row.envelope, self.max_attempts, self.retry_backoff).await
             {
-                Ok(Applied::Applied | Applied::Duplicate) => {}
+                Ok(Applied::Applied) => applied += 1,
+                Ok(Applied::Duplicate) => duplicates += 1,
                 Err(e) => {
+                    dead += 1;
                     tracing::error!(group = %self.group, event_id = %row.envelope.id, error = %e, "dead-lettering event");
                     self.offsets.dead_letter(&self.group, row, &e.to_string()).await?;
                 }
@@ -126,8 +131,18 @@ impl EmbeddedConsumer {
         }
         // The position moves once per batch: a crash inside the batch redelivers its applied events,
         // which the handler's inbox turns into no-ops.
-        if let Some(last) = rows.last() {
-            self.offsets.commit(&self.group, &self.topic, last.seq).await?;
+        let position = match rows.last() {
+            Some(last) => {
+                self.offsets.commit(&self.group, &self.topic, last.seq).await?;
+                last.seq
+            }
+            None => position,
+        };
+        if let Some(m) = &self.metrics {
+            m.applied(&self.group, applied);
+            m.duplicates(&self.group, duplicates);
+            m.dead_lettered(&self.group, dead);
+            m.consumer_lag(&self.group, &self.topic, self.log.last_seq(&self.topic).await? - position);
         }
         Ok(rows.len())
     }

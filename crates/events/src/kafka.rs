@@ -19,7 +19,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use tokio::sync::watch;
 
 use crate::handler::handle_with_retries;
-use crate::{Applied, Envelope, EventError, Handler, OutboxRow, Publish};
+use crate::{Applied, Envelope, EventError, Handler, Metrics, OutboxRow, Publish};
 
 #[derive(Clone, Debug)]
 pub struct KafkaConfig {
@@ -152,6 +152,7 @@ pub struct KafkaConsumer {
     dead_letters: FutureProducer,
     config: ConsumerConfig,
     handler: Arc<dyn Handler>,
+    metrics: Option<Metrics>,
 }
 
 impl std::fmt::Debug for KafkaConsumer {
@@ -173,7 +174,13 @@ impl KafkaConsumer {
         let topics: Vec<&str> = config.topics.iter().map(String::as_str).collect();
         consumer.subscribe(&topics)?;
         let dead_letters = KafkaPublisher::new(kafka)?.producer;
-        Ok(Self { consumer, dead_letters, config, handler })
+        Ok(Self { consumer, dead_letters, config, handler, metrics: None })
+    }
+
+    /// Counts applied, duplicate and dead-lettered events into `metrics`.
+    pub fn with_metrics(mut self, metrics: Metrics) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// Processes messages until `stop` turns true.
@@ -213,11 +220,23 @@ impl KafkaConsumer {
             }
             Err(e) => Err(e.to_string()),
         };
+        let group = &self.config.group;
         match outcome {
-            Ok(applied) => Ok(Some(applied)),
+            Ok(applied) => {
+                if let Some(metrics) = &self.metrics {
+                    match applied {
+                        Applied::Applied => metrics.applied(group, 1),
+                        Applied::Duplicate => metrics.duplicates(group, 1),
+                    }
+                }
+                Ok(Some(applied))
+            }
             Err(error) => {
                 tracing::error!(topic = m.topic(), partition = m.partition(), offset = m.offset(), %error, "dead-lettering event");
                 self.dead_letter(m, &error).await?;
+                if let Some(metrics) = &self.metrics {
+                    metrics.dead_lettered(group, 1);
+                }
                 Ok(None)
             }
         }
@@ -253,4 +272,52 @@ impl KafkaConsumer {
     pub fn consumer(&self) -> &StreamConsumer {
         &self.consumer
     }
+}
+
+/// Samples a consumer group's lag (high watermark minus committed offset, summed over partitions) every
+/// `every` on a thread of its own, since librdkafka's offset queries block. Stops when `stop` turns true.
+pub fn spawn_lag_sampler(
+    kafka: &KafkaConfig,
+    group: &str,
+    topics: &[&str],
+    metrics: Metrics,
+    every: Duration,
+    stop: watch::Receiver<bool>,
+) -> Result<std::thread::JoinHandle<()>, EventError> {
+    use rdkafka::consumer::BaseConsumer;
+    use rdkafka::{Offset, TopicPartitionList};
+    // Not subscribed: it only reads the group's committed offsets, it never joins the group.
+    let reader: BaseConsumer = kafka.client().set("group.id", group).set("enable.auto.commit", "false").create()?;
+    let group = group.to_string();
+    let topics: Vec<String> = topics.iter().map(|t| (*t).to_string()).collect();
+    Ok(std::thread::spawn(move || {
+        while !*stop.borrow() {
+            for topic in &topics {
+                let timeout = Duration::from_secs(2);
+                let Ok(metadata) = reader.fetch_metadata(Some(topic), timeout) else { continue };
+                let mut tpl = TopicPartitionList::new();
+                for t in metadata.topics() {
+                    for p in t.partitions() {
+                        tpl.add_partition(topic, p.id());
+                    }
+                }
+                let committed = reader.committed_offsets(tpl, timeout);
+                let mut lag = 0;
+                if let Ok(committed) = &committed {
+                    for e in committed.elements() {
+                        let Ok((low, high)) = reader.fetch_watermarks(topic, e.partition(), timeout) else { continue };
+                        let position = match e.offset() {
+                            Offset::Offset(o) => o,
+                            _ => low,
+                        };
+                        lag += (high - position).max(0);
+                    }
+                    metrics.consumer_lag(&group, topic, lag);
+                }
+                // Dropped before the consumer, or its drop can hang.
+                drop(committed);
+            }
+            std::thread::sleep(every);
+        }
+    }))
 }

@@ -18,11 +18,13 @@ pub mod envelope;
 pub mod handler;
 pub mod inbox;
 pub mod kafka;
+pub mod metrics;
 pub mod outbox;
 pub mod relay;
 
 pub use envelope::Envelope;
 pub use handler::{Applied, Handler, HandlerError};
+pub use metrics::Metrics;
 pub use outbox::{Outbox, OutboxRow, Publish};
 
 /// Topics per aggregate, versioned; every event is keyed by card id.

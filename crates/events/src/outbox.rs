@@ -35,6 +35,8 @@ pub trait Outbox: Send + Sync + std::fmt::Debug {
     async fn read_after(&self, topic: &str, after_seq: i64, limit: i64) -> Result<Vec<OutboxRow>, EventError>;
     /// Rows not yet published.
     async fn backlog(&self) -> Result<i64, EventError>;
+    /// The newest `seq` of `topic` (0 when empty): the log end, for consumer lag.
+    async fn last_seq(&self, topic: &str) -> Result<i64, EventError>;
 }
 
 const COLUMNS: &str = "seq, event_id, topic, event_key, event_type, source, traceparent, payload, occurred_at";
@@ -67,6 +69,45 @@ where
         },
     })
 }
+
+/// The reads both databases answer with the same SQL.
+macro_rules! outbox_reads {
+    ($outbox:ty) => {
+        impl $outbox {
+            async fn read_rows(&self, topic: &str, after_seq: i64, limit: i64) -> Result<Vec<OutboxRow>, EventError> {
+                sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "SELECT {COLUMNS} FROM outbox WHERE topic = $1 AND seq > $2 ORDER BY seq LIMIT $3"
+                )))
+                .bind(topic)
+                .bind(after_seq)
+                .bind(limit)
+                .fetch_all(&self.pool)
+                .await?
+                .iter()
+                .map(row_of)
+                .collect()
+            }
+
+            async fn count_unpublished(&self) -> Result<i64, EventError> {
+                Ok(sqlx::query("SELECT COUNT(*) AS n FROM outbox WHERE published_at IS NULL")
+                    .fetch_one(&self.pool)
+                    .await?
+                    .try_get("n")?)
+            }
+
+            async fn log_end(&self, topic: &str) -> Result<i64, EventError> {
+                Ok(sqlx::query("SELECT COALESCE(MAX(seq), 0) AS n FROM outbox WHERE topic = $1")
+                    .bind(topic)
+                    .fetch_one(&self.pool)
+                    .await?
+                    .try_get("n")?)
+            }
+        }
+    };
+}
+
+outbox_reads!(SqliteOutbox);
+outbox_reads!(PgOutbox);
 
 /// The outbox of a SQLite database. SQLite serialises writers, so `seq` order is commit order and a
 /// single relay per database keeps every key's order.
@@ -113,24 +154,15 @@ impl Outbox for SqliteOutbox {
     }
 
     async fn read_after(&self, topic: &str, after_seq: i64, limit: i64) -> Result<Vec<OutboxRow>, EventError> {
-        sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT {COLUMNS} FROM outbox WHERE topic = $1 AND seq > $2 ORDER BY seq LIMIT $3"
-        )))
-        .bind(topic)
-        .bind(after_seq)
-        .bind(limit)
-        .fetch_all(&self.pool)
-        .await?
-        .iter()
-        .map(row_of)
-        .collect()
+        self.read_rows(topic, after_seq, limit).await
     }
 
     async fn backlog(&self) -> Result<i64, EventError> {
-        Ok(sqlx::query("SELECT COUNT(*) AS n FROM outbox WHERE published_at IS NULL")
-            .fetch_one(&self.pool)
-            .await?
-            .try_get("n")?)
+        self.count_unpublished().await
+    }
+
+    async fn last_seq(&self, topic: &str) -> Result<i64, EventError> {
+        self.log_end(topic).await
     }
 }
 
@@ -197,23 +229,14 @@ impl Outbox for PgOutbox {
     }
 
     async fn read_after(&self, topic: &str, after_seq: i64, limit: i64) -> Result<Vec<OutboxRow>, EventError> {
-        sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT {COLUMNS} FROM outbox WHERE topic = $1 AND seq > $2 ORDER BY seq LIMIT $3"
-        )))
-        .bind(topic)
-        .bind(after_seq)
-        .bind(limit)
-        .fetch_all(&self.pool)
-        .await?
-        .iter()
-        .map(row_of)
-        .collect()
+        self.read_rows(topic, after_seq, limit).await
     }
 
     async fn backlog(&self) -> Result<i64, EventError> {
-        Ok(sqlx::query("SELECT COUNT(*) AS n FROM outbox WHERE published_at IS NULL")
-            .fetch_one(&self.pool)
-            .await?
-            .try_get("n")?)
+        self.count_unpublished().await
+    }
+
+    async fn last_seq(&self, topic: &str) -> Result<i64, EventError> {
+        self.log_end(topic).await
     }
 }

@@ -8,10 +8,16 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-use crate::{Outbox, Publish};
+use crate::{Metrics, Outbox, Publish};
+
+/// How often the backlog gauge is refreshed (a COUNT over the unpublished index).
+const BACKLOG_EVERY: Duration = Duration::from_millis(500);
 
 #[derive(Clone, Debug)]
 pub struct RelayConfig {
+    /// The producing service, the `source` label of the backlog gauge.
+    pub source: String,
+    pub metrics: Option<Metrics>,
     pub batch: i64,
     /// Sleep when the outbox is empty.
     pub idle: Duration,
@@ -20,7 +26,13 @@ pub struct RelayConfig {
 
 impl Default for RelayConfig {
     fn default() -> Self {
-        Self { batch: 256, idle: Duration::from_millis(5), max_backoff: Duration::from_secs(5) }
+        Self {
+            source: "outbox".into(),
+            metrics: None,
+            batch: 256,
+            idle: Duration::from_millis(5),
+            max_backoff: Duration::from_secs(5),
+        }
     }
 }
 
@@ -32,9 +44,18 @@ pub async fn run(
     mut stop: watch::Receiver<bool>,
 ) {
     let mut backoff = Duration::from_millis(50);
+    let mut measured = tokio::time::Instant::now() - BACKLOG_EVERY;
     loop {
         if *stop.borrow() {
             return;
+        }
+        if let Some(m) = &config.metrics
+            && measured.elapsed() >= BACKLOG_EVERY
+        {
+            measured = tokio::time::Instant::now();
+            if let Ok(rows) = outbox.backlog().await {
+                m.outbox_backlog(&config.source, rows);
+            }
         }
         let pause = match outbox.relay_once(config.batch, publisher.as_ref()).await {
             Ok(0) => config.idle,

@@ -233,6 +233,14 @@ impl Broker {
     }
 }
 
+async fn wait_until(mut done: impl FnMut() -> bool, what: &str) {
+    let start = Instant::now();
+    while !done() {
+        assert!(start.elapsed() < Duration::from_secs(30), "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 async fn relay_until_empty(outbox: &dyn Outbox, publisher: &dyn Publish) {
     let start = Instant::now();
     while outbox.backlog().await.unwrap() > 0 {
@@ -308,10 +316,29 @@ async fn per_card_order_and_one_effect_each(broker: &Broker) {
     let outbox = SqliteOutbox::new(source.clone());
     relay_until_empty(&outbox, &KafkaPublisher::new(&broker.config()).unwrap()).await;
 
+    // The group's lag, sampled from the broker: everything before the consumer starts, nothing after.
+    let group = format!("g-{topic}");
+    let metrics = socialcard_events::Metrics::new();
+    let (stop_sampler, sampler_stopped) = watch::channel(false);
+    let sampler = socialcard_events::kafka::spawn_lag_sampler(
+        &broker.config(),
+        &group,
+        &[&topic],
+        metrics.clone(),
+        Duration::from_millis(100),
+        sampler_stopped,
+    )
+    .unwrap();
+    let lag = || metrics.value("socialcard_consumer_lag", &[("group", &group), ("topic", &topic)]);
+    wait_until(|| lag() == Some(200), "lag 200 before consuming").await;
+
     let ledger = Ledger::new(&dir, "ledger.db").await;
-    let consumer = spawn_consumer(broker, &format!("g-{topic}"), &topic, ledger.clone());
+    let consumer = spawn_consumer(broker, &group, &topic, ledger.clone());
     ledger.wait_for(200, Duration::from_secs(60)).await;
+    wait_until(|| lag() == Some(0), "lag 0 once everything is committed").await;
     stop(consumer).await;
+    stop_sampler.send(true).unwrap();
+    tokio::task::spawn_blocking(move || sampler.join().unwrap()).await.unwrap();
     assert_eq!(ledger.count("violations").await, 0, "a card's events arrived out of order");
     assert_eq!(ledger.count("applied").await, 200);
     assert_eq!(ledger.duplicates.load(Ordering::SeqCst), 0);
@@ -436,11 +463,15 @@ async fn broker_down_for_seconds_then_back_loses_and_reorders_nothing() {
     let mut config = broker.config();
     config.message_timeout = Duration::from_secs(2);
     let publisher = Arc::new(KafkaPublisher::new(&config).unwrap());
+    let metrics = socialcard_events::Metrics::new();
+    let backlog = || metrics.value("socialcard_outbox_backlog", &[("source", "test")]);
     let (stop_relay, relay_stopped) = watch::channel(false);
     let relay = tokio::spawn(socialcard_events::relay::run(
         outbox.clone(),
         publisher,
         socialcard_events::relay::RelayConfig {
+            source: "test".into(),
+            metrics: Some(metrics.clone()),
             batch: 16,
             idle: Duration::from_millis(5),
             max_backoff: Duration::from_millis(500),
@@ -454,12 +485,14 @@ async fn broker_down_for_seconds_then_back_loses_and_reorders_nothing() {
     append_interleaved_from(&source, &topic, 3, 6, 12).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert!(outbox.backlog().await.unwrap() > 0, "nothing can be published while the broker is down");
+    wait_until(|| backlog().is_some_and(|b| b > 0), "the backlog gauge shows the stuck rows").await;
     mock.broker_up(1).unwrap();
     let start = Instant::now();
     while outbox.backlog().await.unwrap() > 0 {
         assert!(start.elapsed() < Duration::from_secs(60), "the relay did not recover");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    wait_until(|| backlog() == Some(0), "the backlog gauge drains to 0").await;
     stop_relay.send(true).unwrap();
     relay.await.unwrap();
 
@@ -494,10 +527,15 @@ async fn embedded_log_delivers_in_order_once_and_survives_restart() {
     let offsets = SqliteOffsets::new(ledger.pool.clone());
     let mut consumer = EmbeddedConsumer::new("ledger", topic, log.clone(), offsets.clone(), ledger.clone());
     consumer.retry_backoff = Duration::from_millis(1);
+    let metrics = socialcard_events::Metrics::new();
+    consumer.metrics = Some(metrics.clone());
 
     assert_eq!(consumer.poll_once().await.unwrap(), 41);
     assert_eq!(ledger.count("applied").await, 40);
     assert_eq!(offsets.dead_letter_count("ledger").await.unwrap(), 1, "the poison event was dead-lettered");
+    assert_eq!(metrics.value("socialcard_events_applied_total", &[("group", "ledger")]), Some(40));
+    assert_eq!(metrics.value("socialcard_events_dead_lettered_total", &[("group", "ledger")]), Some(1));
+    assert_eq!(metrics.value("socialcard_consumer_lag", &[("group", "ledger"), ("topic", topic)]), Some(0));
 
     // A restart resumes from the stored position: new events only.
     append_interleaved_from(&source, topic, 4, 11, 12).await;

@@ -7,6 +7,7 @@
 pub mod clock;
 pub mod error;
 pub mod grpc;
+pub mod metrics_http;
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use error::{ApiError, ERROR_DOMAIN};
