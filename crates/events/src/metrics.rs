@@ -11,10 +11,12 @@ enum Kind {
 }
 
 type Labels = Vec<(&'static str, String)>;
+/// name and labels -> kind, help text, value.
+type Series = BTreeMap<(&'static str, Labels), (Kind, &'static str, i64)>;
 
 #[derive(Clone, Debug, Default)]
 pub struct Metrics {
-    inner: Arc<Mutex<BTreeMap<(&'static str, Labels), (Kind, &'static str, i64)>>>,
+    inner: Arc<Mutex<Series>>,
 }
 
 impl Metrics {
@@ -22,7 +24,7 @@ impl Metrics {
         Self::default()
     }
 
-    fn with(&self, f: impl FnOnce(&mut BTreeMap<(&'static str, Labels), (Kind, &'static str, i64)>)) {
+    fn with(&self, f: impl FnOnce(&mut Series)) {
         f(&mut self.inner.lock().unwrap_or_else(|p| p.into_inner()));
     }
 
