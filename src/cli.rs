@@ -4,8 +4,11 @@
 
 use anyhow::Context as _;
 use clap::{Args, Subcommand, ValueEnum};
+use socialcard_domain::bank::SHANGHAI_BANK_FILES;
 use socialcard_domain::numbers::luhn_check_digit;
 use socialcard_domain::{BankDirectory, CardNumber};
+use socialcard_proto::bank::v1 as bank_pb;
+use socialcard_proto::bank::v1::bank_card_service_client::BankCardServiceClient;
 use socialcard_proto::registry::v1 as pb;
 use socialcard_proto::registry::v1::registry_service_client::RegistryServiceClient;
 use tonic::transport::Channel;
@@ -79,6 +82,9 @@ pub enum Action {
         /// Calling number for the hotline channel.
         #[arg(long)]
         phone: Option<String>,
+        /// The card's bank adapter (channel bank); default: the port of the bank's file on 127.0.0.1.
+        #[arg(long)]
+        bank_endpoint: Option<String>,
     },
     /// Report a loss: the social function is loss-locked.
     ReportLoss {
@@ -252,8 +258,9 @@ pub async fn run(c: &Connection, action: Action) -> anyhow::Result<()> {
                 .into_inner()
                 .card
         }
-        Action::Activate { card_id, channel, phone } => {
+        Action::Activate { card_id, channel, phone, bank_endpoint } => {
             if let ActivationChannel::Bank = channel {
+                // As a bank's core system does it: through the card's own bank adapter (R20).
                 let current = client
                     .get_card(pb::GetCardRequest {
                         lookup: Some(pb::get_card_request::Lookup::CardId(card_id.clone())),
@@ -263,15 +270,30 @@ pub async fn run(c: &Connection, action: Action) -> anyhow::Result<()> {
                     .into_inner()
                     .card
                     .unwrap_or_default();
-                let r = client
-                    .record_financial_activation(pb::RecordFinancialActivationRequest {
+                let endpoint = match bank_endpoint {
+                    Some(e) => e,
+                    None => {
+                        let (_, ports) =
+                            BankDirectory::from_files(&SHANGHAI_BANK_FILES).map_err(|r| anyhow::anyhow!("{r}"))?;
+                        let port = ports
+                            .iter()
+                            .find(|(c, _)| *c == current.bank_code)
+                            .and_then(|(_, p)| *p)
+                            .context("no port for the card's bank")?;
+                        format!("http://127.0.0.1:{port}")
+                    }
+                };
+                let mut bank = BankCardServiceClient::connect(endpoint.clone())
+                    .await
+                    .with_context(|| format!("cannot reach the bank adapter at {endpoint}"))?;
+                let r = bank
+                    .activate_financial(bank_pb::ActivateFinancialRequest {
                         idempotency_key: key(c),
-                        card_id,
-                        actor: actor(pb::Channel::BankBranch, "branch-001"),
-                        bank_code: current.bank_code,
+                        card_number: current.card_number.clone(),
+                        teller_id: "teller-cli".into(),
+                        branch_id: "branch-001".into(),
                         face_verification_ref: "face-cli".into(),
                         bank_pin_changed: true,
-                        presenter: pb::Presenter::Holder as i32,
                     })
                     .await
                     .map_err(status_error)?
@@ -279,7 +301,12 @@ pub async fn run(c: &Connection, action: Action) -> anyhow::Result<()> {
                 if r.social_awaits_bureau_unlock {
                     println!("financial function active; the social function awaits a bureau unlock (R22)");
                 }
-                r.card
+                client
+                    .get_card(pb::GetCardRequest { lookup: Some(pb::get_card_request::Lookup::CardId(card_id)) })
+                    .await
+                    .map_err(status_error)?
+                    .into_inner()
+                    .card
             } else {
                 let (ch, site) = match channel {
                     ActivationChannel::CommunityPoint => (pb::Channel::CommunityPoint, "point-001"),

@@ -6,12 +6,19 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use clap::Args;
+use socialcard_bank_adapter::{BankAdapter, SERVICE_NAME as ADAPTER_SERVICE};
+use socialcard_domain::BankDirectory;
+use socialcard_domain::bank::{AdapterPorts, SHANGHAI_BANK_FILES};
 use socialcard_events::Metrics;
+use socialcard_events::embedded::EmbeddedConsumer;
+use socialcard_events::kafka::{ConsumerConfig, KafkaConsumer};
 use socialcard_events::kafka::{KafkaConfig, KafkaPublisher};
 use socialcard_events::relay::RelayConfig;
 use socialcard_registry::RegistryConfig;
+use socialcard_registry::events::FinancialEvents;
 use socialcard_server::SystemClock;
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 
 const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
@@ -35,6 +42,15 @@ pub struct UpArgs {
     /// Partitions of each topic created at start (they cannot be grown later on every broker).
     #[arg(long, env = "SOCIALCARD_KAFKA_PARTITIONS", default_value_t = 8)]
     kafka_partitions: i32,
+    /// Directory of bank files (`<code>.toml`); default: Shanghai's eleven, as in `deploy/banks/`.
+    #[arg(long, env = "SOCIALCARD_BANKS_DIR")]
+    banks_dir: Option<PathBuf>,
+    /// Host the bank adapters listen on (each on the port of its bank file).
+    #[arg(long, env = "SOCIALCARD_BANK_HOST", default_value = "127.0.0.1")]
+    bank_host: String,
+    /// Let every bank adapter pick a free port instead of its configured one.
+    #[arg(long, env = "SOCIALCARD_BANK_PORTS_AUTO")]
+    bank_ports_auto: bool,
     /// Prometheus metrics over HTTP (`GET /metrics`).
     #[arg(long, env = "SOCIALCARD_METRICS_LISTEN", default_value = "127.0.0.1:9464")]
     metrics_listen: String,
@@ -69,6 +85,34 @@ fn write_private(path: &Path, content: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The partner banks: the files in `--banks-dir`, or the Shanghai files compiled in.
+fn banks(args: &UpArgs) -> anyhow::Result<(BankDirectory, AdapterPorts)> {
+    let texts: Vec<String> = match &args.banks_dir {
+        Some(dir) => {
+            let mut files: Vec<_> = std::fs::read_dir(dir)
+                .with_context(|| format!("cannot read {}", dir.display()))?
+                .filter_map(Result::ok)
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+                .collect();
+            files.sort();
+            files.iter().map(std::fs::read_to_string).collect::<Result<_, _>>()?
+        }
+        None => SHANGHAI_BANK_FILES.iter().map(|t| (*t).to_string()).collect(),
+    };
+    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+    BankDirectory::from_files(&refs).map_err(|r| anyhow::anyhow!("{r}"))
+}
+
+/// Completes once `stop` turns true (or its sender is gone).
+async fn until_stopped(mut stop: watch::Receiver<bool>) {
+    while !*stop.borrow() {
+        if stop.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
 pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("cannot create data directory {}", args.data_dir.display()))?;
@@ -76,12 +120,19 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         Some(url) => url.clone(),
         None => format!("sqlite://{}?mode=rwc", args.data_dir.join("registry.db").display()),
     };
-    let built = socialcard_registry::build(&db_url, Arc::new(SystemClock), RegistryConfig::shanghai(pin_key(&args)?))
-        .await
-        .context("cannot open the registry's database")?;
+    let (directory, ports) = banks(&args)?;
+    let built = socialcard_registry::build(
+        &db_url,
+        Arc::new(SystemClock),
+        RegistryConfig { banks: directory.clone(), ..RegistryConfig::shanghai(pin_key(&args)?) },
+    )
+    .await
+    .context("cannot open the registry's database")?;
     let metrics = Metrics::new();
-    let (stop_relay, relay_stopped) = tokio::sync::watch::channel(false);
-    let relay = match &args.kafka_brokers {
+    let (stop, stopped) = watch::channel(false);
+    let mut background = Vec::new();
+
+    let kafka = match &args.kafka_brokers {
         Some(brokers) => {
             let mut kafka = KafkaConfig::new(brokers.clone());
             kafka.partitions = args.kafka_partitions;
@@ -89,22 +140,20 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             topics.extend(socialcard_events::topics::ALL.iter().map(|t| socialcard_events::topics::dead_letter(t)));
             let names: Vec<&str> = topics.iter().map(String::as_str).collect();
             socialcard_events::kafka::ensure_topics(&kafka, &names).await.context("cannot create the Kafka topics")?;
-            let publisher = Arc::new(KafkaPublisher::new(&kafka).context("cannot create the Kafka producer")?);
-            println!("registry events published to kafka at {brokers}");
-            Some(tokio::spawn(socialcard_events::relay::run(
-                built.outbox.clone(),
-                publisher,
-                RelayConfig { source: "registry".into(), metrics: Some(metrics.clone()), ..RelayConfig::default() },
-                relay_stopped,
-            )))
+            Some(kafka)
         }
         None => {
             anyhow::ensure!(built.embedded_log, "a PostgreSQL registry publishes its events through --kafka-brokers");
-            println!("registry events kept in the embedded log (SQLite outbox)");
             None
         }
     };
-    let registry = built.registry;
+    let relay = |outbox, source: String| -> anyhow::Result<tokio::task::JoinHandle<()>> {
+        let kafka = kafka.as_ref().context("no Kafka")?;
+        let publisher = Arc::new(KafkaPublisher::new(kafka).context("cannot create the Kafka producer")?);
+        let config = RelayConfig { source, metrics: Some(metrics.clone()), ..RelayConfig::default() };
+        Ok(tokio::spawn(socialcard_events::relay::run(outbox, publisher, config, stopped.clone())))
+    };
+    let financial_events: Arc<dyn socialcard_events::Handler> = Arc::new(FinancialEvents::new(built.registry.clone()));
 
     let metrics_listener = TcpListener::bind(&args.metrics_listen)
         .await
@@ -114,26 +163,103 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         let metrics = metrics.clone();
         Arc::new(move || metrics.render())
     };
-    let mut metrics_stopped = stop_relay.subscribe();
-    tokio::spawn(socialcard_server::metrics_http::serve(metrics_listener, render, async move {
-        let _ = metrics_stopped.changed().await;
-    }));
+    background.push(tokio::spawn(socialcard_server::metrics_http::serve(
+        metrics_listener,
+        render,
+        until_stopped(stopped.clone()),
+    )));
 
     let listener = TcpListener::bind(&args.registry_listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.registry_listen))?;
-    println!("registry listening on {}", listener.local_addr()?);
+    let registry_addr = listener.local_addr()?;
+    println!("registry listening on {registry_addr}");
+    let registry_endpoint = tonic::transport::Channel::from_shared(format!("http://{registry_addr}"))?;
 
-    let routes = tonic::service::Routes::new(socialcard_registry::grpc::RegistryGrpc::new(registry).into_server());
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let mut server =
-        tokio::spawn(socialcard_server::grpc::serve(listener, routes, &[socialcard_registry::SERVICE_NAME], async {
-            let _ = stopped.await;
+    // The bank adapters, each with its own database; their FinancialActivated events reach the registry
+    // through Kafka or, embedded, straight from each adapter's outbox.
+    for bank in directory.banks() {
+        let code = bank.code.clone();
+        let adapter = BankAdapter::open(
+            bank.clone(),
+            &args.data_dir.join(format!("bank-{code}.db")),
+            registry_endpoint.connect_lazy(),
+        )
+        .await
+        .with_context(|| format!("cannot open the database of bank {code}"))?;
+        let port = ports.iter().find(|(c, _)| *c == code).and_then(|(_, p)| *p).unwrap_or(0);
+        let addr =
+            if args.bank_ports_auto { format!("{}:0", args.bank_host) } else { format!("{}:{port}", args.bank_host) };
+        let bank_listener =
+            TcpListener::bind(&addr).await.with_context(|| format!("cannot listen on {addr} for bank {code}"))?;
+        println!("bank-adapter[{code}] listening on {}", bank_listener.local_addr()?);
+        match &kafka {
+            Some(_) => background.push(relay(adapter.outbox(), format!("bank-adapter.{code}"))?),
+            None => {
+                let offsets = built.offsets.clone().context("the embedded log needs the SQLite registry")?;
+                let mut consumer = EmbeddedConsumer::new(
+                    &format!("registry.{code}"),
+                    socialcard_events::topics::FINANCIAL,
+                    adapter.outbox(),
+                    offsets,
+                    financial_events.clone(),
+                );
+                consumer.metrics = Some(metrics.clone());
+                // The registry may be briefly unable to write: keep trying rather than dead-letter.
+                consumer.max_attempts = 50;
+                background.push(tokio::spawn(consumer.run(stopped.clone())));
+            }
+        }
+        let routes = tonic::service::Routes::new(adapter.into_server());
+        let serving = until_stopped(stopped.clone());
+        background.push(tokio::spawn(async move {
+            if let Err(e) = socialcard_server::grpc::serve(bank_listener, routes, &[ADAPTER_SERVICE], serving).await {
+                tracing::error!(bank = %code, error = %e, "bank adapter stopped");
+            }
         }));
+    }
+
+    match &kafka {
+        Some(k) => {
+            background.push(relay(built.outbox.clone(), "registry".into())?);
+            let group = "registry";
+            let consumer = KafkaConsumer::new(
+                k,
+                ConsumerConfig::new(group, &[socialcard_events::topics::FINANCIAL]),
+                financial_events.clone(),
+            )?
+            .with_metrics(metrics.clone());
+            let consuming = stopped.clone();
+            background.push(tokio::spawn(async move {
+                if let Err(e) = consumer.run(consuming).await {
+                    tracing::error!(error = %e, "financial events consumer stopped");
+                }
+            }));
+            let _sampler = socialcard_events::kafka::spawn_lag_sampler(
+                k,
+                group,
+                &[socialcard_events::topics::FINANCIAL],
+                metrics.clone(),
+                std::time::Duration::from_secs(5),
+                stopped.clone(),
+            )?;
+            println!("registry events published to kafka at {}", k.brokers);
+        }
+        None => println!("registry events kept in the embedded log (SQLite outbox)"),
+    }
+
+    let routes =
+        tonic::service::Routes::new(socialcard_registry::grpc::RegistryGrpc::new(built.registry).into_server());
+    let mut server = tokio::spawn(socialcard_server::grpc::serve(
+        listener,
+        routes,
+        &[socialcard_registry::SERVICE_NAME],
+        until_stopped(stopped.clone()),
+    ));
     tokio::select! {
         result = &mut server => result??,
         () = shutdown_signal() => {
-            let _ = stop.send(());
+            let _ = stop.send(true);
             // In-flight calls get a grace period; a client holding a stream open does not keep us up.
             match tokio::time::timeout(SHUTDOWN_GRACE, server).await {
                 Ok(result) => result??,
@@ -141,10 +267,13 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             }
         }
     }
-    let _ = stop_relay.send(true);
-    if let Some(relay) = relay {
-        let _ = relay.await;
-    }
+    let _ = stop.send(true);
+    let _ = tokio::time::timeout(SHUTDOWN_GRACE, async {
+        for task in background {
+            let _ = task.await;
+        }
+    })
+    .await;
     tracing::info!("stopped");
     Ok(())
 }

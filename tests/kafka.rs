@@ -35,6 +35,7 @@ impl Up {
                 "127.0.0.1:0",
                 "--metrics-listen",
                 "127.0.0.1:0",
+                "--bank-ports-auto",
                 "--kafka-partitions",
                 "4",
                 "--kafka-brokers",

@@ -24,13 +24,22 @@ const BIN: &str = env!("CARGO_BIN_EXE_socialcard");
 struct Up {
     child: Child,
     endpoint: String,
+    banks: std::collections::HashMap<String, String>,
 }
 
 impl Up {
     /// Starts `socialcard up` and waits for its `registry listening on` line.
     fn start(data_dir: &Path) -> Up {
         let mut child = Command::new(BIN)
-            .args(["up", "--registry-listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--data-dir"])
+            .args([
+                "up",
+                "--registry-listen",
+                "127.0.0.1:0",
+                "--metrics-listen",
+                "127.0.0.1:0",
+                "--bank-ports-auto",
+                "--data-dir",
+            ])
             .arg(data_dir)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
@@ -38,20 +47,29 @@ impl Up {
             .spawn()
             .unwrap();
         let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        let mut before = Vec::new();
-        let endpoint = loop {
-            let line = lines.next().expect("up stopped before listening").unwrap();
-            match line.strip_prefix("registry listening on ") {
-                Some(addr) => break format!("http://{addr}"),
-                None => before.push(line),
-            }
-        };
+        // Every service says where it listens; the last line says where events go.
+        let mut printed = Vec::new();
+        while !printed.last().is_some_and(|l: &String| l.starts_with("registry events")) {
+            printed.push(lines.next().expect("up stopped before it was ready").unwrap());
+        }
+        let endpoint = printed
+            .iter()
+            .find_map(|l| l.strip_prefix("registry listening on "))
+            .map(|a| format!("http://{a}"))
+            .expect("no registry line");
+        let banks: std::collections::HashMap<String, String> = printed
+            .iter()
+            .filter_map(|l| l.strip_prefix("bank-adapter["))
+            .filter_map(|l| l.split_once("] listening on "))
+            .map(|(code, addr)| (code.to_string(), format!("http://{addr}")))
+            .collect();
+        assert_eq!(banks.len(), 11, "one adapter per partner bank: {printed:?}");
         assert!(
-            before.iter().any(|l| l.contains("embedded log")),
-            "without a broker, events stay in the embedded log: {before:?}"
+            printed.iter().any(|l| l.contains("embedded log")),
+            "without a broker, events stay in the embedded log"
         );
         std::thread::spawn(move || for _ in lines {});
-        Up { child, endpoint }
+        Up { child, endpoint, banks }
     }
 
     fn stop(mut self) {
@@ -116,11 +134,26 @@ async fn up_serves_health_reflection_and_the_registry() {
     let produced = up.cli(&["produce", &card_id]);
     assert!(produced.contains("physical          produced"), "{produced}");
     up.cli(&["collect", &card_id]);
-    let activated = up.cli(&["activate", &card_id, "--channel", "bank"]);
+    let activated = up.cli(&["activate", &card_id, "--channel", "bank", "--bank-endpoint", &up.banks["icbc"]]);
     assert!(
         activated.contains("social function   active") && activated.contains("financial         active"),
         "{activated}"
     );
+    // Another bank's adapter refuses the card.
+    let wrong = Command::new(BIN)
+        .args([
+            "--endpoint",
+            &up.endpoint,
+            "activate",
+            &card_id,
+            "--channel",
+            "bank",
+            "--bank-endpoint",
+            &up.banks["ccb"],
+        ])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&wrong.stderr).contains("PermissionDenied WRONG_BANK"), "{wrong:?}");
     up.cli(&["report-loss", &card_id, "--kind", "temporary", "--phone", "13800000000"]);
     let shown = up.cli(&["show", &card_id]);
     assert!(shown.contains("social function   loss locked") && shown.contains("status code       4"), "{shown}");
@@ -171,7 +204,7 @@ fn up_refuses_a_port_in_use_with_a_clear_error() {
     let addr = taken.local_addr().unwrap().to_string();
     let dir = temp_dir();
     let out = Command::new(BIN)
-        .args(["up", "--registry-listen", &addr, "--metrics-listen", "127.0.0.1:0", "--data-dir"])
+        .args(["up", "--registry-listen", &addr, "--metrics-listen", "127.0.0.1:0", "--bank-ports-auto", "--data-dir"])
         .arg(&dir)
         .output()
         .unwrap();

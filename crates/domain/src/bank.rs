@@ -6,6 +6,24 @@ use serde::{Deserialize, Serialize};
 use crate::numbers::BankAccountNumber;
 use crate::rejection::Rejection;
 
+/// Each bank's code and the port its adapter listens on, from its file.
+pub type AdapterPorts = Vec<(String, Option<u16>)>;
+
+/// The default bank files, `deploy/banks/<code>.toml`.
+pub const SHANGHAI_BANK_FILES: [&str; 11] = [
+    include_str!("../../../deploy/banks/icbc.toml"),
+    include_str!("../../../deploy/banks/abc.toml"),
+    include_str!("../../../deploy/banks/boc.toml"),
+    include_str!("../../../deploy/banks/ccb.toml"),
+    include_str!("../../../deploy/banks/bocom.toml"),
+    include_str!("../../../deploy/banks/spdb.toml"),
+    include_str!("../../../deploy/banks/bosc.toml"),
+    include_str!("../../../deploy/banks/srcb.toml"),
+    include_str!("../../../deploy/banks/psbc.toml"),
+    include_str!("../../../deploy/banks/cmb.toml"),
+    include_str!("../../../deploy/banks/citic.toml"),
+];
+
 /// Per-bank rules the bureau must respect (R27, R30).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BankPolicy {
@@ -13,6 +31,48 @@ pub struct BankPolicy {
     pub temporary_loss_expiry_days: u32,
     /// Wrong bank-PIN entries allowed per day before the bank locks the PIN.
     pub pin_tries_per_day: u32,
+}
+
+/// Working hours for manual operations at the bank, local time, Monday to Friday.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkingHours {
+    pub open: u8,
+    pub close: u8,
+}
+
+impl Default for WorkingHours {
+    fn default() -> Self {
+        Self { open: 9, close: 17 }
+    }
+}
+
+/// The layout of the bank's daily reconciliation file.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ReconciliationLayout {
+    #[default]
+    #[serde(rename = "fixed-width")]
+    FixedWidth,
+    #[serde(rename = "csv")]
+    Csv,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reconciliation {
+    pub layout: ReconciliationLayout,
+}
+
+/// One bank's configuration file (`deploy/banks/<code>.toml`): the bank, and the port of its adapter.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BankFile {
+    #[serde(flatten)]
+    pub bank: PartnerBank,
+    pub port: Option<u16>,
+}
+
+impl BankFile {
+    pub fn parse(text: &str) -> Result<Self, Rejection> {
+        toml::from_str(text).map_err(|e| Rejection::invalid("banks", "BANK_CONFIG_INVALID", format!("bank file: {e}")))
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -23,6 +83,10 @@ pub struct PartnerBank {
     /// UnionPay BIN prefixes of the social security card accounts this bank issues.
     pub bin_prefixes: Vec<String>,
     pub policy: BankPolicy,
+    #[serde(default)]
+    pub hours: WorkingHours,
+    #[serde(default)]
+    pub reconciliation: Reconciliation,
 }
 
 impl PartnerBank {
@@ -73,30 +137,18 @@ impl BankDirectory {
         Ok(Self { banks })
     }
 
-    /// Shanghai's eleven service banks (R4). The BIN prefixes are development values; production
-    /// deployments configure each bank's real ranges.
+    /// Shanghai's eleven service banks (R4), from the configuration files in `deploy/banks/` (compiled in
+    /// as the default; a deployment passes its own files to [`BankDirectory::from_files`]).
     pub fn shanghai() -> Self {
-        let bank = |code: &str, name: &str, bins: &[&str], expiry: u32| PartnerBank {
-            code: code.into(),
-            name: name.into(),
-            bin_prefixes: bins.iter().map(|b| (*b).to_string()).collect(),
-            policy: BankPolicy { temporary_loss_expiry_days: expiry, pin_tries_per_day: 3 },
-        };
-        Self {
-            banks: vec![
-                bank("icbc", "Industrial and Commercial Bank of China", &["621226"], 5),
-                bank("abc", "Agricultural Bank of China", &["622848"], 5),
-                bank("boc", "Bank of China", &["621661"], 5),
-                bank("ccb", "China Construction Bank", &["621700"], 5),
-                bank("bocom", "Bank of Communications", &["622262"], 5),
-                bank("spdb", "Shanghai Pudong Development Bank", &["622521"], 5),
-                bank("bosc", "Bank of Shanghai", &["622892"], 5),
-                bank("srcb", "Shanghai Rural Commercial Bank", &["621068"], 5),
-                bank("psbc", "Postal Savings Bank of China", &["621799"], 5),
-                bank("cmb", "China Merchants Bank", &["621483"], 5),
-                bank("citic", "China CITIC Bank", &["621771"], 5),
-            ],
-        }
+        // Checked by the tests below: every file parses and the eleven form a valid directory.
+        Self::from_files(&SHANGHAI_BANK_FILES).map(|(d, _)| d).unwrap_or(Self { banks: Vec::new() })
+    }
+
+    /// Parses bank configuration files into a validated directory and each bank's adapter port.
+    pub fn from_files(texts: &[&str]) -> Result<(Self, AdapterPorts), Rejection> {
+        let files = texts.iter().map(|t| BankFile::parse(t)).collect::<Result<Vec<_>, _>>()?;
+        let ports = files.iter().map(|f| (f.bank.code.clone(), f.port)).collect();
+        Ok((Self::new(files.into_iter().map(|f| f.bank).collect())?, ports))
     }
 
     pub fn get(&self, code: &str) -> Option<&PartnerBank> {
@@ -131,8 +183,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn shanghai_has_eleven_distinct_banks() {
-        let d = BankDirectory::shanghai();
+    fn the_bank_files_parse_into_eleven_distinct_banks() {
+        let (d, ports) = BankDirectory::from_files(&SHANGHAI_BANK_FILES).unwrap();
+        assert_eq!(d, BankDirectory::shanghai());
+        assert_eq!(ports.len(), 11);
+        assert!(ports.iter().all(|(_, p)| p.is_some()));
+        assert_eq!(d.get("abc").unwrap().reconciliation.layout, ReconciliationLayout::Csv);
+        assert_eq!(d.get("icbc").unwrap().hours, WorkingHours { open: 9, close: 17 });
+        let bad = BankFile::parse("code = 1").unwrap_err();
+        assert_eq!(bad.reason, "BANK_CONFIG_INVALID");
         assert_eq!(d.len(), 11);
         assert!(BankDirectory::new(d.banks().to_vec()).is_ok());
         assert_eq!(d.require("bank_code", "nope").unwrap_err().reason, "UNKNOWN_BANK");

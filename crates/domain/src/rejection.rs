@@ -18,6 +18,8 @@ pub enum RejectionKind {
     AlreadyExists,
     /// A concurrent change won; retrying may succeed (ABORTED).
     Aborted,
+    /// Another part of the system is out of reach; retrying later will succeed (UNAVAILABLE).
+    Unavailable,
 }
 
 /// A rule's refusal: kind, stable reason code, human message and, for bad input, the offending field.

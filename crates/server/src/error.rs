@@ -30,6 +30,7 @@ pub fn code_of(kind: RejectionKind) -> Code {
         RejectionKind::NotFound => Code::NotFound,
         RejectionKind::AlreadyExists => Code::AlreadyExists,
         RejectionKind::Aborted => Code::Aborted,
+        RejectionKind::Unavailable => Code::Unavailable,
     }
 }
 

@@ -7,6 +7,7 @@
 
 pub mod app;
 pub mod convert;
+pub mod events;
 pub mod grpc;
 pub mod pin;
 pub mod storage;
@@ -27,6 +28,8 @@ pub struct Built {
     pub registry: Registry,
     pub outbox: Arc<dyn socialcard_events::Outbox>,
     pub embedded_log: bool,
+    /// SQLite only: where the registry's embedded-log consumers keep their positions.
+    pub offsets: Option<socialcard_events::embedded::SqliteOffsets>,
 }
 
 /// Connects storage at `database_url` (migrating it) and builds the registry.
@@ -36,5 +39,10 @@ pub async fn build(
     config: RegistryConfig,
 ) -> Result<Built, storage::StoreError> {
     let c = storage::connect(database_url).await?;
-    Ok(Built { registry: Registry::new(c.store, clock, config), outbox: c.outbox, embedded_log: c.embedded_log })
+    Ok(Built {
+        registry: Registry::new(c.store, clock, config),
+        outbox: c.outbox,
+        embedded_log: c.embedded_log,
+        offsets: c.offsets,
+    })
 }

@@ -141,6 +141,7 @@ pub struct Connected {
     pub outbox: Arc<dyn socialcard_events::Outbox>,
     /// True for SQLite: its outbox can serve as the embedded log (commit order is `seq` order).
     pub embedded_log: bool,
+    pub offsets: Option<socialcard_events::embedded::SqliteOffsets>,
 }
 
 /// Opens the store a URL names (`sqlite://path?mode=rwc`, `sqlite::memory:`, `postgres://...`) and
@@ -148,10 +149,15 @@ pub struct Connected {
 pub async fn connect(url: &str) -> Result<Connected, StoreError> {
     if url.starts_with("sqlite:") {
         let s = SqliteStore::connect(url).await?;
-        Ok(Connected { outbox: s.outbox(), store: Arc::new(s), embedded_log: true })
+        Ok(Connected {
+            outbox: s.outbox(),
+            offsets: Some(socialcard_events::embedded::SqliteOffsets::new(s.pool().clone())),
+            store: Arc::new(s),
+            embedded_log: true,
+        })
     } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
         let s = PgStore::connect(url).await?;
-        Ok(Connected { outbox: s.outbox(), store: Arc::new(s), embedded_log: false })
+        Ok(Connected { outbox: s.outbox(), store: Arc::new(s), embedded_log: false, offsets: None })
     } else {
         Err(StoreError::Unavailable("the database URL must start with sqlite: or postgres://".into()))
     }

@@ -1,0 +1,423 @@
+//! A partner bank's adapter (`socialcard.bank.v1.BankCardService`), one instance per bank, acting only
+//! on that bank's cards. A financial activation returns OK only when the financial function is recorded
+//! and the registry has switched the social function on (R20), in the bank's call. If the registry
+//! cannot be reached after the bank committed, the activation is recorded here with a
+//! `FinancialActivated` event in the same transaction; the registry applies it as soon as it can, with
+//! the same idempotency key, so no card stays half-activated and nothing happens twice.
+//!
+//! Built so far: ActivateFinancial and QueryCard. Loss reports, unlocks, account opening confirmation,
+//! compensation, mutual TLS and reconciliation follow (issue 4).
+
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use prost::Message;
+use sha2::{Digest, Sha256};
+use socialcard_domain::{CardNumber, PartnerBank, Rejection, RejectionKind};
+use socialcard_events::Outbox;
+use socialcard_events::outbox::SqliteOutbox;
+use socialcard_proto::bank::v1 as bank;
+use socialcard_proto::events::v1 as ev;
+use socialcard_proto::registry::v1 as reg;
+use socialcard_proto::registry::v1::registry_service_client::RegistryServiceClient;
+use socialcard_server::ApiError;
+use socialcard_server::error::reason_of;
+use sqlx::Row;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
+use time::OffsetDateTime;
+use tonic::transport::Channel;
+use tonic::{Code, Request, Response, Status};
+
+/// How long a call to the registry may take when the bank's call carries no deadline.
+const DEFAULT_REGISTRY_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Clone, Debug)]
+pub struct BankAdapter {
+    bank: Arc<PartnerBank>,
+    registry: RegistryServiceClient<Channel>,
+    pool: SqlitePool,
+    outbox: Arc<dyn Outbox>,
+}
+
+fn micros(t: OffsetDateTime) -> i64 {
+    i64::try_from(t.unix_timestamp_nanos() / 1_000).unwrap_or(i64::MAX)
+}
+
+fn db(e: sqlx::Error) -> ApiError {
+    ApiError::Unavailable(e.to_string())
+}
+
+fn reject(kind: RejectionKind, reason: &'static str, message: &str) -> ApiError {
+    ApiError::Rejected(Rejection::new(kind, reason, message))
+}
+
+/// The caller's remaining deadline (`grpc-timeout`), passed on to the registry.
+fn remaining_deadline<T>(request: &Request<T>) -> Option<Duration> {
+    let v = request.metadata().get("grpc-timeout")?.to_str().ok()?;
+    let (n, unit) = v.split_at(v.len().checked_sub(1)?);
+    let n = u64::from_str(n).ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+fn text(field: &'static str, value: &str) -> Result<String, Rejection> {
+    let v = value.trim();
+    if v.is_empty() {
+        return Err(Rejection::invalid(field, "FIELD_REQUIRED", format!("{field} is required")));
+    }
+    if v.chars().count() > 64 || v.chars().any(char::is_control) {
+        return Err(Rejection::invalid(field, "FIELD_FORMAT", format!("{field} is at most 64 printable characters")));
+    }
+    Ok(v.to_string())
+}
+
+impl BankAdapter {
+    /// Opens (creating if needed) the adapter's SQLite database and migrates it.
+    pub async fn open(
+        bank: PartnerBank,
+        database_path: &std::path::Path,
+        registry: Channel,
+    ) -> Result<Self, sqlx::Error> {
+        let options = SqliteConnectOptions::new()
+            .filename(database_path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .busy_timeout(Duration::from_secs(10))
+            .foreign_keys(true);
+        let pool = SqlitePoolOptions::new().max_connections(4).connect_with(options).await?;
+        sqlx::migrate!("./migrations").run(&pool).await.map_err(|e| sqlx::Error::Migrate(Box::new(e)))?;
+        Ok(Self {
+            bank: Arc::new(bank),
+            registry: RegistryServiceClient::new(registry),
+            outbox: Arc::new(SqliteOutbox::new(pool.clone())),
+            pool,
+        })
+    }
+
+    pub fn bank(&self) -> &PartnerBank {
+        &self.bank
+    }
+
+    /// The adapter's outbox (topic `socialcard.financial.v1`), for the relay or the embedded log.
+    pub fn outbox(&self) -> Arc<dyn Outbox> {
+        self.outbox.clone()
+    }
+
+    pub fn into_server(self) -> bank::bank_card_service_server::BankCardServiceServer<Self> {
+        bank::bank_card_service_server::BankCardServiceServer::new(self)
+    }
+
+    /// Looks the card up at the registry and refuses another bank's card.
+    async fn own_card(&self, card_number: &str, timeout: Duration) -> Result<reg::Card, ApiError> {
+        let number = CardNumber::parse(card_number)?;
+        let mut req = Request::new(reg::GetCardRequest {
+            lookup: Some(reg::get_card_request::Lookup::CardNumber(number.as_str().to_string())),
+        });
+        req.set_timeout(timeout);
+        let card = self.registry.clone().get_card(req).await.map_err(|s| registry_error(&s))?.into_inner().card;
+        let card = card.ok_or_else(|| ApiError::Internal("registry answered without a card".into()))?;
+        if card.bank_code != self.bank.code {
+            tracing::warn!(bank = %self.bank.code, "refused another bank's card");
+            return Err(reject(RejectionKind::PermissionDenied, "WRONG_BANK", "the card belongs to another bank"));
+        }
+        Ok(card)
+    }
+
+    pub async fn activate_financial(
+        &self,
+        req: bank::ActivateFinancialRequest,
+        deadline: Option<Duration>,
+    ) -> Result<bank::ActivateFinancialResponse, ApiError> {
+        let key = text("idempotency_key", &req.idempotency_key)?;
+        let hash = Sha256::digest(req.encode_to_vec()).to_vec();
+        if let Some(stored) = self.stored_answer(&key, &hash).await? {
+            return Ok(stored);
+        }
+        let teller = text("teller_id", &req.teller_id)?;
+        let branch = text("branch_id", &req.branch_id)?;
+        let face = text("face_verification_ref", &req.face_verification_ref)?;
+        let timeout = deadline.unwrap_or(DEFAULT_REGISTRY_TIMEOUT);
+        let card = self.own_card(&req.card_number, timeout).await?;
+
+        // The registry's key is derived from the bank's, so both paths (call and event) share it.
+        let registry_request = reg::RecordFinancialActivationRequest {
+            idempotency_key: format!("bank:{}:{key}", self.bank.code),
+            card_id: card.card_id.clone(),
+            actor: Some(reg::Actor {
+                channel: reg::Channel::BankBranch as i32,
+                operator_id: teller.clone(),
+                site_id: branch.clone(),
+                ..Default::default()
+            }),
+            bank_code: self.bank.code.clone(),
+            face_verification_ref: face,
+            bank_pin_changed: req.bank_pin_changed,
+            presenter: reg::Presenter::Holder as i32,
+        };
+        let mut call = Request::new(registry_request.clone());
+        call.set_timeout(timeout);
+        let now = OffsetDateTime::now_utc();
+        match self.registry.clone().record_financial_activation(call).await {
+            Ok(answer) => {
+                let answer = answer.into_inner();
+                let c = answer.card.unwrap_or_default();
+                let response = bank::ActivateFinancialResponse {
+                    financial_state: c.financial_state,
+                    social_state: c.social_state,
+                    social_awaits_bureau_unlock: answer.social_awaits_bureau_unlock,
+                    activated_at: Some(prost_types::Timestamp { seconds: now.unix_timestamp(), nanos: 0 }),
+                };
+                self.record(&card, &teller, &branch, &key, &hash, registry_request, Some(&response), now).await?;
+                // Concurrent retries with this key all return the answer stored first.
+                Ok(self.stored_answer(&key, &hash).await?.unwrap_or(response))
+            }
+            Err(status)
+                if matches!(
+                    status.code(),
+                    Code::Unavailable | Code::DeadlineExceeded | Code::Unknown | Code::Cancelled
+                ) =>
+            {
+                // The bank has committed; the registry is out of reach. Record the activation and its
+                // event now; the registry applies it as soon as it can.
+                tracing::warn!(bank = %self.bank.code, code = ?status.code(), "registry unreachable; social activation follows by event");
+                self.record(&card, &teller, &branch, &key, &hash, registry_request, None, now).await?;
+                Err(reject(
+                    RejectionKind::Unavailable,
+                    "SOCIAL_ACTIVATION_PENDING",
+                    "the financial activation is recorded; the registry is unreachable and switches the social function on as soon as it is back",
+                ))
+            }
+            Err(status) => Err(registry_error(&status)),
+        }
+    }
+
+    async fn stored_answer(&self, key: &str, hash: &[u8]) -> Result<Option<bank::ActivateFinancialResponse>, ApiError> {
+        let row = sqlx::query("SELECT request_hash, response FROM idempotency WHERE idempotency_key = $1")
+            .bind(key)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db)?;
+        let Some(row) = row else { return Ok(None) };
+        let stored: Vec<u8> = row.try_get("request_hash").map_err(db)?;
+        if stored != hash {
+            return Err(reject(
+                RejectionKind::AlreadyExists,
+                "IDEMPOTENCY_KEY_REUSED",
+                "this idempotency key was used for another request",
+            ));
+        }
+        let response: Vec<u8> = row.try_get("response").map_err(db)?;
+        bank::ActivateFinancialResponse::decode(response.as_slice())
+            .map(Some)
+            .map_err(|e| ApiError::Internal(e.to_string()))
+    }
+
+    /// Records the activation, its event and (when the registry confirmed) the bank's answer, in one
+    /// transaction. A second recording of the same card keeps the first.
+    #[allow(clippy::too_many_arguments)]
+    async fn record(
+        &self,
+        card: &reg::Card,
+        teller: &str,
+        branch: &str,
+        key: &str,
+        hash: &[u8],
+        registry_request: reg::RecordFinancialActivationRequest,
+        response: Option<&bank::ActivateFinancialResponse>,
+        now: OffsetDateTime,
+    ) -> Result<(), ApiError> {
+        let confirmed = response.is_some();
+        let mut tx = self.pool.begin().await.map_err(db)?;
+        let inserted = sqlx::query(
+            "INSERT INTO financial_cards (card_id, card_number, state, teller_id, branch_id, activated_at, social_confirmed)
+             VALUES ($1, $2, 'active', $3, $4, $5, $6) ON CONFLICT (card_id) DO NOTHING",
+        )
+        .bind(&card.card_id)
+        .bind(&card.card_number)
+        .bind(teller)
+        .bind(branch)
+        .bind(micros(now))
+        .bind(i64::from(confirmed))
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?
+        .rows_affected()
+            == 1;
+        if confirmed {
+            sqlx::query("UPDATE financial_cards SET social_confirmed = 1 WHERE card_id = $1")
+                .bind(&card.card_id)
+                .execute(&mut *tx)
+                .await
+                .map_err(db)?;
+        }
+        if let Some(response) = response {
+            // A concurrent twin may have stored its answer first; the first one stands.
+            sqlx::query(
+                "INSERT INTO idempotency (idempotency_key, request_hash, response, created_at) VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (idempotency_key) DO NOTHING",
+            )
+            .bind(key)
+            .bind(hash)
+            .bind(response.encode_to_vec())
+            .bind(micros(now))
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+        }
+        // One event per activation; a retry after a pending one adds none.
+        if inserted {
+            let event = ev::FinancialEvent {
+                card_id: card.card_id.clone(),
+                bank_code: self.bank.code.clone(),
+                occurred_at: Some(prost_types::Timestamp { seconds: now.unix_timestamp(), nanos: 0 }),
+                kind: Some(ev::financial_event::Kind::FinancialActivated(ev::FinancialActivated {
+                    teller_id: teller.to_string(),
+                    branch_id: branch.to_string(),
+                    idempotency_key: registry_request.idempotency_key.clone(),
+                    registry_request: Some(registry_request),
+                    registry_confirmed: confirmed,
+                })),
+            };
+            sqlx::query(
+                "INSERT INTO outbox (event_id, topic, event_key, event_type, payload, occurred_at, bucket, source)
+                 VALUES ($1, $2, $3, 'socialcard.financial.v1.FinancialActivated', $4, $5, $6, $7)",
+            )
+            .bind(uuid::Uuid::now_v7().to_string())
+            .bind(socialcard_events::topics::FINANCIAL)
+            .bind(&card.card_id)
+            .bind(event.encode_to_vec())
+            .bind(micros(now))
+            .bind(socialcard_events::bucket_of(&card.card_id))
+            .bind(format!("bank-adapter.{}", self.bank.code))
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+        }
+        tx.commit().await.map_err(db)
+    }
+
+    pub async fn query_card(
+        &self,
+        req: bank::QueryCardRequest,
+        deadline: Option<Duration>,
+    ) -> Result<bank::QueryCardResponse, ApiError> {
+        let card = self.own_card(&req.card_number, deadline.unwrap_or(DEFAULT_REGISTRY_TIMEOUT)).await?;
+        Ok(bank::QueryCardResponse {
+            physical_state: card.physical_state,
+            social_state: card.social_state,
+            financial_state: card.financial_state,
+            status_code: card.status_code,
+        })
+    }
+
+    /// Activations recorded here whose social side the registry has not confirmed yet.
+    pub async fn unconfirmed(&self) -> Result<i64, sqlx::Error> {
+        sqlx::query("SELECT COUNT(*) AS n FROM financial_cards WHERE social_confirmed = 0")
+            .fetch_one(&self.pool)
+            .await?
+            .try_get("n")
+    }
+}
+
+/// A registry refusal passes through to the bank with its code and reason; transport failures say the
+/// registry is unavailable.
+fn registry_error(status: &Status) -> ApiError {
+    let reason = reason_of(status).unwrap_or_default();
+    let kind = match status.code() {
+        Code::InvalidArgument => RejectionKind::InvalidArgument,
+        Code::FailedPrecondition => RejectionKind::FailedPrecondition,
+        Code::PermissionDenied => RejectionKind::PermissionDenied,
+        Code::NotFound => RejectionKind::NotFound,
+        Code::AlreadyExists => RejectionKind::AlreadyExists,
+        Code::Aborted => RejectionKind::Aborted,
+        _ => return ApiError::Unavailable(format!("registry: {}", status.message())),
+    };
+    let reason: &'static str = KNOWN_REASONS.iter().find(|r| **r == reason).copied().unwrap_or("REGISTRY_REFUSED");
+    ApiError::Rejected(Rejection::new(kind, reason, status.message()))
+}
+
+/// Registry reasons a bank may see passed through unchanged.
+const KNOWN_REASONS: &[&str] = &[
+    "CARD_NOT_FOUND",
+    "CARD_NUMBER_FORMAT",
+    "CARD_NUMBER_CHECK_DIGIT",
+    "NOT_COLLECTED",
+    "CARD_CANCELLED",
+    "CARD_LOSS_LOCKED",
+    "SOCIAL_PIN_LOCKED",
+    "SOCIAL_DISABLED",
+    "FINANCIAL_ALREADY_ACTIVE",
+    "FINANCIAL_FROZEN",
+    "BANK_PIN_NOT_CHANGED",
+    "TEMPORARY_CARD_NO_FINANCIAL",
+    "FACE_VERIFICATION_REQUIRED",
+    "WRONG_BANK",
+    "IDEMPOTENCY_KEY_REUSED",
+    "CONCURRENT_CHANGE",
+];
+
+fn not_built(what: &str) -> Status {
+    Status::unimplemented(format!("{what} is not built yet in this adapter"))
+}
+
+#[tonic::async_trait]
+impl bank::bank_card_service_server::BankCardService for BankAdapter {
+    async fn activate_financial(
+        &self,
+        request: Request<bank::ActivateFinancialRequest>,
+    ) -> Result<Response<bank::ActivateFinancialResponse>, Status> {
+        let deadline = remaining_deadline(&request);
+        BankAdapter::activate_financial(self, request.into_inner(), deadline)
+            .await
+            .map(Response::new)
+            .map_err(Status::from)
+    }
+
+    async fn query_card(
+        &self,
+        request: Request<bank::QueryCardRequest>,
+    ) -> Result<Response<bank::QueryCardResponse>, Status> {
+        let deadline = remaining_deadline(&request);
+        BankAdapter::query_card(self, request.into_inner(), deadline).await.map(Response::new).map_err(Status::from)
+    }
+
+    async fn cancel_activation(
+        &self,
+        _: Request<bank::CancelActivationRequest>,
+    ) -> Result<Response<bank::CancelActivationResponse>, Status> {
+        Err(not_built("CancelActivation"))
+    }
+
+    async fn report_loss(
+        &self,
+        _: Request<bank::ReportLossRequest>,
+    ) -> Result<Response<bank::ReportLossResponse>, Status> {
+        Err(not_built("ReportLoss"))
+    }
+
+    async fn unlock_financial(
+        &self,
+        _: Request<bank::UnlockFinancialRequest>,
+    ) -> Result<Response<bank::UnlockFinancialResponse>, Status> {
+        Err(not_built("UnlockFinancial"))
+    }
+
+    async fn confirm_account_opening(
+        &self,
+        _: Request<bank::ConfirmAccountOpeningRequest>,
+    ) -> Result<Response<bank::ConfirmAccountOpeningResponse>, Status> {
+        Err(not_built("ConfirmAccountOpening"))
+    }
+}
+
+/// The fully qualified gRPC service name, as health and reflection report it.
+pub const SERVICE_NAME: &str =
+    <bank::bank_card_service_server::BankCardServiceServer<BankAdapter> as tonic::server::NamedService>::NAME;

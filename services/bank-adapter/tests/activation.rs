@@ -1,0 +1,363 @@
+//! A financial activation through the bank-facing API switches the social function on in the same call
+//! (R20), against a real registry (SQLite) served over gRPC. The registry's store can be told to refuse
+//! writes, standing in for its database being down mid-call.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use socialcard_bank_adapter::BankAdapter;
+use socialcard_domain::BankDirectory;
+use socialcard_events::embedded::{EmbeddedConsumer, SqliteOffsets};
+use socialcard_proto::bank::v1 as bank;
+use socialcard_proto::bank::v1::bank_card_service_client::BankCardServiceClient;
+use socialcard_proto::registry::v1 as reg;
+use socialcard_proto::registry::v1::registry_service_client::RegistryServiceClient;
+use socialcard_registry::storage::{
+    AuditRecord, CardRecord, Commit, IdempotencyRecord, PersonRecord, RegistryStore, StoreError, TableCounts,
+};
+use socialcard_registry::{Registry, RegistryConfig};
+use socialcard_server::SystemClock;
+use socialcard_server::error::reason_of;
+use tokio::net::TcpListener;
+use tonic::Code;
+use tonic::transport::Channel;
+
+/// The registry's real store, whose writes can be cut off.
+#[derive(Debug)]
+struct Switchable {
+    inner: Arc<dyn RegistryStore>,
+    down: AtomicBool,
+}
+
+#[async_trait]
+impl RegistryStore for Switchable {
+    async fn person(&self, id: &str) -> Result<Option<PersonRecord>, StoreError> {
+        self.inner.person(id).await
+    }
+    async fn card(&self, id: &str) -> Result<Option<CardRecord>, StoreError> {
+        self.inner.card(id).await
+    }
+    async fn card_id_by_number(&self, n: &str) -> Result<Option<String>, StoreError> {
+        self.inner.card_id_by_number(n).await
+    }
+    async fn cards_of(&self, id: &str) -> Result<Vec<CardRecord>, StoreError> {
+        self.inner.cards_of(id).await
+    }
+    async fn idempotency(&self, key: &str) -> Result<Option<IdempotencyRecord>, StoreError> {
+        self.inner.idempotency(key).await
+    }
+    async fn audit_trail(&self, id: &str) -> Result<Vec<(i64, AuditRecord)>, StoreError> {
+        self.inner.audit_trail(id).await
+    }
+    async fn next_sequence(&self, name: &str) -> Result<i64, StoreError> {
+        self.inner.next_sequence(name).await
+    }
+    async fn commit(&self, commit: Commit) -> Result<(), StoreError> {
+        if self.down.load(Ordering::SeqCst) {
+            return Err(StoreError::Unavailable("database down (test)".into()));
+        }
+        self.inner.commit(commit).await
+    }
+    async fn counts(&self) -> Result<TableCounts, StoreError> {
+        self.inner.counts().await
+    }
+}
+
+struct World {
+    registry: Registry,
+    store: Arc<Switchable>,
+    registry_client: RegistryServiceClient<Channel>,
+    adapters: Vec<(String, BankAdapter, BankCardServiceClient<Channel>)>,
+    _dir: Dir,
+}
+
+struct Dir(std::path::PathBuf);
+impl Drop for Dir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+async fn listen() -> (TcpListener, String) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let a = format!("http://{}", l.local_addr().unwrap());
+    (l, a)
+}
+
+async fn world() -> World {
+    let dir = Dir(std::env::temp_dir().join(format!("socialcard-bank-{}", uuid::Uuid::new_v4().simple())));
+    std::fs::create_dir_all(&dir.0).unwrap();
+    let url = format!("sqlite://{}?mode=rwc", dir.0.join("registry.db").display());
+    let built = socialcard_registry::build(&url, Arc::new(SystemClock), RegistryConfig::shanghai(b"k".repeat(32)))
+        .await
+        .unwrap();
+    let store = Arc::new(Switchable { inner: built.registry.store().clone(), down: AtomicBool::new(false) });
+    let registry = Registry::new(store.clone(), Arc::new(SystemClock), RegistryConfig::shanghai(b"k".repeat(32)));
+    let (l, registry_addr) = listen().await;
+    let routes =
+        tonic::service::Routes::new(socialcard_registry::grpc::RegistryGrpc::new(registry.clone()).into_server());
+    tokio::spawn(socialcard_server::grpc::serve(
+        l,
+        routes,
+        &[socialcard_registry::SERVICE_NAME],
+        std::future::pending(),
+    ));
+    let registry_client = RegistryServiceClient::connect(registry_addr.clone()).await.unwrap();
+
+    let mut adapters = Vec::new();
+    for code in ["icbc", "ccb"] {
+        let bank = BankDirectory::shanghai().get(code).unwrap().clone();
+        let channel = Channel::from_shared(registry_addr.clone()).unwrap().connect_lazy();
+        let adapter = BankAdapter::open(bank, &dir.0.join(format!("bank-{code}.db")), channel).await.unwrap();
+        let (l, addr) = listen().await;
+        let routes = tonic::service::Routes::new(adapter.clone().into_server());
+        tokio::spawn(socialcard_server::grpc::serve(l, routes, &[], std::future::pending()));
+        adapters.push((code.to_string(), adapter, BankCardServiceClient::connect(addr).await.unwrap()));
+    }
+    World { registry, store, registry_client, adapters, _dir: dir }
+}
+
+fn key() -> String {
+    uuid::Uuid::now_v7().to_string()
+}
+
+fn actor(channel: reg::Channel) -> Option<reg::Actor> {
+    Some(reg::Actor { channel: channel as i32, operator_id: "op".into(), site_id: "site".into(), ..Default::default() })
+}
+
+fn docs() -> Option<reg::Documents> {
+    Some(reg::Documents {
+        presenter: reg::Presenter::Holder as i32,
+        holder_id_card: true,
+        card_presented: true,
+        ..Default::default()
+    })
+}
+
+/// A collected icbc card; returns (card id, card number).
+async fn collected_icbc_card(c: &mut RegistryServiceClient<Channel>, n: u32) -> (String, String) {
+    let first17 = format!("31010519800601{n:03}");
+    let id = format!("{first17}{}", socialcard_domain::citizen_id::check_char(first17.as_bytes()) as char);
+    c.register_person(reg::RegisterPersonRequest {
+        idempotency_key: key(),
+        citizen_id: id.clone(),
+        name: "Sun".into(),
+        phone: "13800000000".into(),
+    })
+    .await
+    .unwrap();
+    let card = c
+        .submit_application(reg::SubmitApplicationRequest {
+            idempotency_key: key(),
+            citizen_id: id,
+            actor: actor(reg::Channel::CommunityPoint),
+            documents: docs(),
+            card_type: reg::CardType::Adult as i32,
+            holder_status: reg::HolderStatus::Unemployed as i32,
+            bank_code: "icbc".into(),
+            photo: Some(reg::Photo { source: reg::PhotoSource::CommunityPoint as i32, ..Default::default() }),
+            backup_point_id: "p1".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .card
+        .unwrap();
+    let cid = card.card_id;
+    c.review_application(reg::ReviewApplicationRequest {
+        idempotency_key: key(),
+        card_id: cid.clone(),
+        actor: actor(reg::Channel::BureauWindow),
+        decision: reg::ReviewDecision::Approve as i32,
+        reason: String::new(),
+    })
+    .await
+    .unwrap();
+    let started = c
+        .start_production(reg::StartProductionRequest {
+            idempotency_key: key(),
+            card_id: cid.clone(),
+            actor: actor(reg::Channel::Production),
+            batch_id: "b".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .card
+        .unwrap();
+    let body = format!("621226{n:012}");
+    c.record_production_result(reg::RecordProductionResultRequest {
+        idempotency_key: key(),
+        card_id: cid.clone(),
+        actor: actor(reg::Channel::Production),
+        result: Some(reg::record_production_result_request::Result::AccountNumber(format!(
+            "{body}{}",
+            socialcard_domain::numbers::luhn_check_digit(&body)
+        ))),
+    })
+    .await
+    .unwrap();
+    c.record_collection(reg::RecordCollectionRequest {
+        idempotency_key: key(),
+        card_id: cid.clone(),
+        actor: actor(reg::Channel::CommunityPoint),
+        method: reg::CollectionMethod::PickedUpAtPoint as i32,
+        collected_at: None,
+        documents: docs(),
+    })
+    .await
+    .unwrap();
+    (cid, started.card_number)
+}
+
+fn activation(card_number: &str) -> bank::ActivateFinancialRequest {
+    bank::ActivateFinancialRequest {
+        idempotency_key: key(),
+        card_number: card_number.into(),
+        teller_id: "teller-9".into(),
+        branch_id: "branch-310105".into(),
+        face_verification_ref: "face-abc".into(),
+        bank_pin_changed: true,
+    }
+}
+
+async fn card(w: &mut World, id: &str) -> reg::Card {
+    w.registry_client
+        .get_card(reg::GetCardRequest { lookup: Some(reg::get_card_request::Lookup::CardId(id.into())) })
+        .await
+        .unwrap()
+        .into_inner()
+        .card
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn activation_at_the_right_bank_switches_both_functions_on_in_the_call() {
+    let mut w = world().await;
+    let (cid, number) = collected_icbc_card(&mut w.registry_client, 1).await;
+    let icbc = &mut w.adapters[0].2;
+    let answer = icbc.activate_financial(activation(&number)).await.unwrap().into_inner();
+    assert_eq!(answer.financial_state, reg::FinancialState::Active as i32);
+    assert_eq!(answer.social_state, reg::SocialState::Active as i32);
+    assert!(!answer.social_awaits_bureau_unlock);
+    // Visible in the registry when the call returns.
+    let now = card(&mut w, &cid).await;
+    assert_eq!(
+        (now.financial_state, now.social_state),
+        (reg::FinancialState::Active as i32, reg::SocialState::Active as i32)
+    );
+    let q =
+        w.adapters[0].2.query_card(bank::QueryCardRequest { card_number: number.clone() }).await.unwrap().into_inner();
+    assert_eq!(q.status_code, "1");
+    assert_eq!(w.adapters[0].1.unconfirmed().await.unwrap(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_banks_card_is_refused_and_nothing_is_written() {
+    let mut w = world().await;
+    let (cid, number) = collected_icbc_card(&mut w.registry_client, 2).await;
+    let before = w.store.counts().await.unwrap();
+    let ccb = &mut w.adapters[1].2;
+    let refused = ccb.activate_financial(activation(&number)).await.unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied);
+    assert_eq!(reason_of(&refused).as_deref(), Some("WRONG_BANK"));
+    assert_eq!(
+        ccb.query_card(bank::QueryCardRequest { card_number: number.clone() }).await.unwrap_err().code(),
+        Code::PermissionDenied
+    );
+    let bad = ccb.activate_financial(activation("A00000019")).await.unwrap_err();
+    assert_eq!((bad.code(), reason_of(&bad).as_deref()), (Code::InvalidArgument, Some("CARD_NUMBER_CHECK_DIGIT")));
+    assert_eq!(w.store.counts().await.unwrap(), before, "the registry wrote nothing");
+    assert_eq!(w.adapters[1].1.outbox().backlog().await.unwrap(), 0, "the adapter wrote no event");
+    assert_eq!(card(&mut w, &cid).await.financial_state, reg::FinancialState::NotActivated as i32);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_with_one_key_have_one_effect() {
+    let mut w = world().await;
+    let (cid, number) = collected_icbc_card(&mut w.registry_client, 3).await;
+    let req = activation(&number);
+    let mut calls = tokio::task::JoinSet::new();
+    for _ in 0..10 {
+        let mut client = w.adapters[0].2.clone();
+        let req = req.clone();
+        calls.spawn(async move { client.activate_financial(req).await.map(|r| r.into_inner()) });
+    }
+    let answers: Vec<_> = calls.join_all().await.into_iter().map(|r| r.unwrap()).collect();
+    assert!(answers.windows(2).all(|p| p[0] == p[1]), "same key, same answer");
+    let trail = w
+        .registry_client
+        .list_audit_trail(reg::ListAuditTrailRequest { card_id: cid })
+        .await
+        .unwrap()
+        .into_inner()
+        .entries;
+    assert_eq!(trail.iter().filter(|e| e.action == "financial_activation").count(), 1, "one effect");
+    assert_eq!(w.adapters[0].1.outbox().backlog().await.unwrap(), 1, "one FinancialActivated event");
+    let mut other = req.clone();
+    other.teller_id = "teller-10".into();
+    let reused = w.adapters[0].2.activate_financial(other).await.unwrap_err();
+    assert_eq!((reused.code(), reason_of(&reused).as_deref()), (Code::AlreadyExists, Some("IDEMPOTENCY_KEY_REUSED")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registry_down_during_the_call_then_both_functions_on_once_it_is_back() {
+    let mut w = world().await;
+    let (cid, number) = collected_icbc_card(&mut w.registry_client, 4).await;
+    w.store.down.store(true, Ordering::SeqCst);
+    let req = activation(&number);
+    let pending = w.adapters[0].2.activate_financial(req.clone()).await.unwrap_err();
+    assert_eq!(pending.code(), Code::Unavailable, "{}", pending.message());
+    assert_eq!(reason_of(&pending).as_deref(), Some("SOCIAL_ACTIVATION_PENDING"));
+    assert_eq!(w.adapters[0].1.unconfirmed().await.unwrap(), 1);
+    assert_eq!(card(&mut w, &cid).await.financial_state, reg::FinancialState::NotActivated as i32);
+
+    // The registry consumes the adapter's events (embedded log); while its database is down it retries.
+    let offsets_db = w._dir.0.join("registry.db");
+    let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}", offsets_db.display())).await.unwrap();
+    let mut consumer = EmbeddedConsumer::new(
+        "registry",
+        socialcard_events::topics::FINANCIAL,
+        w.adapters[0].1.outbox(),
+        SqliteOffsets::new(pool),
+        Arc::new(socialcard_registry::events::FinancialEvents::new(w.registry.clone())),
+    );
+    consumer.max_attempts = 1_000;
+    consumer.retry_backoff = Duration::from_millis(20);
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let task = tokio::spawn(consumer.run(stopped));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(card(&mut w, &cid).await.social_state, reg::SocialState::NotActivated as i32, "still down");
+
+    w.store.down.store(false, Ordering::SeqCst);
+    let start = Instant::now();
+    loop {
+        let c = card(&mut w, &cid).await;
+        if c.financial_state == reg::FinancialState::Active as i32 && c.social_state == reg::SocialState::Active as i32
+        {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(20), "the event never switched the card on");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop.send(true).unwrap();
+    task.await.unwrap();
+
+    // The bank's retry with the same key now gets OK, and nothing happened twice.
+    let ok = w.adapters[0].2.activate_financial(req).await.unwrap().into_inner();
+    assert_eq!(ok.social_state, reg::SocialState::Active as i32);
+    assert_eq!(w.adapters[0].1.unconfirmed().await.unwrap(), 0);
+    let trail = w
+        .registry_client
+        .list_audit_trail(reg::ListAuditTrailRequest { card_id: cid })
+        .await
+        .unwrap()
+        .into_inner()
+        .entries;
+    assert_eq!(trail.iter().filter(|e| e.action == "financial_activation").count(), 1, "one effect across both paths");
+}
