@@ -4,6 +4,7 @@
 //! so every figure stands beside a baseline measured in the same run. `--quick` runs a tiny size, for CI
 //! to keep the benchmarks working; its figures mean nothing.
 
+mod activation;
 mod propagation;
 mod stats;
 
@@ -11,6 +12,8 @@ use clap::{Parser, ValueEnum};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Scenario {
+    /// Dual activation through the bank-facing gRPC API beside the raw database writes it needs.
+    Activation,
     /// Commit-to-consumer-applied latency through the embedded log and through Kafka.
     Propagation,
     All,
@@ -35,6 +38,9 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let mut results = Vec::new();
+    if matches!(args.scenario, Scenario::Activation | Scenario::All) {
+        results.push(activation::run(args.quick).await?);
+    }
     if matches!(args.scenario, Scenario::Propagation | Scenario::All) {
         results.push(propagation::run(args.quick, args.kafka_brokers.clone()).await?);
     }

@@ -11,6 +11,10 @@ impl Samples {
         self.0.push(u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
     }
 
+    pub fn append(&mut self, other: Samples) {
+        self.0.extend(other.0);
+    }
+
     pub fn len(&self) -> usize {
         self.0.len()
     }

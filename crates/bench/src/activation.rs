@@ -1,0 +1,312 @@
+//! `activation`: dual activation as a bank's core system makes it, through the bank-facing gRPC API
+//! (bank core -> adapter -> registry, both committed) at 16, 64 and 256 calls in flight. Baseline, same
+//! run, same concurrency: the minimal database writes the operation needs (the registry's card row,
+//! audit, outbox and idempotency rows; the adapter's activation, idempotency and outbox rows), done
+//! directly through sqlx on SQLite files of the same shape.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use socialcard_bank_adapter::BankAdapter;
+use socialcard_domain::BankDirectory;
+use socialcard_proto::bank::v1 as bank;
+use socialcard_proto::bank::v1::bank_card_service_client::BankCardServiceClient;
+use socialcard_proto::registry::v1 as reg;
+use socialcard_registry::{Registry, RegistryConfig};
+use socialcard_server::SystemClock;
+use sqlx::SqlitePool;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use tokio::net::TcpListener;
+use tonic::transport::Channel;
+
+use crate::stats::{Samples, Table};
+
+struct Dir(std::path::PathBuf);
+impl Drop for Dir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn key() -> String {
+    uuid::Uuid::now_v7().to_string()
+}
+
+fn actor(channel: reg::Channel) -> Option<reg::Actor> {
+    Some(reg::Actor {
+        channel: channel as i32,
+        operator_id: "bench".into(),
+        site_id: "site".into(),
+        ..Default::default()
+    })
+}
+
+fn docs() -> Option<reg::Documents> {
+    Some(reg::Documents {
+        presenter: reg::Presenter::Holder as i32,
+        holder_id_card: true,
+        card_presented: true,
+        ..Default::default()
+    })
+}
+
+/// A collected icbc card, made through the registry's use cases; returns its card number.
+async fn collected_card(r: &Registry, n: usize) -> anyhow::Result<String> {
+    let err = |e: socialcard_server::ApiError| anyhow::anyhow!("{e}");
+    // Distinct valid IDs: region 310105, birth dates spread over 1950-2000, sequence from n.
+    let birth = time::macros::date!(1950 - 01 - 01) + time::Duration::days((n % 18_000) as i64);
+    let first17 =
+        format!("310105{:04}{:02}{:02}{:03}", birth.year(), birth.month() as u8, birth.day(), n / 18_000 % 1000);
+    let id = format!("{first17}{}", socialcard_domain::citizen_id::check_char(first17.as_bytes()) as char);
+    r.register_person(reg::RegisterPersonRequest {
+        idempotency_key: key(),
+        citizen_id: id.clone(),
+        name: "Bench".into(),
+        phone: "13800000000".into(),
+    })
+    .await
+    .map_err(err)?;
+    let card = r
+        .submit_application(reg::SubmitApplicationRequest {
+            idempotency_key: key(),
+            citizen_id: id,
+            actor: actor(reg::Channel::CommunityPoint),
+            documents: docs(),
+            card_type: reg::CardType::Adult as i32,
+            holder_status: reg::HolderStatus::Unemployed as i32,
+            bank_code: "icbc".into(),
+            photo: Some(reg::Photo { source: reg::PhotoSource::CommunityPoint as i32, ..Default::default() }),
+            backup_point_id: "p1".into(),
+            ..Default::default()
+        })
+        .await
+        .map_err(err)?
+        .card
+        .unwrap_or_default();
+    let cid = card.card_id;
+    r.review_application(reg::ReviewApplicationRequest {
+        idempotency_key: key(),
+        card_id: cid.clone(),
+        actor: actor(reg::Channel::BureauWindow),
+        decision: reg::ReviewDecision::Approve as i32,
+        reason: String::new(),
+    })
+    .await
+    .map_err(err)?;
+    let started = r
+        .start_production(reg::StartProductionRequest {
+            idempotency_key: key(),
+            card_id: cid.clone(),
+            actor: actor(reg::Channel::Production),
+            batch_id: "b".into(),
+        })
+        .await
+        .map_err(err)?
+        .card
+        .unwrap_or_default();
+    let body = format!("621226{n:012}");
+    r.record_production_result(reg::RecordProductionResultRequest {
+        idempotency_key: key(),
+        card_id: cid.clone(),
+        actor: actor(reg::Channel::Production),
+        result: Some(reg::record_production_result_request::Result::AccountNumber(format!(
+            "{body}{}",
+            socialcard_domain::numbers::luhn_check_digit(&body)
+        ))),
+    })
+    .await
+    .map_err(err)?;
+    r.record_collection(reg::RecordCollectionRequest {
+        idempotency_key: key(),
+        card_id: cid,
+        actor: actor(reg::Channel::CommunityPoint),
+        method: reg::CollectionMethod::PickedUpAtPoint as i32,
+        collected_at: None,
+        documents: docs(),
+    })
+    .await
+    .map_err(err)?;
+    Ok(started.card_number)
+}
+
+async fn sqlite(path: std::path::PathBuf) -> anyhow::Result<SqlitePool> {
+    let opts = SqliteConnectOptions::new()
+        .filename(path)
+        .create_if_missing(true)
+        .journal_mode(SqliteJournalMode::Wal)
+        .synchronous(SqliteSynchronous::Normal)
+        .busy_timeout(Duration::from_secs(30));
+    Ok(SqlitePoolOptions::new().max_connections(8).connect_with(opts).await?)
+}
+
+/// Runs `op(i)` for i in 0..n with `in_flight` workers; returns latencies and the elapsed time.
+async fn drive<F, Fut>(n: usize, in_flight: usize, op: F) -> anyhow::Result<(Samples, Duration)>
+where
+    F: Fn(usize) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = anyhow::Result<()>> + Send,
+{
+    let op = Arc::new(op);
+    let next = Arc::new(AtomicUsize::new(0));
+    let start = Instant::now();
+    let mut workers = tokio::task::JoinSet::new();
+    for _ in 0..in_flight {
+        let (op, next) = (op.clone(), next.clone());
+        workers.spawn(async move {
+            let mut samples = Samples::default();
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= n {
+                    return Ok::<_, anyhow::Error>(samples);
+                }
+                let t = Instant::now();
+                op(i).await?;
+                samples.push(t.elapsed());
+            }
+        });
+    }
+    let mut all = Samples::default();
+    for r in workers.join_all().await {
+        all.append(r?);
+    }
+    Ok((all, start.elapsed()))
+}
+
+pub async fn run(quick: bool) -> anyhow::Result<Table> {
+    let levels: &[usize] = &[16, 64, 256];
+    let per_level = if quick { 40 } else { 2_000 };
+    let dir = Dir(std::env::temp_dir().join(format!("socialcard-bench-act-{}", uuid::Uuid::new_v4().simple())));
+    std::fs::create_dir_all(&dir.0)?;
+
+    // The system: a registry and the icbc adapter, served over gRPC on loopback.
+    let url = format!("sqlite://{}?mode=rwc", dir.0.join("registry.db").display());
+    let built = socialcard_registry::build(&url, Arc::new(SystemClock), RegistryConfig::shanghai(vec![7; 32])).await?;
+    let registry = built.registry.clone();
+    let l = TcpListener::bind("127.0.0.1:0").await?;
+    let registry_addr = format!("http://{}", l.local_addr()?);
+    let routes =
+        tonic::service::Routes::new(socialcard_registry::grpc::RegistryGrpc::new(registry.clone()).into_server());
+    tokio::spawn(socialcard_server::grpc::serve(l, routes, &[], std::future::pending()));
+    let icbc = BankDirectory::shanghai().get("icbc").cloned().ok_or_else(|| anyhow::anyhow!("no icbc"))?;
+    let adapter =
+        BankAdapter::open(icbc, &dir.0.join("bank-icbc.db"), Channel::from_shared(registry_addr)?.connect_lazy())
+            .await?;
+    let l = TcpListener::bind("127.0.0.1:0").await?;
+    let adapter_addr = format!("http://{}", l.local_addr()?);
+    tokio::spawn(socialcard_server::grpc::serve(
+        l,
+        tonic::service::Routes::new(adapter.into_server()),
+        &[],
+        std::future::pending(),
+    ));
+    let client = BankCardServiceClient::connect(adapter_addr).await?;
+
+    // The baseline's two databases, the same rows per activation.
+    let base_registry = sqlite(dir.0.join("base-registry.db")).await?;
+    let base_adapter = sqlite(dir.0.join("base-adapter.db")).await?;
+    sqlx::raw_sql(
+        "CREATE TABLE cards (card_id TEXT PRIMARY KEY, version INTEGER NOT NULL, data TEXT NOT NULL);
+         CREATE TABLE audit_log (seq INTEGER PRIMARY KEY AUTOINCREMENT, card_id TEXT, at INTEGER, action TEXT, actor TEXT, to_state TEXT);
+         CREATE TABLE outbox (seq INTEGER PRIMARY KEY AUTOINCREMENT, event_id TEXT UNIQUE, event_key TEXT, payload BLOB, published_at INTEGER);
+         CREATE TABLE idempotency (idempotency_key TEXT PRIMARY KEY, request_hash BLOB, response BLOB);",
+    )
+    .execute(&base_registry)
+    .await?;
+    sqlx::raw_sql(
+        "CREATE TABLE financial_cards (card_id TEXT PRIMARY KEY, card_number TEXT UNIQUE, state TEXT, activated_at INTEGER);
+         CREATE TABLE idempotency (idempotency_key TEXT PRIMARY KEY, request_hash BLOB, response BLOB);
+         CREATE TABLE outbox (seq INTEGER PRIMARY KEY AUTOINCREMENT, event_id TEXT UNIQUE, event_key TEXT, payload BLOB, published_at INTEGER);",
+    )
+    .execute(&base_adapter)
+    .await?;
+    let card_json = "x".repeat(900);
+
+    let mut rows = Vec::new();
+    let mut made = 0;
+    for &in_flight in levels {
+        let mut numbers = Vec::with_capacity(per_level);
+        for _ in 0..per_level {
+            numbers.push(collected_card(&registry, made).await?);
+            made += 1;
+        }
+        let numbers = Arc::new(numbers);
+        let c = client.clone();
+        let (mut latency, elapsed) = drive(per_level, in_flight, move |i| {
+            let mut c = c.clone();
+            let number = numbers[i].clone();
+            async move {
+                let r = c
+                    .activate_financial(bank::ActivateFinancialRequest {
+                        idempotency_key: key(),
+                        card_number: number,
+                        teller_id: "teller".into(),
+                        branch_id: "branch".into(),
+                        face_verification_ref: "face".into(),
+                        bank_pin_changed: true,
+                    })
+                    .await?
+                    .into_inner();
+                anyhow::ensure!(r.social_state == reg::SocialState::Active as i32, "social function not on");
+                Ok(())
+            }
+        })
+        .await?;
+
+        for i in 0..per_level {
+            sqlx::query("INSERT INTO cards (card_id, version, data) VALUES ($1, 1, $2)")
+                .bind(format!("{in_flight}-{i}"))
+                .bind(&card_json)
+                .execute(&base_registry)
+                .await?;
+        }
+        let (r, a, json) = (base_registry.clone(), base_adapter.clone(), card_json.clone());
+        let (mut base, base_elapsed) = drive(per_level, in_flight, move |i| {
+            let (r, a, json) = (r.clone(), a.clone(), json.clone());
+            async move {
+                let card = format!("{in_flight}-{i}");
+                let mut tx = r.begin().await?;
+                sqlx::query("INSERT INTO idempotency VALUES ($1, x'00', x'00')").bind(key()).execute(&mut *tx).await?;
+                sqlx::query("UPDATE cards SET version = version + 1, data = $1 WHERE card_id = $2 AND version = 1")
+                    .bind(&json)
+                    .bind(&card)
+                    .execute(&mut *tx)
+                    .await?;
+                sqlx::query("INSERT INTO audit_log (card_id, at, action, actor, to_state) VALUES ($1, 0, 'financial_activation', '{}', 'active')")
+                    .bind(&card)
+                    .execute(&mut *tx)
+                    .await?;
+                sqlx::query("INSERT INTO outbox (event_id, event_key, payload) VALUES ($1, $2, x'00')").bind(key()).bind(&card).execute(&mut *tx).await?;
+                tx.commit().await?;
+                let mut tx = a.begin().await?;
+                sqlx::query("INSERT INTO financial_cards VALUES ($1, $1, 'active', 0)").bind(&card).execute(&mut *tx).await?;
+                sqlx::query("INSERT INTO idempotency VALUES ($1, x'00', x'00')").bind(key()).execute(&mut *tx).await?;
+                sqlx::query("INSERT INTO outbox (event_id, event_key, payload) VALUES ($1, $2, x'00')").bind(key()).bind(&card).execute(&mut *tx).await?;
+                tx.commit().await?;
+                Ok(())
+            }
+        })
+        .await?;
+        let tps = per_level as f64 / elapsed.as_secs_f64();
+        let base_tps = per_level as f64 / base_elapsed.as_secs_f64();
+        rows.push(vec![
+            "embedded (sqlite)".to_string(),
+            in_flight.to_string(),
+            format!("{tps:.0}"),
+            format!("{:.2}", latency.quantile_ms(0.50)),
+            format!("{:.2}", latency.quantile_ms(0.99)),
+            format!("{base_tps:.0}"),
+            format!("{:.2}", base.quantile_ms(0.50)),
+            format!("{:.2}", base.quantile_ms(0.99)),
+            format!("{:.2}", tps / base_tps),
+        ]);
+    }
+    Ok(Table {
+        name: "activation",
+        columns: vec!["storage", "in flight", "activations/s", "p50 ms", "p99 ms", "baseline/s", "base p50 ms", "base p99 ms", "ratio"],
+        rows,
+        notes: vec![
+            format!("{per_level} activations per level through ActivateFinancial (gRPC: bank core -> adapter -> registry), each on a fresh collected card"),
+            "baseline: the same rows written directly with sqlx, same concurrency; targets: ratio >= 0.5, p99 <= 25 ms at 64 in flight".into(),
+        ],
+    })
+}
