@@ -17,7 +17,6 @@ use rdkafka::mocking::MockCluster;
 use socialcard_events::kafka::{ConsumerConfig, KafkaConfig, KafkaConsumer};
 use socialcard_events::{Applied, Envelope, Handler, HandlerError};
 use socialcard_proto::events::v1 as ev;
-use socialcard_proto::registry::v1 as pb;
 use socialcard_proto::registry::v1::registry_service_client::RegistryServiceClient;
 use sqlx::Row;
 use tokio::sync::watch;
@@ -116,101 +115,9 @@ fn http_get(addr: &str, path: &str) -> String {
     out
 }
 
-fn key() -> String {
-    uuid::Uuid::now_v7().to_string()
-}
-
-fn actor(channel: pb::Channel) -> Option<pb::Actor> {
-    Some(pb::Actor { channel: channel as i32, operator_id: "op".into(), site_id: "site".into(), ..Default::default() })
-}
-
-fn docs() -> Option<pb::Documents> {
-    Some(pb::Documents {
-        presenter: pb::Presenter::Holder as i32,
-        holder_id_card: true,
-        card_presented: true,
-        ..Default::default()
-    })
-}
-
-fn citizen(n: u32) -> String {
-    let first17 = format!("31010519800601{:03}", n);
-    format!("{first17}{}", socialcard_domain::citizen_id::check_char(first17.as_bytes()) as char)
-}
-
-/// Registers a person and takes a card from application to collection: five card events.
-async fn card_to_collection(client: &mut RegistryServiceClient<tonic::transport::Channel>, n: u32) -> String {
-    let id = citizen(n);
-    client
-        .register_person(pb::RegisterPersonRequest {
-            idempotency_key: key(),
-            citizen_id: id.clone(),
-            name: "Chen".into(),
-            phone: "13800000000".into(),
-        })
-        .await
-        .unwrap();
-    let card = client
-        .submit_application(pb::SubmitApplicationRequest {
-            idempotency_key: key(),
-            citizen_id: id,
-            actor: actor(pb::Channel::CommunityPoint),
-            documents: docs(),
-            card_type: pb::CardType::Adult as i32,
-            holder_status: pb::HolderStatus::Unemployed as i32,
-            bank_code: "icbc".into(),
-            photo: Some(pb::Photo { source: pb::PhotoSource::CommunityPoint as i32, ..Default::default() }),
-            backup_point_id: "p1".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .card
-        .unwrap();
-    let cid = card.card_id;
-    client
-        .review_application(pb::ReviewApplicationRequest {
-            idempotency_key: key(),
-            card_id: cid.clone(),
-            actor: actor(pb::Channel::BureauWindow),
-            decision: pb::ReviewDecision::Approve as i32,
-            reason: String::new(),
-        })
-        .await
-        .unwrap();
-    client
-        .start_production(pb::StartProductionRequest {
-            idempotency_key: key(),
-            card_id: cid.clone(),
-            actor: actor(pb::Channel::Production),
-            batch_id: "b".into(),
-        })
-        .await
-        .unwrap();
-    let body = format!("621226{:012}", n);
-    let account = format!("{body}{}", socialcard_domain::numbers::luhn_check_digit(&body));
-    client
-        .record_production_result(pb::RecordProductionResultRequest {
-            idempotency_key: key(),
-            card_id: cid.clone(),
-            actor: actor(pb::Channel::Production),
-            result: Some(pb::record_production_result_request::Result::AccountNumber(account)),
-        })
-        .await
-        .unwrap();
-    client
-        .record_collection(pb::RecordCollectionRequest {
-            idempotency_key: key(),
-            card_id: cid.clone(),
-            actor: actor(pb::Channel::CommunityPoint),
-            method: pb::CollectionMethod::PickedUpAtPoint as i32,
-            collected_at: None,
-            documents: docs(),
-        })
-        .await
-        .unwrap();
-    cid
+/// A card from application to collection: five card events.
+async fn card_to_collection(client: &mut RegistryServiceClient<tonic::transport::Channel>, n: u64) -> String {
+    socialcard_registry::fixtures::collected_card(client, n, "icbc", "621226").await.unwrap().card_id
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

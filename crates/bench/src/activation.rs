@@ -13,7 +13,9 @@ use socialcard_domain::BankDirectory;
 use socialcard_proto::bank::v1 as bank;
 use socialcard_proto::bank::v1::bank_card_service_client::BankCardServiceClient;
 use socialcard_proto::registry::v1 as reg;
-use socialcard_registry::{Registry, RegistryConfig};
+use socialcard_proto::registry::v1::registry_service_client::RegistryServiceClient;
+use socialcard_registry::RegistryConfig;
+use socialcard_registry::fixtures::collected_card;
 use socialcard_server::SystemClock;
 use sqlx::SqlitePool;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
@@ -31,103 +33,6 @@ impl Drop for Dir {
 
 fn key() -> String {
     uuid::Uuid::now_v7().to_string()
-}
-
-fn actor(channel: reg::Channel) -> Option<reg::Actor> {
-    Some(reg::Actor {
-        channel: channel as i32,
-        operator_id: "bench".into(),
-        site_id: "site".into(),
-        ..Default::default()
-    })
-}
-
-fn docs() -> Option<reg::Documents> {
-    Some(reg::Documents {
-        presenter: reg::Presenter::Holder as i32,
-        holder_id_card: true,
-        card_presented: true,
-        ..Default::default()
-    })
-}
-
-/// A collected icbc card, made through the registry's use cases; returns its card number.
-async fn collected_card(r: &Registry, n: usize) -> anyhow::Result<String> {
-    let err = |e: socialcard_server::ApiError| anyhow::anyhow!("{e}");
-    // Distinct valid IDs: region 310105, birth dates spread over 1950-2000, sequence from n.
-    let birth = time::macros::date!(1950 - 01 - 01) + time::Duration::days((n % 18_000) as i64);
-    let first17 =
-        format!("310105{:04}{:02}{:02}{:03}", birth.year(), birth.month() as u8, birth.day(), n / 18_000 % 1000);
-    let id = format!("{first17}{}", socialcard_domain::citizen_id::check_char(first17.as_bytes()) as char);
-    r.register_person(reg::RegisterPersonRequest {
-        idempotency_key: key(),
-        citizen_id: id.clone(),
-        name: "Bench".into(),
-        phone: "13800000000".into(),
-    })
-    .await
-    .map_err(err)?;
-    let card = r
-        .submit_application(reg::SubmitApplicationRequest {
-            idempotency_key: key(),
-            citizen_id: id,
-            actor: actor(reg::Channel::CommunityPoint),
-            documents: docs(),
-            card_type: reg::CardType::Adult as i32,
-            holder_status: reg::HolderStatus::Unemployed as i32,
-            bank_code: "icbc".into(),
-            photo: Some(reg::Photo { source: reg::PhotoSource::CommunityPoint as i32, ..Default::default() }),
-            backup_point_id: "p1".into(),
-            ..Default::default()
-        })
-        .await
-        .map_err(err)?
-        .card
-        .unwrap_or_default();
-    let cid = card.card_id;
-    r.review_application(reg::ReviewApplicationRequest {
-        idempotency_key: key(),
-        card_id: cid.clone(),
-        actor: actor(reg::Channel::BureauWindow),
-        decision: reg::ReviewDecision::Approve as i32,
-        reason: String::new(),
-    })
-    .await
-    .map_err(err)?;
-    let started = r
-        .start_production(reg::StartProductionRequest {
-            idempotency_key: key(),
-            card_id: cid.clone(),
-            actor: actor(reg::Channel::Production),
-            batch_id: "b".into(),
-        })
-        .await
-        .map_err(err)?
-        .card
-        .unwrap_or_default();
-    let body = format!("621226{n:012}");
-    r.record_production_result(reg::RecordProductionResultRequest {
-        idempotency_key: key(),
-        card_id: cid.clone(),
-        actor: actor(reg::Channel::Production),
-        result: Some(reg::record_production_result_request::Result::AccountNumber(format!(
-            "{body}{}",
-            socialcard_domain::numbers::luhn_check_digit(&body)
-        ))),
-    })
-    .await
-    .map_err(err)?;
-    r.record_collection(reg::RecordCollectionRequest {
-        idempotency_key: key(),
-        card_id: cid,
-        actor: actor(reg::Channel::CommunityPoint),
-        method: reg::CollectionMethod::PickedUpAtPoint as i32,
-        collected_at: None,
-        documents: docs(),
-    })
-    .await
-    .map_err(err)?;
-    Ok(started.card_number)
 }
 
 async fn sqlite(path: std::path::PathBuf) -> anyhow::Result<SqlitePool> {
@@ -181,16 +86,18 @@ pub async fn run(quick: bool) -> anyhow::Result<Table> {
     // The system: a registry and the icbc adapter, served over gRPC on loopback.
     let url = format!("sqlite://{}?mode=rwc", dir.0.join("registry.db").display());
     let built = socialcard_registry::build(&url, Arc::new(SystemClock), RegistryConfig::shanghai(vec![7; 32])).await?;
-    let registry = built.registry.clone();
+    let registry = built.registry;
     let l = TcpListener::bind("127.0.0.1:0").await?;
     let registry_addr = format!("http://{}", l.local_addr()?);
-    let routes =
-        tonic::service::Routes::new(socialcard_registry::grpc::RegistryGrpc::new(registry.clone()).into_server());
+    let routes = tonic::service::Routes::new(socialcard_registry::grpc::RegistryGrpc::new(registry).into_server());
     tokio::spawn(socialcard_server::grpc::serve(l, routes, &[], std::future::pending()));
     let icbc = BankDirectory::shanghai().get("icbc").cloned().ok_or_else(|| anyhow::anyhow!("no icbc"))?;
-    let adapter =
-        BankAdapter::open(icbc, &dir.0.join("bank-icbc.db"), Channel::from_shared(registry_addr)?.connect_lazy())
-            .await?;
+    let adapter = BankAdapter::open(
+        icbc,
+        &dir.0.join("bank-icbc.db"),
+        Channel::from_shared(registry_addr.clone())?.connect_lazy(),
+    )
+    .await?;
     let l = TcpListener::bind("127.0.0.1:0").await?;
     let adapter_addr = format!("http://{}", l.local_addr()?);
     tokio::spawn(socialcard_server::grpc::serve(
@@ -200,6 +107,7 @@ pub async fn run(quick: bool) -> anyhow::Result<Table> {
         std::future::pending(),
     ));
     let client = BankCardServiceClient::connect(adapter_addr).await?;
+    let mut registry_client = RegistryServiceClient::connect(registry_addr.clone()).await?;
 
     // The baseline's two databases, the same rows per activation.
     let base_registry = sqlite(dir.0.join("base-registry.db")).await?;
@@ -222,11 +130,11 @@ pub async fn run(quick: bool) -> anyhow::Result<Table> {
     let card_json = "x".repeat(900);
 
     let mut rows = Vec::new();
-    let mut made = 0;
+    let mut made = 0u64;
     for &in_flight in levels {
         let mut numbers = Vec::with_capacity(per_level);
         for _ in 0..per_level {
-            numbers.push(collected_card(&registry, made).await?);
+            numbers.push(collected_card(&mut registry_client, made, "icbc", "621226").await?.card_number);
             made += 1;
         }
         let numbers = Arc::new(numbers);

@@ -125,94 +125,10 @@ fn key() -> String {
     uuid::Uuid::now_v7().to_string()
 }
 
-fn actor(channel: reg::Channel) -> Option<reg::Actor> {
-    Some(reg::Actor { channel: channel as i32, operator_id: "op".into(), site_id: "site".into(), ..Default::default() })
-}
-
-fn docs() -> Option<reg::Documents> {
-    Some(reg::Documents {
-        presenter: reg::Presenter::Holder as i32,
-        holder_id_card: true,
-        card_presented: true,
-        ..Default::default()
-    })
-}
-
 /// A collected icbc card; returns (card id, card number).
-async fn collected_icbc_card(c: &mut RegistryServiceClient<Channel>, n: u32) -> (String, String) {
-    let first17 = format!("31010519800601{n:03}");
-    let id = format!("{first17}{}", socialcard_domain::citizen_id::check_char(first17.as_bytes()) as char);
-    c.register_person(reg::RegisterPersonRequest {
-        idempotency_key: key(),
-        citizen_id: id.clone(),
-        name: "Sun".into(),
-        phone: "13800000000".into(),
-    })
-    .await
-    .unwrap();
-    let card = c
-        .submit_application(reg::SubmitApplicationRequest {
-            idempotency_key: key(),
-            citizen_id: id,
-            actor: actor(reg::Channel::CommunityPoint),
-            documents: docs(),
-            card_type: reg::CardType::Adult as i32,
-            holder_status: reg::HolderStatus::Unemployed as i32,
-            bank_code: "icbc".into(),
-            photo: Some(reg::Photo { source: reg::PhotoSource::CommunityPoint as i32, ..Default::default() }),
-            backup_point_id: "p1".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .card
-        .unwrap();
-    let cid = card.card_id;
-    c.review_application(reg::ReviewApplicationRequest {
-        idempotency_key: key(),
-        card_id: cid.clone(),
-        actor: actor(reg::Channel::BureauWindow),
-        decision: reg::ReviewDecision::Approve as i32,
-        reason: String::new(),
-    })
-    .await
-    .unwrap();
-    let started = c
-        .start_production(reg::StartProductionRequest {
-            idempotency_key: key(),
-            card_id: cid.clone(),
-            actor: actor(reg::Channel::Production),
-            batch_id: "b".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .card
-        .unwrap();
-    let body = format!("621226{n:012}");
-    c.record_production_result(reg::RecordProductionResultRequest {
-        idempotency_key: key(),
-        card_id: cid.clone(),
-        actor: actor(reg::Channel::Production),
-        result: Some(reg::record_production_result_request::Result::AccountNumber(format!(
-            "{body}{}",
-            socialcard_domain::numbers::luhn_check_digit(&body)
-        ))),
-    })
-    .await
-    .unwrap();
-    c.record_collection(reg::RecordCollectionRequest {
-        idempotency_key: key(),
-        card_id: cid.clone(),
-        actor: actor(reg::Channel::CommunityPoint),
-        method: reg::CollectionMethod::PickedUpAtPoint as i32,
-        collected_at: None,
-        documents: docs(),
-    })
-    .await
-    .unwrap();
-    (cid, started.card_number)
+async fn collected_icbc_card(c: &mut RegistryServiceClient<Channel>, n: u64) -> (String, String) {
+    let card = socialcard_registry::fixtures::collected_card(c, n, "icbc", "621226").await.unwrap();
+    (card.card_id, card.card_number)
 }
 
 fn activation(card_number: &str) -> bank::ActivateFinancialRequest {

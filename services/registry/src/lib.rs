@@ -8,6 +8,8 @@
 pub mod app;
 pub mod convert;
 pub mod events;
+#[cfg(feature = "fixtures")]
+pub mod fixtures;
 pub mod grpc;
 pub mod pin;
 pub mod storage;

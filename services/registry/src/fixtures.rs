@@ -1,0 +1,123 @@
+//! Cards ready for the next step of their life, made through the public gRPC API: for tests, the demo
+//! and benchmarks of the services that stand on the registry (bank adapters, events). Compiled only
+//! with the `fixtures` feature.
+
+use socialcard_domain::citizen_id::check_char;
+use socialcard_domain::numbers::luhn_check_digit;
+use socialcard_proto::registry::v1 as pb;
+use socialcard_proto::registry::v1::registry_service_client::RegistryServiceClient;
+use tonic::transport::Channel;
+
+fn key() -> String {
+    uuid::Uuid::now_v7().to_string()
+}
+
+fn actor(channel: pb::Channel) -> Option<pb::Actor> {
+    Some(pb::Actor {
+        channel: channel as i32,
+        operator_id: "fixture".into(),
+        site_id: "site-1".into(),
+        ..Default::default()
+    })
+}
+
+fn in_person() -> Option<pb::Documents> {
+    Some(pb::Documents {
+        presenter: pb::Presenter::Holder as i32,
+        holder_id_card: true,
+        card_presented: true,
+        ..Default::default()
+    })
+}
+
+/// A valid citizen ID for the `n`-th adult (born 1950-1999 in Shanghai's Xuhui district), distinct per `n`
+/// up to 18 million.
+pub fn adult_citizen_id(n: u64) -> String {
+    let birth = time::macros::date!(1950 - 01 - 01) + time::Duration::days((n % 18_000) as i64);
+    let first17 =
+        format!("310104{:04}{:02}{:02}{:03}", birth.year(), birth.month() as u8, birth.day(), n / 18_000 % 1000);
+    format!("{first17}{}", check_char(first17.as_bytes()) as char)
+}
+
+/// A card with its holder, as the fixtures made it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FixtureCard {
+    pub card_id: String,
+    pub card_number: String,
+}
+
+/// Registers the `n`-th adult and takes a card at `bank` from application to collection (five card
+/// events: submitted, approved, production started, produced, collected).
+pub async fn collected_card(
+    c: &mut RegistryServiceClient<Channel>,
+    n: u64,
+    bank: &str,
+    bin: &str,
+) -> Result<FixtureCard, tonic::Status> {
+    let id = adult_citizen_id(n);
+    c.register_person(pb::RegisterPersonRequest {
+        idempotency_key: key(),
+        citizen_id: id.clone(),
+        name: "Fixture".into(),
+        phone: "13800000000".into(),
+    })
+    .await?;
+    let card = c
+        .submit_application(pb::SubmitApplicationRequest {
+            idempotency_key: key(),
+            citizen_id: id,
+            actor: actor(pb::Channel::CommunityPoint),
+            documents: in_person(),
+            card_type: pb::CardType::Adult as i32,
+            holder_status: pb::HolderStatus::Unemployed as i32,
+            bank_code: bank.into(),
+            photo: Some(pb::Photo { source: pb::PhotoSource::CommunityPoint as i32, ..Default::default() }),
+            backup_point_id: "point-1".into(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .card
+        .unwrap_or_default();
+    let card_id = card.card_id;
+    c.review_application(pb::ReviewApplicationRequest {
+        idempotency_key: key(),
+        card_id: card_id.clone(),
+        actor: actor(pb::Channel::BureauWindow),
+        decision: pb::ReviewDecision::Approve as i32,
+        reason: String::new(),
+    })
+    .await?;
+    let started = c
+        .start_production(pb::StartProductionRequest {
+            idempotency_key: key(),
+            card_id: card_id.clone(),
+            actor: actor(pb::Channel::Production),
+            batch_id: "fixture".into(),
+        })
+        .await?
+        .into_inner()
+        .card
+        .unwrap_or_default();
+    let body = format!("{bin}{:0width$}", n, width = 18usize.saturating_sub(bin.len()));
+    c.record_production_result(pb::RecordProductionResultRequest {
+        idempotency_key: key(),
+        card_id: card_id.clone(),
+        actor: actor(pb::Channel::Production),
+        result: Some(pb::record_production_result_request::Result::AccountNumber(format!(
+            "{body}{}",
+            luhn_check_digit(&body)
+        ))),
+    })
+    .await?;
+    c.record_collection(pb::RecordCollectionRequest {
+        idempotency_key: key(),
+        card_id: card_id.clone(),
+        actor: actor(pb::Channel::CommunityPoint),
+        method: pb::CollectionMethod::PickedUpAtPoint as i32,
+        collected_at: None,
+        documents: in_person(),
+    })
+    .await?;
+    Ok(FixtureCard { card_id, card_number: started.card_number })
+}
