@@ -31,6 +31,13 @@ pub struct BankPolicy {
     pub temporary_loss_expiry_days: u32,
     /// Wrong bank-PIN entries allowed per day before the bank locks the PIN.
     pub pin_tries_per_day: u32,
+    /// How long after an activation the bank core may still roll it back (compensation).
+    #[serde(default = "default_cancel_window")]
+    pub activation_cancel_window_minutes: u32,
+}
+
+fn default_cancel_window() -> u32 {
+    30
 }
 
 /// Working hours for manual operations at the bank, local time, Monday to Friday.

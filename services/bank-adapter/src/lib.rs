@@ -5,8 +5,8 @@
 //! `FinancialActivated` event in the same transaction; the registry applies it as soon as it can, with
 //! the same idempotency key, so no card stays half-activated and nothing happens twice.
 //!
-//! Built so far: ActivateFinancial and QueryCard. Loss reports, unlocks, account opening confirmation,
-//! compensation, mutual TLS and reconciliation follow (issue 4).
+//! Built so far: ActivateFinancial, CancelActivation (compensation) and QueryCard. Loss reports, unlocks,
+//! account opening confirmation, mutual TLS and reconciliation follow (issue 4).
 
 use std::str::FromStr;
 use std::sync::Arc;
@@ -177,7 +177,7 @@ impl BankAdapter {
                 };
                 self.record(&card, &teller, &branch, &key, &hash, registry_request, Some(&response), now).await?;
                 // Concurrent retries with this key all return the answer stored first.
-                Ok(self.stored_answer(&key, &hash).await?.unwrap_or(response))
+                Ok(self.stored_answer::<bank::ActivateFinancialResponse>(&key, &hash).await?.unwrap_or(response))
             }
             Err(status)
                 if matches!(
@@ -199,7 +199,7 @@ impl BankAdapter {
         }
     }
 
-    async fn stored_answer(&self, key: &str, hash: &[u8]) -> Result<Option<bank::ActivateFinancialResponse>, ApiError> {
+    async fn stored_answer<R: Message + Default>(&self, key: &str, hash: &[u8]) -> Result<Option<R>, ApiError> {
         let row = sqlx::query("SELECT request_hash, response FROM idempotency WHERE idempotency_key = $1")
             .bind(key)
             .fetch_optional(&self.pool)
@@ -215,9 +215,151 @@ impl BankAdapter {
             ));
         }
         let response: Vec<u8> = row.try_get("response").map_err(db)?;
-        bank::ActivateFinancialResponse::decode(response.as_slice())
-            .map(Some)
-            .map_err(|e| ApiError::Internal(e.to_string()))
+        R::decode(response.as_slice()).map(Some).map_err(|e| ApiError::Internal(e.to_string()))
+    }
+
+    /// Compensation (`CancelActivation`): the bank core rolled its activation back on its side. Allowed
+    /// within the bank's window; the registry's financial function returns to not activated (a social
+    /// function once on stays on). The same fallback as activation when the registry is out of reach.
+    pub async fn cancel_activation(
+        &self,
+        req: bank::CancelActivationRequest,
+        deadline: Option<Duration>,
+    ) -> Result<bank::CancelActivationResponse, ApiError> {
+        let key = text("idempotency_key", &req.idempotency_key)?;
+        let hash = Sha256::digest(req.encode_to_vec()).to_vec();
+        if let Some(stored) = self.stored_answer(&key, &hash).await? {
+            return Ok(stored);
+        }
+        let reason = text("reason", &req.reason)?;
+        let number = CardNumber::parse(&req.card_number)?;
+        let row = sqlx::query(
+            "SELECT card_id, state, teller_id, branch_id, activated_at FROM financial_cards WHERE card_number = $1",
+        )
+        .bind(number.as_str())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db)?
+        .ok_or_else(|| {
+            reject(
+                RejectionKind::FailedPrecondition,
+                "NOT_ACTIVATED_HERE",
+                "this adapter recorded no activation of the card",
+            )
+        })?;
+        let state: String = row.try_get("state").map_err(db)?;
+        if state != "active" {
+            return Err(reject(
+                RejectionKind::FailedPrecondition,
+                "NOT_ACTIVATED_HERE",
+                "the card's activation is not active here",
+            ));
+        }
+        let activated_at: i64 = row.try_get("activated_at").map_err(db)?;
+        let window = i64::from(self.bank.policy.activation_cancel_window_minutes) * 60_000_000;
+        let now = OffsetDateTime::now_utc();
+        if micros(now) > activated_at + window {
+            return Err(reject(
+                RejectionKind::FailedPrecondition,
+                "CANCEL_WINDOW_CLOSED",
+                "the activation is older than the bank's rollback window",
+            ));
+        }
+        let card_id: String = row.try_get("card_id").map_err(db)?;
+        let registry_request = reg::CancelFinancialActivationRequest {
+            idempotency_key: format!("bank:{}:{key}", self.bank.code),
+            card_id: card_id.clone(),
+            actor: Some(reg::Actor {
+                channel: reg::Channel::BankBranch as i32,
+                operator_id: row.try_get("teller_id").map_err(db)?,
+                site_id: row.try_get("branch_id").map_err(db)?,
+                ..Default::default()
+            }),
+            bank_code: self.bank.code.clone(),
+            reason: reason.clone(),
+        };
+        let mut call = Request::new(registry_request.clone());
+        call.set_timeout(deadline.unwrap_or(DEFAULT_REGISTRY_TIMEOUT));
+        let (confirmed, failure) = match self.registry.clone().cancel_financial_activation(call).await {
+            Ok(_) => (true, None),
+            Err(s)
+                if matches!(s.code(), Code::Unavailable | Code::DeadlineExceeded | Code::Unknown | Code::Cancelled) =>
+            {
+                (false, None)
+            }
+            Err(s) => (false, Some(registry_error(&s))),
+        };
+        if let Some(e) = failure {
+            return Err(e);
+        }
+        let response = bank::CancelActivationResponse { financial_state: reg::FinancialState::NotActivated as i32 };
+        let mut tx = self.pool.begin().await.map_err(db)?;
+        sqlx::query("UPDATE financial_cards SET state = 'rolled_back' WHERE card_id = $1 AND state = 'active'")
+            .bind(&card_id)
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+        if confirmed {
+            sqlx::query(
+                "INSERT INTO idempotency (idempotency_key, request_hash, response, created_at) VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (idempotency_key) DO NOTHING",
+            )
+            .bind(&key)
+            .bind(&hash)
+            .bind(response.encode_to_vec())
+            .bind(micros(now))
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+        }
+        let event = ev::FinancialEvent {
+            card_id: card_id.clone(),
+            bank_code: self.bank.code.clone(),
+            occurred_at: Some(prost_types::Timestamp { seconds: now.unix_timestamp(), nanos: 0 }),
+            kind: Some(ev::financial_event::Kind::FinancialActivationRolledBack(ev::FinancialActivationRolledBack {
+                reason,
+                registry_request: Some(registry_request),
+                registry_confirmed: confirmed,
+            })),
+        };
+        self.append_event(&mut tx, &card_id, "socialcard.financial.v1.FinancialActivationRolledBack", &event, now)
+            .await?;
+        tx.commit().await.map_err(db)?;
+        if confirmed {
+            Ok(response)
+        } else {
+            Err(reject(
+                RejectionKind::Unavailable,
+                "ROLLBACK_PENDING",
+                "the rollback is recorded; the registry is unreachable and applies it as soon as it is back",
+            ))
+        }
+    }
+
+    async fn append_event(
+        &self,
+        tx: &mut sqlx::SqliteConnection,
+        card_id: &str,
+        event_type: &str,
+        event: &ev::FinancialEvent,
+        now: OffsetDateTime,
+    ) -> Result<(), ApiError> {
+        sqlx::query(
+            "INSERT INTO outbox (event_id, topic, event_key, event_type, payload, occurred_at, bucket, source)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        )
+        .bind(uuid::Uuid::now_v7().to_string())
+        .bind(socialcard_events::topics::FINANCIAL)
+        .bind(card_id)
+        .bind(event_type)
+        .bind(event.encode_to_vec())
+        .bind(micros(now))
+        .bind(socialcard_events::bucket_of(card_id))
+        .bind(format!("bank-adapter.{}", self.bank.code))
+        .execute(tx)
+        .await
+        .map_err(db)?;
+        Ok(())
     }
 
     /// Records the activation, its event and (when the registry confirmed) the bank's answer, in one
@@ -238,7 +380,11 @@ impl BankAdapter {
         let mut tx = self.pool.begin().await.map_err(db)?;
         let inserted = sqlx::query(
             "INSERT INTO financial_cards (card_id, card_number, state, teller_id, branch_id, activated_at, social_confirmed)
-             VALUES ($1, $2, 'active', $3, $4, $5, $6) ON CONFLICT (card_id) DO NOTHING",
+             VALUES ($1, $2, 'active', $3, $4, $5, $6)
+             ON CONFLICT (card_id) DO UPDATE SET state = 'active', teller_id = excluded.teller_id,
+                 branch_id = excluded.branch_id, activated_at = excluded.activated_at,
+                 social_confirmed = excluded.social_confirmed
+             WHERE financial_cards.state <> 'active'",
         )
         .bind(&card.card_id)
         .bind(&card.card_number)
@@ -272,7 +418,8 @@ impl BankAdapter {
             .await
             .map_err(db)?;
         }
-        // One event per activation; a retry after a pending one adds none.
+        // One event per activation (a re-activation after a rollback is a new one); a retry after a
+        // pending one adds none.
         if inserted {
             let event = ev::FinancialEvent {
                 card_id: card.card_id.clone(),
@@ -286,20 +433,8 @@ impl BankAdapter {
                     registry_confirmed: confirmed,
                 })),
             };
-            sqlx::query(
-                "INSERT INTO outbox (event_id, topic, event_key, event_type, payload, occurred_at, bucket, source)
-                 VALUES ($1, $2, $3, 'socialcard.financial.v1.FinancialActivated', $4, $5, $6, $7)",
-            )
-            .bind(uuid::Uuid::now_v7().to_string())
-            .bind(socialcard_events::topics::FINANCIAL)
-            .bind(&card.card_id)
-            .bind(event.encode_to_vec())
-            .bind(micros(now))
-            .bind(socialcard_events::bucket_of(&card.card_id))
-            .bind(format!("bank-adapter.{}", self.bank.code))
-            .execute(&mut *tx)
-            .await
-            .map_err(db)?;
+            self.append_event(&mut tx, &card.card_id, "socialcard.financial.v1.FinancialActivated", &event, now)
+                .await?;
         }
         tx.commit().await.map_err(db)
     }
@@ -362,6 +497,7 @@ const KNOWN_REASONS: &[&str] = &[
     "WRONG_BANK",
     "IDEMPOTENCY_KEY_REUSED",
     "CONCURRENT_CHANGE",
+    "ILLEGAL_FINANCIAL_TRANSITION",
 ];
 
 fn not_built(what: &str) -> Status {
@@ -391,9 +527,13 @@ impl bank::bank_card_service_server::BankCardService for BankAdapter {
 
     async fn cancel_activation(
         &self,
-        _: Request<bank::CancelActivationRequest>,
+        request: Request<bank::CancelActivationRequest>,
     ) -> Result<Response<bank::CancelActivationResponse>, Status> {
-        Err(not_built("CancelActivation"))
+        let deadline = remaining_deadline(&request);
+        BankAdapter::cancel_activation(self, request.into_inner(), deadline)
+            .await
+            .map(Response::new)
+            .map_err(Status::from)
     }
 
     async fn report_loss(

@@ -89,6 +89,10 @@ async fn listen() -> (TcpListener, String) {
 }
 
 async fn world() -> World {
+    world_with_cancel_window(30).await
+}
+
+async fn world_with_cancel_window(minutes: u32) -> World {
     let dir = Dir(std::env::temp_dir().join(format!("socialcard-bank-{}", uuid::Uuid::new_v4().simple())));
     std::fs::create_dir_all(&dir.0).unwrap();
     let url = format!("sqlite://{}?mode=rwc", dir.0.join("registry.db").display());
@@ -110,7 +114,8 @@ async fn world() -> World {
 
     let mut adapters = Vec::new();
     for code in ["icbc", "ccb"] {
-        let bank = BankDirectory::shanghai().get(code).unwrap().clone();
+        let mut bank = BankDirectory::shanghai().get(code).unwrap().clone();
+        bank.policy.activation_cancel_window_minutes = minutes;
         let channel = Channel::from_shared(registry_addr.clone()).unwrap().connect_lazy();
         let adapter = BankAdapter::open(bank, &dir.0.join(format!("bank-{code}.db")), channel).await.unwrap();
         let (l, addr) = listen().await;
@@ -276,4 +281,64 @@ async fn registry_down_during_the_call_then_both_functions_on_once_it_is_back() 
         .into_inner()
         .entries;
     assert_eq!(trail.iter().filter(|e| e.action == "financial_activation").count(), 1, "one effect across both paths");
+}
+
+fn cancel(card_number: &str) -> bank::CancelActivationRequest {
+    bank::CancelActivationRequest {
+        idempotency_key: key(),
+        card_number: card_number.into(),
+        reason: "core rolled back".into(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollback_within_the_window_undoes_the_financial_side_once() {
+    let mut w = world().await;
+    let (cid, number) = collected_icbc_card(&mut w.registry_client, 5).await;
+    let refused = w.adapters[0].2.cancel_activation(cancel(&number)).await.unwrap_err();
+    assert_eq!(
+        (refused.code(), reason_of(&refused).as_deref()),
+        (Code::FailedPrecondition, Some("NOT_ACTIVATED_HERE"))
+    );
+
+    w.adapters[0].2.activate_financial(activation(&number)).await.unwrap();
+    let req = cancel(&number);
+    let undone = w.adapters[0].2.cancel_activation(req.clone()).await.unwrap().into_inner();
+    assert_eq!(undone.financial_state, reg::FinancialState::NotActivated as i32);
+    let now = card(&mut w, &cid).await;
+    assert_eq!(now.financial_state, reg::FinancialState::NotActivated as i32);
+    assert_eq!(now.social_state, reg::SocialState::Active as i32, "a social function once on stays on");
+    assert_eq!(w.adapters[0].2.cancel_activation(req).await.unwrap().into_inner(), undone, "a retry replays");
+    let again = w.adapters[0].2.cancel_activation(cancel(&number)).await.unwrap_err();
+    assert_eq!(reason_of(&again).as_deref(), Some("NOT_ACTIVATED_HERE"));
+    let trail = w
+        .registry_client
+        .list_audit_trail(reg::ListAuditTrailRequest { card_id: cid })
+        .await
+        .unwrap()
+        .into_inner()
+        .entries;
+    assert_eq!(trail.iter().filter(|e| e.action == "financial_activation_cancelled").count(), 1);
+    // The bank may activate the card again afterwards, and roll that back too.
+    let re = w.adapters[0].2.activate_financial(activation(&number)).await.unwrap().into_inner();
+    assert_eq!(re.financial_state, reg::FinancialState::Active as i32);
+    assert_eq!(
+        w.adapters[0].1.outbox().backlog().await.unwrap(),
+        3,
+        "activated, rolled back, activated: one event each"
+    );
+    w.adapters[0].2.cancel_activation(cancel(&number)).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollback_after_the_window_is_refused_and_changes_nothing() {
+    let mut w = world_with_cancel_window(0).await;
+    let (cid, number) = collected_icbc_card(&mut w.registry_client, 6).await;
+    w.adapters[0].2.activate_financial(activation(&number)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let before = w.store.counts().await.unwrap();
+    let late = w.adapters[0].2.cancel_activation(cancel(&number)).await.unwrap_err();
+    assert_eq!((late.code(), reason_of(&late).as_deref()), (Code::FailedPrecondition, Some("CANCEL_WINDOW_CLOSED")));
+    assert_eq!(w.store.counts().await.unwrap(), before);
+    assert_eq!(card(&mut w, &cid).await.financial_state, reg::FinancialState::Active as i32);
 }

@@ -128,6 +128,7 @@ fn event_type(kind: &Kind) -> &'static str {
         Kind::SocialPinChanged(_) => "socialcard.card.v1.SocialPinChanged",
         Kind::CardCancelled(_) => "socialcard.card.v1.CardCancelled",
         Kind::CardReplaced(_) => "socialcard.card.v1.CardReplaced",
+        Kind::FinancialActivationCancelled(_) => "socialcard.card.v1.FinancialActivationCancelled",
     }
 }
 
@@ -716,6 +717,41 @@ impl Registry {
                     card: Some(convert::card_to_pb(&card)),
                     social_awaits_bureau_unlock: awaits,
                 };
+                Ok((Self::with_card(rec, card), Some(kind), resp))
+            })
+            .await
+        })
+        .await
+    }
+
+    pub async fn cancel_financial_activation(
+        &self,
+        req: pb::CancelFinancialActivationRequest,
+    ) -> Result<pb::CancelFinancialActivationResponse, ApiError> {
+        self.run("CancelFinancialActivation", &req.idempotency_key, &req, || async {
+            let ctx = convert::context(req.actor.as_ref(), None)?;
+            if ctx.channel != socialcard_domain::Channel::BankBranch {
+                return Err(Rejection::invalid(
+                    "actor.channel",
+                    "CHANNEL_NOT_ALLOWED",
+                    "only the card's bank rolls its activation back",
+                )
+                .into());
+            }
+            let card_id = convert::card_id(&req.card_id)?;
+            let bank_code = convert::text("bank_code", &req.bank_code, 32)?;
+            self.banks.require("bank_code", &bank_code)?;
+            let reason = convert::text("reason", &req.reason, MAX_TEXT)?;
+            if reason.is_empty() {
+                return Err(Rejection::invalid("reason", "REASON_REQUIRED", "say why the bank rolled back").into());
+            }
+            self.change_card(&req.idempotency_key, &card_id, "financial_activation_cancelled", &ctx, |rec, _| {
+                let card = rec.card.cancel_financial_activation(&bank_code)?;
+                let kind = Kind::FinancialActivationCancelled(ev::FinancialActivationCancelled {
+                    bank_code: bank_code.clone(),
+                    reason: reason.clone(),
+                });
+                let resp = pb::CancelFinancialActivationResponse { card: Some(convert::card_to_pb(&card)) };
                 Ok((Self::with_card(rec, card), Some(kind), resp))
             })
             .await

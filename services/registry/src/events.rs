@@ -1,7 +1,7 @@
-//! What the registry consumes: the bank adapters' `FinancialActivated` events (topic
-//! `socialcard.financial.v1`). Each carries the exact `RecordFinancialActivation` request the adapter
-//! made (or could not make) during the bank's call; replaying it under its idempotency key switches the
-//! social function on exactly once, whether the synchronous call or the event gets there first (R20).
+//! What the registry consumes: the bank adapters' `FinancialActivated` and `FinancialActivationRolledBack`
+//! events (topic `socialcard.financial.v1`). Each carries the exact registry request the adapter made (or
+//! could not make) during the bank's call; replaying it under its idempotency key applies it exactly once,
+//! whether the synchronous call or the event gets there first (R20).
 
 use async_trait::async_trait;
 use prost::Message;
@@ -28,18 +28,24 @@ impl Handler for FinancialEvents {
     async fn handle(&self, event: &Envelope) -> Result<Applied, HandlerError> {
         let e =
             ev::FinancialEvent::decode(event.payload.as_slice()).map_err(|e| HandlerError::Permanent(e.to_string()))?;
-        let Some(ev::financial_event::Kind::FinancialActivated(activated)) = e.kind else {
-            // Freezes and unfreezes are the loss coordinator's business, not the registry's.
-            return Ok(Applied::Duplicate);
+        let outcome = match e.kind {
+            Some(ev::financial_event::Kind::FinancialActivated(a)) if !a.registry_confirmed => {
+                let request = a
+                    .registry_request
+                    .ok_or_else(|| HandlerError::Permanent("FinancialActivated without its registry request".into()))?;
+                self.registry.record_financial_activation(request).await.map(|_| ())
+            }
+            Some(ev::financial_event::Kind::FinancialActivationRolledBack(r)) if !r.registry_confirmed => {
+                let request = r.registry_request.ok_or_else(|| {
+                    HandlerError::Permanent("FinancialActivationRolledBack without its registry request".into())
+                })?;
+                self.registry.cancel_financial_activation(request).await.map(|_| ())
+            }
+            // Confirmed during the bank's call, or a freeze (the loss coordinator's business): nothing to do.
+            _ => return Ok(Applied::Duplicate),
         };
-        if activated.registry_confirmed {
-            return Ok(Applied::Duplicate);
-        }
-        let request = activated
-            .registry_request
-            .ok_or_else(|| HandlerError::Permanent("FinancialActivated without its registry request".into()))?;
-        match self.registry.record_financial_activation(request).await {
-            Ok(_) => Ok(Applied::Applied),
+        match outcome {
+            Ok(()) => Ok(Applied::Applied),
             Err(ApiError::Rejected(r)) if r.kind == RejectionKind::Aborted => {
                 Err(HandlerError::Transient(r.to_string()))
             }

@@ -47,6 +47,7 @@ handlers! {
     return_for_remake(pb::ReturnForRemakeRequest) -> pb::ReturnForRemakeResponse;
     activate_social_function(pb::ActivateSocialFunctionRequest) -> pb::ActivateSocialFunctionResponse;
     record_financial_activation(pb::RecordFinancialActivationRequest) -> pb::RecordFinancialActivationResponse;
+    cancel_financial_activation(pb::CancelFinancialActivationRequest) -> pb::CancelFinancialActivationResponse;
     lock_social_function(pb::LockSocialFunctionRequest) -> pb::LockSocialFunctionResponse;
     unlock_social_function(pb::UnlockSocialFunctionRequest) -> pb::UnlockSocialFunctionResponse;
     verify_social_pin(pb::VerifySocialPinRequest) -> pb::VerifySocialPinResponse;

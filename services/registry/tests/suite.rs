@@ -298,6 +298,30 @@ async fn bad_input_is_rejected_with_a_reason_and_writes_nothing(mut h: Harness) 
     initial_pin.bank_pin_changed = false;
     assert_rejected(c.record_financial_activation(initial_pin).await, Code::FailedPrecondition, "BANK_PIN_NOT_CHANGED");
 
+    // A bank rollback: only through a bank branch, only for its own cards, only of an activation.
+    let rollback = |channel, bank: &str| pb::CancelFinancialActivationRequest {
+        idempotency_key: key(),
+        card_id: cid.clone(),
+        actor: actor(channel),
+        bank_code: bank.into(),
+        reason: "core rolled back".into(),
+    };
+    assert_rejected(
+        c.cancel_financial_activation(rollback(pb::Channel::BureauWindow, "icbc")).await,
+        Code::InvalidArgument,
+        "CHANNEL_NOT_ALLOWED",
+    );
+    assert_rejected(
+        c.cancel_financial_activation(rollback(pb::Channel::BankBranch, "ccb")).await,
+        Code::PermissionDenied,
+        "WRONG_BANK",
+    );
+    assert_rejected(
+        c.cancel_financial_activation(rollback(pb::Channel::BankBranch, "icbc")).await,
+        Code::FailedPrecondition,
+        "ILLEGAL_FINANCIAL_TRANSITION",
+    );
+
     // Malformed ids and lookups.
     assert_rejected(
         c.activate_social_function(activate_at("not-a-uuid", pb::Channel::CommunityPoint)).await,
