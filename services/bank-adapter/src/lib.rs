@@ -37,6 +37,8 @@ pub struct BankAdapter {
     bank: Arc<PartnerBank>,
     registry: RegistryServiceClient<Channel>,
     pool: SqlitePool,
+    /// One connection for writes: writers queue here in order rather than in SQLite's busy handler.
+    writer: SqlitePool,
     outbox: Arc<dyn Outbox>,
 }
 
@@ -92,13 +94,15 @@ impl BankAdapter {
             .journal_mode(SqliteJournalMode::Wal)
             .busy_timeout(Duration::from_secs(10))
             .foreign_keys(true);
-        let pool = SqlitePoolOptions::new().max_connections(4).connect_with(options).await?;
+        let pool = SqlitePoolOptions::new().max_connections(4).connect_with(options.clone()).await?;
         sqlx::migrate!("./migrations").run(&pool).await.map_err(|e| sqlx::Error::Migrate(Box::new(e)))?;
+        let writer = SqlitePoolOptions::new().max_connections(1).connect_with(options).await?;
         Ok(Self {
             bank: Arc::new(bank),
             registry: RegistryServiceClient::new(registry),
             outbox: Arc::new(SqliteOutbox::new(pool.clone())),
             pool,
+            writer,
         })
     }
 
@@ -293,7 +297,7 @@ impl BankAdapter {
             return Err(e);
         }
         let response = bank::CancelActivationResponse { financial_state: reg::FinancialState::NotActivated as i32 };
-        let mut tx = self.pool.begin().await.map_err(db)?;
+        let mut tx = self.writer.begin().await.map_err(db)?;
         sqlx::query("UPDATE financial_cards SET state = 'rolled_back' WHERE card_id = $1 AND state = 'active'")
             .bind(&card_id)
             .execute(&mut *tx)
@@ -377,7 +381,7 @@ impl BankAdapter {
         now: OffsetDateTime,
     ) -> Result<(), ApiError> {
         let confirmed = response.is_some();
-        let mut tx = self.pool.begin().await.map_err(db)?;
+        let mut tx = self.writer.begin().await.map_err(db)?;
         let inserted = sqlx::query(
             "INSERT INTO financial_cards (card_id, card_number, state, teller_id, branch_id, activated_at, social_confirmed)
              VALUES ($1, $2, 'active', $3, $4, $5, $6)

@@ -151,7 +151,7 @@ pub async fn connect(url: &str) -> Result<Connected, StoreError> {
         let s = SqliteStore::connect(url).await?;
         Ok(Connected {
             outbox: s.outbox(),
-            offsets: Some(socialcard_events::embedded::SqliteOffsets::new(s.pool().clone())),
+            offsets: Some(socialcard_events::embedded::SqliteOffsets::new(s.writer().clone())),
             store: Arc::new(s),
             embedded_log: true,
         })

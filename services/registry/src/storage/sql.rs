@@ -52,9 +52,17 @@ macro_rules! sql_store {
         #[derive(Clone, Debug)]
         pub struct $store {
             pool: $pool,
+            /// Where writes go. SQLite: one connection, so writers queue here in order instead of
+            /// sleeping in SQLite's busy handler; PostgreSQL: the same pool.
+            writer: $pool,
         }
 
         impl $store {
+            /// The pool writes go through (see the `writer` field).
+            pub fn writer(&self) -> &$pool {
+                &self.writer
+            }
+
             pub fn pool(&self) -> &$pool {
                 &self.pool
             }
@@ -303,7 +311,7 @@ macro_rules! sql_store {
             async fn next_sequence(&self, name: &str) -> Result<i64, StoreError> {
                 let row = sqlx::query("UPDATE sequences SET value = value + 1 WHERE name = $1 RETURNING value")
                     .bind(name)
-                    .fetch_optional(&self.pool)
+                    .fetch_optional(&self.writer)
                     .await
                     .map_err(db_error)?
                     .ok_or_else(|| StoreError::Corrupt(format!("no sequence {name}")))?;
@@ -311,7 +319,7 @@ macro_rules! sql_store {
             }
 
             async fn commit(&self, commit: Commit) -> Result<(), StoreError> {
-                let mut tx = self.pool.begin().await.map_err(db_error)?;
+                let mut tx = self.writer.begin().await.map_err(db_error)?;
                 match Self::commit_in(&mut tx, &commit).await {
                     Ok(()) => tx.commit().await.map_err(db_error),
                     Err(e) => {
@@ -362,10 +370,19 @@ impl SqliteStore {
             .busy_timeout(Duration::from_secs(10))
             .foreign_keys(true);
         // An in-memory database lives in one connection.
-        let max = if url.contains(":memory:") { 1 } else { 8 };
-        let pool = SqlitePoolOptions::new().max_connections(max).connect_with(options).await.map_err(db_error)?;
+        let memory = url.contains(":memory:");
+        let pool = SqlitePoolOptions::new()
+            .max_connections(if memory { 1 } else { 8 })
+            .connect_with(options.clone())
+            .await
+            .map_err(db_error)?;
         sqlx::migrate!("./migrations/sqlite").run(&pool).await.map_err(|e| StoreError::Unavailable(e.to_string()))?;
-        Ok(Self { pool })
+        let writer = if memory {
+            pool.clone()
+        } else {
+            SqlitePoolOptions::new().max_connections(1).connect_with(options).await.map_err(db_error)?
+        };
+        Ok(Self { pool, writer })
     }
 }
 
@@ -383,6 +400,6 @@ impl PgStore {
             .await
             .map_err(db_error)?;
         sqlx::migrate!("./migrations/postgres").run(&pool).await.map_err(|e| StoreError::Unavailable(e.to_string()))?;
-        Ok(Self { pool })
+        Ok(Self { writer: pool.clone(), pool })
     }
 }
