@@ -172,22 +172,7 @@ impl Card {
                     ));
                 }
             }
-            Channel::Online => {
-                if ctx.actor.verification_ref.as_deref().is_none_or(str::is_empty) {
-                    return Err(Rejection::invalid(
-                        "actor.verification_ref",
-                        "IDENTITY_VERIFICATION_REQUIRED",
-                        "online applications need an identity verification",
-                    ));
-                }
-                if ctx.documents.presenter == Presenter::Agent {
-                    return Err(Rejection::invalid(
-                        "documents.presenter",
-                        "PROXY_NOT_ALLOWED",
-                        "online applications are made by the holder or a parent",
-                    ));
-                }
-            }
+            Channel::Online => ctx.require_online_identity("applications")?,
             other => {
                 return Err(channel_not_allowed(other, "submit an application"));
             }
@@ -530,22 +515,7 @@ impl Card {
     /// R18, R19: the social function alone, through every channel that may do it.
     pub fn activate_social(&self, ctx: &Context, now: OffsetDateTime) -> Result<Card, Rejection> {
         match ctx.channel {
-            Channel::Online => {
-                if ctx.actor.verification_ref.as_deref().is_none_or(str::is_empty) {
-                    return Err(Rejection::invalid(
-                        "actor.verification_ref",
-                        "IDENTITY_VERIFICATION_REQUIRED",
-                        "online activation needs a face or QR identity check",
-                    ));
-                }
-                if ctx.documents.presenter == Presenter::Agent {
-                    return Err(Rejection::invalid(
-                        "documents.presenter",
-                        "PROXY_NOT_ALLOWED",
-                        "online activation is done by the holder or a guardian",
-                    ));
-                }
-            }
+            Channel::Online => ctx.require_online_identity("activation")?,
             Channel::CommunityPoint | Channel::BureauWindow => {
                 ctx.require_counter_documents(self.card_type == CardType::Minor, true)?;
             }

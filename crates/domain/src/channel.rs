@@ -173,6 +173,26 @@ impl Context {
         }
     }
 
+    /// R7, R19: online business needs an identity check (face recognition or QR scan) and is done by the
+    /// holder or a parent/guardian, never an agent.
+    pub fn require_online_identity(&self, what: &str) -> Result<(), Rejection> {
+        if self.actor.verification_ref.as_deref().is_none_or(str::is_empty) {
+            return Err(Rejection::invalid(
+                "actor.verification_ref",
+                "IDENTITY_VERIFICATION_REQUIRED",
+                format!("online {what} need a face or QR identity check"),
+            ));
+        }
+        if self.documents.presenter == Presenter::Agent {
+            return Err(Rejection::invalid(
+                "documents.presenter",
+                "PROXY_NOT_ALLOWED",
+                format!("online {what}: the holder or a guardian, not an agent"),
+            ));
+        }
+        Ok(())
+    }
+
     /// The holder in person with ID card (and the card where `card_required`): no proxy.
     pub fn require_holder_in_person(&self, card_required: bool) -> Result<(), Rejection> {
         if self.documents.presenter != Presenter::Holder {
