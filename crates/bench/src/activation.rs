@@ -77,14 +77,106 @@ where
     Ok((all, start.elapsed()))
 }
 
-pub async fn run(quick: bool) -> anyhow::Result<Table> {
+/// The registry side of the baseline: the same database kind as the registry under test.
+#[derive(Clone)]
+enum BaseRegistry {
+    Sqlite(SqlitePool),
+    Postgres(sqlx::PgPool),
+}
+
+const BASE_REGISTRY_SCHEMA: &str =
+    "CREATE TABLE cards (card_id TEXT PRIMARY KEY, version BIGINT NOT NULL, data TEXT NOT NULL);
+     CREATE TABLE audit_log (seq BIGINT, card_id TEXT, at BIGINT, action TEXT, actor TEXT, to_state TEXT);
+     CREATE TABLE outbox (event_id TEXT UNIQUE, event_key TEXT, payload TEXT, published_at BIGINT);
+     CREATE TABLE idempotency (idempotency_key TEXT PRIMARY KEY, request_hash TEXT, response TEXT);";
+
+macro_rules! registry_writes {
+    ($pool:expr, $card:expr, $json:expr) => {{
+        let mut tx = $pool.begin().await?;
+        sqlx::query("INSERT INTO idempotency VALUES ($1, 'h', 'r')").bind(key()).execute(&mut *tx).await?;
+        sqlx::query("UPDATE cards SET version = version + 1, data = $1 WHERE card_id = $2 AND version = 1")
+            .bind($json)
+            .bind($card)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("INSERT INTO audit_log VALUES (0, $1, 0, 'financial_activation', '{}', 'active')")
+            .bind($card)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("INSERT INTO outbox VALUES ($1, $2, 'p', NULL)").bind(key()).bind($card).execute(&mut *tx).await?;
+        tx.commit().await?;
+    }};
+}
+
+impl BaseRegistry {
+    async fn writes(&self, card: &str, json: &str) -> anyhow::Result<()> {
+        match self {
+            BaseRegistry::Sqlite(p) => registry_writes!(p, card, json),
+            BaseRegistry::Postgres(p) => registry_writes!(p, card, json),
+        }
+        Ok(())
+    }
+
+    async fn insert_card(&self, card: &str, json: &str) -> anyhow::Result<()> {
+        let q = "INSERT INTO cards (card_id, version, data) VALUES ($1, 1, $2)";
+        match self {
+            BaseRegistry::Sqlite(p) => sqlx::query(q).bind(card).bind(json).execute(p).await.map(|_| ())?,
+            BaseRegistry::Postgres(p) => sqlx::query(q).bind(card).bind(json).execute(p).await.map(|_| ())?,
+        }
+        Ok(())
+    }
+}
+
+/// A fresh PostgreSQL schema; returns a URL whose connections use it. `drop_schemas` removes them.
+async fn pg_schema(base: &str, created: &mut Vec<String>) -> anyhow::Result<String> {
+    let schema = format!("bench_{}", uuid::Uuid::new_v4().simple());
+    let admin = sqlx::PgPool::connect(base).await?;
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}"))).execute(&admin).await?;
+    admin.close().await;
+    created.push(schema.clone());
+    let sep = if base.contains('?') { '&' } else { '?' };
+    Ok(format!("{base}{sep}options=-c%20search_path%3D{schema}"))
+}
+
+async fn drop_schemas(base: &str, schemas: &[String]) -> anyhow::Result<()> {
+    let admin = sqlx::PgPool::connect(base).await?;
+    for schema in schemas {
+        sqlx::query(sqlx::AssertSqlSafe(format!("DROP SCHEMA {schema} CASCADE"))).execute(&admin).await?;
+    }
+    admin.close().await;
+    Ok(())
+}
+
+/// SQLite always; PostgreSQL too when a database URL is given.
+pub async fn run(quick: bool, postgres: Option<String>) -> anyhow::Result<Table> {
+    let mut rows = one_storage(quick, None).await?;
+    if let Some(base) = postgres {
+        rows.extend(one_storage(quick, Some(base)).await?);
+    }
+    let per_level = if quick { 40 } else { 2_000 };
+    Ok(Table {
+        name: "activation",
+        columns: vec!["registry db", "in flight", "activations/s", "p50 ms", "p99 ms", "baseline/s", "base p50 ms", "base p99 ms", "ratio"],
+        rows,
+        notes: vec![
+            format!("{per_level} activations per level through ActivateFinancial (gRPC: bank core -> adapter -> registry), each on a fresh collected card"),
+            "baseline: the same rows written directly with sqlx, same databases, same concurrency; targets: ratio >= 0.5, p99 <= 25 ms at 64 in flight".into(),
+        ],
+    })
+}
+
+async fn one_storage(quick: bool, postgres: Option<String>) -> anyhow::Result<Vec<Vec<String>>> {
     let levels: &[usize] = &[16, 64, 256];
     let per_level = if quick { 40 } else { 2_000 };
     let dir = Dir(std::env::temp_dir().join(format!("socialcard-bench-act-{}", uuid::Uuid::new_v4().simple())));
     std::fs::create_dir_all(&dir.0)?;
 
     // The system: a registry and the icbc adapter, served over gRPC on loopback.
-    let url = format!("sqlite://{}?mode=rwc", dir.0.join("registry.db").display());
+    let mut schemas = Vec::new();
+    let (url, label) = match &postgres {
+        Some(base) => (pg_schema(base, &mut schemas).await?, "postgresql"),
+        None => (format!("sqlite://{}?mode=rwc", dir.0.join("registry.db").display()), "sqlite"),
+    };
     let built = socialcard_registry::build(&url, Arc::new(SystemClock), RegistryConfig::shanghai(vec![7; 32])).await?;
     let registry = built.registry;
     let l = TcpListener::bind("127.0.0.1:0").await?;
@@ -110,16 +202,20 @@ pub async fn run(quick: bool) -> anyhow::Result<Table> {
     let mut registry_client = RegistryServiceClient::connect(registry_addr.clone()).await?;
 
     // The baseline's two databases, the same rows per activation.
-    let base_registry = sqlite(dir.0.join("base-registry.db")).await?;
+    let base_registry = match &postgres {
+        Some(base) => {
+            let url = pg_schema(base, &mut schemas).await?;
+            let pool = sqlx::postgres::PgPoolOptions::new().max_connections(16).connect(&url).await?;
+            sqlx::raw_sql(BASE_REGISTRY_SCHEMA).execute(&pool).await?;
+            BaseRegistry::Postgres(pool)
+        }
+        None => {
+            let pool = sqlite(dir.0.join("base-registry.db")).await?;
+            sqlx::raw_sql(BASE_REGISTRY_SCHEMA).execute(&pool).await?;
+            BaseRegistry::Sqlite(pool)
+        }
+    };
     let base_adapter = sqlite(dir.0.join("base-adapter.db")).await?;
-    sqlx::raw_sql(
-        "CREATE TABLE cards (card_id TEXT PRIMARY KEY, version INTEGER NOT NULL, data TEXT NOT NULL);
-         CREATE TABLE audit_log (seq INTEGER PRIMARY KEY AUTOINCREMENT, card_id TEXT, at INTEGER, action TEXT, actor TEXT, to_state TEXT);
-         CREATE TABLE outbox (seq INTEGER PRIMARY KEY AUTOINCREMENT, event_id TEXT UNIQUE, event_key TEXT, payload BLOB, published_at INTEGER);
-         CREATE TABLE idempotency (idempotency_key TEXT PRIMARY KEY, request_hash BLOB, response BLOB);",
-    )
-    .execute(&base_registry)
-    .await?;
     sqlx::raw_sql(
         "CREATE TABLE financial_cards (card_id TEXT PRIMARY KEY, card_number TEXT UNIQUE, state TEXT, activated_at INTEGER);
          CREATE TABLE idempotency (idempotency_key TEXT PRIMARY KEY, request_hash BLOB, response BLOB);
@@ -161,34 +257,25 @@ pub async fn run(quick: bool) -> anyhow::Result<Table> {
         .await?;
 
         for i in 0..per_level {
-            sqlx::query("INSERT INTO cards (card_id, version, data) VALUES ($1, 1, $2)")
-                .bind(format!("{in_flight}-{i}"))
-                .bind(&card_json)
-                .execute(&base_registry)
-                .await?;
+            base_registry.insert_card(&format!("{in_flight}-{i}"), &card_json).await?;
         }
         let (r, a, json) = (base_registry.clone(), base_adapter.clone(), card_json.clone());
         let (mut base, base_elapsed) = drive(per_level, in_flight, move |i| {
             let (r, a, json) = (r.clone(), a.clone(), json.clone());
             async move {
                 let card = format!("{in_flight}-{i}");
-                let mut tx = r.begin().await?;
-                sqlx::query("INSERT INTO idempotency VALUES ($1, x'00', x'00')").bind(key()).execute(&mut *tx).await?;
-                sqlx::query("UPDATE cards SET version = version + 1, data = $1 WHERE card_id = $2 AND version = 1")
-                    .bind(&json)
-                    .bind(&card)
-                    .execute(&mut *tx)
-                    .await?;
-                sqlx::query("INSERT INTO audit_log (card_id, at, action, actor, to_state) VALUES ($1, 0, 'financial_activation', '{}', 'active')")
-                    .bind(&card)
-                    .execute(&mut *tx)
-                    .await?;
-                sqlx::query("INSERT INTO outbox (event_id, event_key, payload) VALUES ($1, $2, x'00')").bind(key()).bind(&card).execute(&mut *tx).await?;
-                tx.commit().await?;
+                r.writes(&card, &json).await?;
                 let mut tx = a.begin().await?;
-                sqlx::query("INSERT INTO financial_cards VALUES ($1, $1, 'active', 0)").bind(&card).execute(&mut *tx).await?;
+                sqlx::query("INSERT INTO financial_cards VALUES ($1, $1, 'active', 0)")
+                    .bind(&card)
+                    .execute(&mut *tx)
+                    .await?;
                 sqlx::query("INSERT INTO idempotency VALUES ($1, x'00', x'00')").bind(key()).execute(&mut *tx).await?;
-                sqlx::query("INSERT INTO outbox (event_id, event_key, payload) VALUES ($1, $2, x'00')").bind(key()).bind(&card).execute(&mut *tx).await?;
+                sqlx::query("INSERT INTO outbox (event_id, event_key, payload) VALUES ($1, $2, x'00')")
+                    .bind(key())
+                    .bind(&card)
+                    .execute(&mut *tx)
+                    .await?;
                 tx.commit().await?;
                 Ok(())
             }
@@ -197,7 +284,7 @@ pub async fn run(quick: bool) -> anyhow::Result<Table> {
         let tps = per_level as f64 / elapsed.as_secs_f64();
         let base_tps = per_level as f64 / base_elapsed.as_secs_f64();
         rows.push(vec![
-            "embedded (sqlite)".to_string(),
+            label.to_string(),
             in_flight.to_string(),
             format!("{tps:.0}"),
             format!("{:.2}", latency.quantile_ms(0.50)),
@@ -208,13 +295,8 @@ pub async fn run(quick: bool) -> anyhow::Result<Table> {
             format!("{:.2}", tps / base_tps),
         ]);
     }
-    Ok(Table {
-        name: "activation",
-        columns: vec!["storage", "in flight", "activations/s", "p50 ms", "p99 ms", "baseline/s", "base p50 ms", "base p99 ms", "ratio"],
-        rows,
-        notes: vec![
-            format!("{per_level} activations per level through ActivateFinancial (gRPC: bank core -> adapter -> registry), each on a fresh collected card"),
-            "baseline: the same rows written directly with sqlx, same concurrency; targets: ratio >= 0.5, p99 <= 25 ms at 64 in flight".into(),
-        ],
-    })
+    if let Some(base) = &postgres {
+        drop_schemas(base, &schemas).await?;
+    }
+    Ok(rows)
 }

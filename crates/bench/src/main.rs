@@ -32,6 +32,9 @@ struct Args {
     /// A real Kafka-protocol broker; default: librdkafka's mock broker in this process.
     #[arg(long, env = "SOCIALCARD_BENCH_KAFKA_BROKERS")]
     kafka_brokers: Option<String>,
+    /// PostgreSQL for the registry's rows (a fresh schema per run); SQLite is always measured.
+    #[arg(long, env = "SOCIALCARD_BENCH_DATABASE_URL")]
+    database_url: Option<String>,
 }
 
 #[tokio::main]
@@ -39,7 +42,7 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let mut results = Vec::new();
     if matches!(args.scenario, Scenario::Activation | Scenario::All) {
-        results.push(activation::run(args.quick).await?);
+        results.push(activation::run(args.quick, args.database_url.clone()).await?);
     }
     if matches!(args.scenario, Scenario::Propagation | Scenario::All) {
         results.push(propagation::run(args.quick, args.kafka_brokers.clone()).await?);
