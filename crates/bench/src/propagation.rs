@@ -208,7 +208,7 @@ async fn commit_change(source: &SqlitePool, topic: &str, card: &str) -> anyhow::
     .bind(topic)
     .bind(card)
     .bind(vec![0u8; 64])
-    .bind(i64::try_from(now.unix_timestamp_nanos() / 1_000).unwrap_or(0))
+    .bind(socialcard_events::unix_micros(now))
     .bind(socialcard_events::bucket_of(card))
     .execute(&mut *tx)
     .await?;

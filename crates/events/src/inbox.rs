@@ -20,7 +20,7 @@ CREATE TABLE IF NOT EXISTS dead_letters (id BIGSERIAL PRIMARY KEY, consumer_grou
 ";
 
 fn now_micros() -> i64 {
-    i64::try_from(time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000).unwrap_or(i64::MAX)
+    crate::unix_micros(time::OffsetDateTime::now_utc())
 }
 
 /// Records `event_id` in the inbox inside `tx`; false when it was there already (skip the effect).

@@ -41,6 +41,17 @@ pub mod topics {
     }
 }
 
+/// Times in every outbox, inbox and service table are unix microseconds (UTC), portable across SQLite
+/// and PostgreSQL. This is the one encoding.
+pub fn unix_micros(t: time::OffsetDateTime) -> i64 {
+    i64::try_from(t.unix_timestamp_nanos() / 1_000).unwrap_or(i64::MAX)
+}
+
+/// The inverse of [`unix_micros`]; `None` when the value is out of `OffsetDateTime`'s range.
+pub fn from_unix_micros(us: i64) -> Option<time::OffsetDateTime> {
+    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(us) * 1_000).ok()
+}
+
 /// Ordering buckets of the outbox: all events of one key share a bucket, and one relay at a time
 /// publishes a bucket, so a card's events leave in the order they were written.
 pub const OUTBOX_BUCKETS: i32 = 16;

@@ -42,7 +42,7 @@ pub trait Outbox: Send + Sync + std::fmt::Debug {
 const COLUMNS: &str = "seq, event_id, topic, event_key, event_type, source, traceparent, payload, occurred_at";
 
 fn now_micros() -> i64 {
-    i64::try_from(OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000).unwrap_or(i64::MAX)
+    crate::unix_micros(OffsetDateTime::now_utc())
 }
 
 fn row_of<R: Row>(r: &R) -> Result<OutboxRow, EventError>
@@ -61,8 +61,8 @@ where
             event_type: r.try_get("event_type")?,
             source: r.try_get("source")?,
             subject: r.try_get("event_key")?,
-            time: OffsetDateTime::from_unix_timestamp_nanos(i128::from(micros) * 1_000)
-                .map_err(|e| EventError::Malformed(e.to_string()))?,
+            time: crate::from_unix_micros(micros)
+                .ok_or_else(|| EventError::Malformed(format!("occurred_at {micros} out of range")))?,
             traceparent: r.try_get("traceparent")?,
             topic: r.try_get("topic")?,
             payload: r.try_get("payload")?,

@@ -42,9 +42,7 @@ pub struct BankAdapter {
     outbox: Arc<dyn Outbox>,
 }
 
-fn micros(t: OffsetDateTime) -> i64 {
-    i64::try_from(t.unix_timestamp_nanos() / 1_000).unwrap_or(i64::MAX)
-}
+use socialcard_events::unix_micros as micros;
 
 fn db(e: sqlx::Error) -> ApiError {
     ApiError::Unavailable(e.to_string())

@@ -20,12 +20,10 @@ use super::{
     StoreError, TableCounts,
 };
 
-fn micros(t: OffsetDateTime) -> i64 {
-    i64::try_from(t.unix_timestamp_nanos() / 1_000).unwrap_or(i64::MAX)
-}
+use socialcard_events::unix_micros as micros;
 
 fn from_micros(us: i64) -> Result<OffsetDateTime, StoreError> {
-    OffsetDateTime::from_unix_timestamp_nanos(i128::from(us) * 1_000).map_err(|e| StoreError::Corrupt(e.to_string()))
+    socialcard_events::from_unix_micros(us).ok_or_else(|| StoreError::Corrupt(format!("time {us} out of range")))
 }
 
 fn db_error(e: sqlx::Error) -> StoreError {
