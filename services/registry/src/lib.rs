@@ -12,6 +12,7 @@ pub mod events;
 pub mod fixtures;
 pub mod grpc;
 pub mod pin;
+pub mod shipment_events;
 pub mod storage;
 
 use std::sync::Arc;

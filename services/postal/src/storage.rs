@@ -1,0 +1,691 @@
+//! Postal's SQLite database through sqlx: shipments, their append-only history, updates for unknown
+//! waybills, the outbox (`socialcard.shipment.v1`) and the inbox of the card events it consumes.
+//!
+//! Every change commits with its history rows and outbox events in one transaction on the single
+//! writer connection, so writers queue in order instead of in SQLite's busy handler.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use prost::Message;
+use socialcard_events::outbox::SqliteOutbox;
+use socialcard_events::{Outbox, from_unix_micros, unix_micros};
+use socialcard_proto::events::v1 as ev;
+use socialcard_proto::postal::v1 as pb;
+use sqlx::Row;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow};
+use time::OffsetDateTime;
+
+use crate::feed::{Source, Update, Waybill};
+use crate::status::{Decision, Milestone, Outcome, Progress, Status, decide};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("corrupt row: {0}")]
+    Corrupt(String),
+}
+
+/// The shipment's delivery address, from the application (R14).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Address {
+    pub recipient: String,
+    pub phone: String,
+    pub line: String,
+    pub district: String,
+    pub postal_code: String,
+}
+
+/// What a shipment is opened with, from `CardProduced`.
+#[derive(Clone, Debug)]
+pub struct NewShipment {
+    pub card_id: String,
+    pub card_number: String,
+    pub address: Address,
+    pub backup_point_id: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ShipmentRecord {
+    pub seq: i64,
+    pub waybill: String,
+    pub card_id: String,
+    pub card_number: String,
+    pub address: Address,
+    pub backup_point_id: String,
+    pub progress: Progress,
+    pub sub_reason: String,
+    pub opened_at: OffsetDateTime,
+    pub status_at: OffsetDateTime,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HistoryRecord {
+    pub courier_event_id: String,
+    pub status: Status,
+    pub sub_reason: String,
+    pub point_id: Option<String>,
+    pub occurred_at: OffsetDateTime,
+    pub received_at: OffsetDateTime,
+    pub source: String,
+    pub outcome: Outcome,
+}
+
+/// What an ingest did, update by update.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IngestReport {
+    /// Appended to a shipment's history (out-of-order and conflicting ones included).
+    pub applied: u64,
+    pub duplicates: u64,
+    pub unknown_waybills: u64,
+    pub out_of_order: u64,
+    pub conflicts: u64,
+}
+
+impl IngestReport {
+    pub fn add(&mut self, other: IngestReport) {
+        self.applied += other.applied;
+        self.duplicates += other.duplicates;
+        self.unknown_waybills += other.unknown_waybills;
+        self.out_of_order += other.out_of_order;
+        self.conflicts += other.conflicts;
+    }
+}
+
+/// Filters of a shipment listing.
+#[derive(Clone, Debug, Default)]
+pub struct ShipmentFilter {
+    pub status: Option<Status>,
+    pub point_id: Option<String>,
+    /// Open shipments opened before this instant.
+    pub opened_before: Option<OffsetDateTime>,
+    pub after_seq: i64,
+    pub limit: i64,
+}
+
+/// Row counts, for tests that prove a refusal wrote nothing.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TableCounts {
+    pub shipments: i64,
+    pub history: i64,
+    pub unknown_waybill_updates: i64,
+    pub outbox: i64,
+}
+
+#[derive(Clone, Debug)]
+pub struct PostalStore {
+    pool: SqlitePool,
+    /// One connection for writes.
+    writer: SqlitePool,
+    outbox: Arc<SqliteOutbox>,
+}
+
+const SHIPMENT_COLUMNS: &str =
+    "seq, waybill, card_id, card_number, recipient, phone, address_line, district, postal_code,
+    backup_point_id, status, status_rank, milestone, sub_reason, opened_at, status_at";
+
+fn time_of(us: i64) -> Result<OffsetDateTime, StoreError> {
+    from_unix_micros(us).ok_or_else(|| StoreError::Corrupt(format!("time {us} out of range")))
+}
+
+fn shipment_of(r: &SqliteRow) -> Result<ShipmentRecord, StoreError> {
+    let status: String = r.try_get("status")?;
+    let milestone: String = r.try_get("milestone")?;
+    let rank: i64 = r.try_get("status_rank")?;
+    Ok(ShipmentRecord {
+        seq: r.try_get("seq")?,
+        waybill: r.try_get("waybill")?,
+        card_id: r.try_get("card_id")?,
+        card_number: r.try_get("card_number")?,
+        address: Address {
+            recipient: r.try_get("recipient")?,
+            phone: r.try_get("phone")?,
+            line: r.try_get("address_line")?,
+            district: r.try_get("district")?,
+            postal_code: r.try_get("postal_code")?,
+        },
+        backup_point_id: r.try_get("backup_point_id")?,
+        progress: Progress {
+            status: Status::from_label(&status).ok_or_else(|| StoreError::Corrupt(format!("status {status}")))?,
+            rank: u8::try_from(rank).map_err(|_| StoreError::Corrupt(format!("rank {rank}")))?,
+            milestone: Milestone::from_label(&milestone)
+                .ok_or_else(|| StoreError::Corrupt(format!("milestone {milestone}")))?,
+        },
+        sub_reason: r.try_get("sub_reason")?,
+        opened_at: time_of(r.try_get("opened_at")?)?,
+        status_at: time_of(r.try_get("status_at")?)?,
+    })
+}
+
+fn history_of(r: &SqliteRow) -> Result<HistoryRecord, StoreError> {
+    let status: String = r.try_get("status")?;
+    let outcome: String = r.try_get("outcome")?;
+    Ok(HistoryRecord {
+        courier_event_id: r.try_get("courier_event_id")?,
+        status: Status::from_label(&status).ok_or_else(|| StoreError::Corrupt(format!("status {status}")))?,
+        sub_reason: r.try_get("sub_reason")?,
+        point_id: r.try_get("point_id")?,
+        occurred_at: time_of(r.try_get("occurred_at")?)?,
+        received_at: time_of(r.try_get("received_at")?)?,
+        source: r.try_get("source")?,
+        outcome: Outcome::from_label(&outcome).ok_or_else(|| StoreError::Corrupt(format!("outcome {outcome}")))?,
+    })
+}
+
+pub fn milestone_to_pb(m: Milestone) -> ev::ShipmentMilestone {
+    match m {
+        Milestone::Opened => ev::ShipmentMilestone::Opened,
+        Milestone::Dispatched => ev::ShipmentMilestone::Dispatched,
+        Milestone::DeliveryFailed => ev::ShipmentMilestone::DeliveryFailed,
+        Milestone::AtBackupPoint => ev::ShipmentMilestone::AtBackupPoint,
+        Milestone::Delivered => ev::ShipmentMilestone::Delivered,
+        Milestone::PickedUp => ev::ShipmentMilestone::PickedUp,
+        Milestone::Returned => ev::ShipmentMilestone::Returned,
+    }
+}
+
+pub fn status_to_pb(s: Status) -> pb::ShipmentStatus {
+    match s {
+        Status::Pending => pb::ShipmentStatus::Pending,
+        Status::InfoReceived => pb::ShipmentStatus::InfoReceived,
+        Status::InTransit => pb::ShipmentStatus::InTransit,
+        Status::OutForDelivery => pb::ShipmentStatus::OutForDelivery,
+        Status::AttemptFailed => pb::ShipmentStatus::AttemptFailed,
+        Status::Delivered => pb::ShipmentStatus::Delivered,
+        Status::AvailableForPickup => pb::ShipmentStatus::AvailableForPickup,
+        Status::PickedUp => pb::ShipmentStatus::PickedUp,
+        Status::Returned => pb::ShipmentStatus::Returned,
+        Status::Exception => pb::ShipmentStatus::Exception,
+        Status::Withdrawn => pb::ShipmentStatus::Withdrawn,
+    }
+}
+
+pub fn timestamp(t: OffsetDateTime) -> prost_types::Timestamp {
+    prost_types::Timestamp { seconds: t.unix_timestamp(), nanos: i32::try_from(t.nanosecond()).unwrap_or(0) }
+}
+
+/// A shipment's milestone event, written to the outbox in the caller's transaction.
+struct MilestoneEvent<'a> {
+    shipment: &'a ShipmentRecord,
+    milestone: Milestone,
+    implied: bool,
+    occurred_at: OffsetDateTime,
+    courier_status: Option<Status>,
+    courier_event_id: &'a str,
+    sub_reason: &'a str,
+}
+
+async fn append_event(tx: &mut sqlx::SqliteConnection, e: MilestoneEvent<'_>) -> Result<(), StoreError> {
+    let s = e.shipment;
+    // The point matters from the failed attempt on: that is where the card goes (R15).
+    let point_id = match e.milestone {
+        Milestone::DeliveryFailed | Milestone::AtBackupPoint | Milestone::PickedUp => s.backup_point_id.clone(),
+        _ => String::new(),
+    };
+    let event = ev::ShipmentEvent {
+        card_id: s.card_id.clone(),
+        waybill: s.waybill.clone(),
+        occurred_at: Some(timestamp(e.occurred_at)),
+        sub_reason: e.sub_reason.to_string(),
+        point_id,
+        milestone: milestone_to_pb(e.milestone) as i32,
+        courier_status: e.courier_status.map_or(0, |c| status_to_pb(c) as i32),
+        courier_event_id: e.courier_event_id.to_string(),
+        implied: e.implied,
+    };
+    let event_type = format!("socialcard.shipment.v1.{}", e.milestone.as_str());
+    sqlx::query(
+        "INSERT INTO outbox (event_id, topic, event_key, event_type, payload, occurred_at, bucket, source)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, 'postal')",
+    )
+    .bind(uuid::Uuid::now_v7().to_string())
+    .bind(socialcard_events::topics::SHIPMENT)
+    .bind(&s.card_id)
+    .bind(event_type)
+    .bind(event.encode_to_vec())
+    .bind(unix_micros(e.occurred_at))
+    .bind(socialcard_events::bucket_of(&s.card_id))
+    .execute(tx)
+    .await?;
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn insert_history(
+    tx: &mut sqlx::SqliteConnection,
+    waybill: &str,
+    courier_event_id: &str,
+    status: Status,
+    sub_reason: &str,
+    point_id: Option<&str>,
+    occurred_at: OffsetDateTime,
+    now: OffsetDateTime,
+    source: &str,
+    outcome: Outcome,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO shipment_history (waybill, courier_event_id, status, sub_reason, point_id, occurred_at,
+             received_at, source, outcome)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+    )
+    .bind(waybill)
+    .bind(courier_event_id)
+    .bind(status.as_str())
+    .bind(sub_reason)
+    .bind(point_id)
+    .bind(unix_micros(occurred_at))
+    .bind(unix_micros(now))
+    .bind(source)
+    .bind(outcome.as_str())
+    .execute(tx)
+    .await?;
+    Ok(())
+}
+
+async fn save_progress(tx: &mut sqlx::SqliteConnection, s: &ShipmentRecord) -> Result<(), StoreError> {
+    let closed_at = s.progress.status.is_final().then(|| unix_micros(s.status_at));
+    sqlx::query(
+        "UPDATE shipments SET status = $1, status_rank = $2, milestone = $3, sub_reason = $4, status_at = $5,
+             closed_at = $6
+         WHERE waybill = $7",
+    )
+    .bind(s.progress.status.as_str())
+    .bind(i64::from(s.progress.rank))
+    .bind(s.progress.milestone.as_str())
+    .bind(&s.sub_reason)
+    .bind(unix_micros(s.status_at))
+    .bind(closed_at)
+    .bind(&s.waybill)
+    .execute(tx)
+    .await?;
+    Ok(())
+}
+
+impl PostalStore {
+    /// Opens (creating if needed) postal's SQLite database at `path` and migrates it.
+    pub async fn open(path: &Path) -> Result<Self, StoreError> {
+        let options = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .busy_timeout(Duration::from_secs(10))
+            .foreign_keys(true);
+        let pool = SqlitePoolOptions::new().max_connections(4).connect_with(options.clone()).await?;
+        sqlx::migrate!("./migrations").run(&pool).await.map_err(|e| sqlx::Error::Migrate(Box::new(e)))?;
+        let writer = SqlitePoolOptions::new().max_connections(1).connect_with(options).await?;
+        Ok(Self { outbox: Arc::new(SqliteOutbox::new(pool.clone())), pool, writer })
+    }
+
+    pub fn outbox(&self) -> Arc<dyn Outbox> {
+        self.outbox.clone()
+    }
+
+    /// Where consumers of other services' embedded logs keep their positions in this database.
+    pub fn offsets(&self) -> socialcard_events::embedded::SqliteOffsets {
+        socialcard_events::embedded::SqliteOffsets::new(self.pool.clone())
+    }
+
+    /// Opens a shipment for a produced card, once per card event (`event_id` goes to the inbox in the
+    /// same transaction). Returns the new shipment, or `None` for an event seen before.
+    pub async fn open_shipment(
+        &self,
+        event_id: &str,
+        new: &NewShipment,
+        now: OffsetDateTime,
+    ) -> Result<Option<ShipmentRecord>, StoreError> {
+        let mut tx = self.writer.begin().await?;
+        if !socialcard_events::inbox::record_sqlite(&mut tx, event_id).await? {
+            return Ok(None);
+        }
+        let serial: i64 = sqlx::query(
+            "INSERT INTO sequences (name, value) VALUES ('waybill', 1)
+             ON CONFLICT (name) DO UPDATE SET value = value + 1 RETURNING value",
+        )
+        .fetch_one(&mut *tx)
+        .await?
+        .try_get("value")?;
+        let waybill = Waybill::issue(serial.unsigned_abs());
+        let a = &new.address;
+        let seq: i64 = sqlx::query(
+            "INSERT INTO shipments (waybill, card_id, card_number, recipient, phone, address_line, district,
+                 postal_code, backup_point_id, status, status_rank, milestone, sub_reason, opened_at, status_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 0, $11, '', $12, $12) RETURNING seq",
+        )
+        .bind(waybill.as_str())
+        .bind(&new.card_id)
+        .bind(&new.card_number)
+        .bind(&a.recipient)
+        .bind(&a.phone)
+        .bind(&a.line)
+        .bind(&a.district)
+        .bind(&a.postal_code)
+        .bind(&new.backup_point_id)
+        .bind(Status::Pending.as_str())
+        .bind(Milestone::Opened.as_str())
+        .bind(unix_micros(now))
+        .fetch_one(&mut *tx)
+        .await?
+        .try_get("seq")?;
+        let record = ShipmentRecord {
+            seq,
+            waybill: waybill.to_string(),
+            card_id: new.card_id.clone(),
+            card_number: new.card_number.clone(),
+            address: new.address.clone(),
+            backup_point_id: new.backup_point_id.clone(),
+            progress: Progress::opened(),
+            sub_reason: String::new(),
+            opened_at: now,
+            status_at: now,
+        };
+        let entry_id = format!("postal:opened:{waybill}");
+        insert_history(
+            &mut tx,
+            waybill.as_str(),
+            &entry_id,
+            Status::Pending,
+            "",
+            None,
+            now,
+            now,
+            "postal",
+            Outcome::Applied,
+        )
+        .await?;
+        append_event(
+            &mut tx,
+            MilestoneEvent {
+                shipment: &record,
+                milestone: Milestone::Opened,
+                implied: false,
+                occurred_at: now,
+                courier_status: None,
+                courier_event_id: "",
+                sub_reason: "",
+            },
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(Some(record))
+    }
+
+    /// Closes a card's open shipment the courier never took (R16 instant issue, or a pick-up at a
+    /// counter): status withdrawn, no milestone. Once per card event. Returns the waybill withdrawn.
+    pub async fn withdraw(
+        &self,
+        event_id: &str,
+        card_id: &str,
+        reason: &str,
+        now: OffsetDateTime,
+    ) -> Result<Option<String>, StoreError> {
+        let mut tx = self.writer.begin().await?;
+        if !socialcard_events::inbox::record_sqlite(&mut tx, event_id).await? {
+            return Ok(None);
+        }
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {SHIPMENT_COLUMNS} FROM shipments WHERE card_id = $1 AND closed_at IS NULL
+                 AND status IN ('pending', 'info_received') ORDER BY seq DESC LIMIT 1"
+        )))
+        .bind(card_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(row) = row else {
+            tx.commit().await?;
+            return Ok(None);
+        };
+        let mut s = shipment_of(&row)?;
+        s.progress = Progress { status: Status::Withdrawn, rank: 6, milestone: s.progress.milestone };
+        s.sub_reason = reason.to_string();
+        s.status_at = now;
+        save_progress(&mut tx, &s).await?;
+        let entry_id = format!("postal:withdrawn:{}", s.waybill);
+        insert_history(
+            &mut tx,
+            &s.waybill,
+            &entry_id,
+            Status::Withdrawn,
+            reason,
+            None,
+            now,
+            now,
+            "postal",
+            Outcome::Applied,
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(Some(s.waybill))
+    }
+
+    /// Takes a batch of checked updates in one transaction: duplicates (by courier event id) skipped,
+    /// unknown waybills kept aside, every other update appended to its shipment's history with what it
+    /// did, the shipment moved forward and its new milestones written to the outbox.
+    pub async fn ingest(
+        &self,
+        updates: &[Update],
+        source: Source,
+        now: OffsetDateTime,
+    ) -> Result<IngestReport, StoreError> {
+        let mut report = IngestReport::default();
+        if updates.is_empty() {
+            return Ok(report);
+        }
+        let mut tx = self.writer.begin().await?;
+        let mut shipments: HashMap<String, Option<ShipmentRecord>> = HashMap::new();
+        for u in updates {
+            let seen = sqlx::query(
+                "SELECT 1 AS x FROM shipment_history WHERE courier_event_id = $1
+                 UNION ALL SELECT 1 AS x FROM unknown_waybill_updates WHERE courier_event_id = $1 LIMIT 1",
+            )
+            .bind(&u.courier_event_id)
+            .fetch_optional(&mut *tx)
+            .await?
+            .is_some();
+            if seen {
+                report.duplicates += 1;
+                continue;
+            }
+            let waybill = u.waybill.as_str();
+            if !shipments.contains_key(waybill) {
+                let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "SELECT {SHIPMENT_COLUMNS} FROM shipments WHERE waybill = $1"
+                )))
+                .bind(waybill)
+                .fetch_optional(&mut *tx)
+                .await?;
+                shipments.insert(waybill.to_string(), row.as_ref().map(shipment_of).transpose()?);
+            }
+            let Some(Some(shipment)) = shipments.get_mut(waybill) else {
+                sqlx::query(
+                    "INSERT INTO unknown_waybill_updates (courier_event_id, waybill, status, sub_reason, point_id,
+                         occurred_at, received_at, source)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                )
+                .bind(&u.courier_event_id)
+                .bind(waybill)
+                .bind(u.status.as_str())
+                .bind(&u.sub_reason)
+                .bind(u.point_id.as_deref())
+                .bind(unix_micros(u.occurred_at))
+                .bind(unix_micros(now))
+                .bind(source.as_str())
+                .execute(&mut *tx)
+                .await?;
+                report.unknown_waybills += 1;
+                tracing::warn!(waybill = %waybill, "status update for an unknown waybill kept aside");
+                continue;
+            };
+            let decision = decide(shipment.progress, u.status);
+            insert_history(
+                &mut tx,
+                waybill,
+                &u.courier_event_id,
+                u.status,
+                &u.sub_reason,
+                u.point_id.as_deref(),
+                u.occurred_at,
+                now,
+                source.as_str(),
+                decision.outcome(),
+            )
+            .await?;
+            report.applied += 1;
+            match decision {
+                Decision::OutOfOrder => report.out_of_order += 1,
+                Decision::Conflict => {
+                    report.conflicts += 1;
+                    tracing::warn!(waybill = %waybill, status = %u.status, "status update contradicts the shipment's path");
+                }
+                Decision::Applied { progress, milestones } => {
+                    let moved = progress.rank > shipment.progress.rank
+                        || progress.status != shipment.progress.status
+                        || u.occurred_at > shipment.status_at;
+                    if moved {
+                        shipment.progress = progress;
+                        shipment.sub_reason = u.sub_reason.clone();
+                        shipment.status_at = u.occurred_at.max(shipment.status_at);
+                        save_progress(&mut tx, shipment).await?;
+                    }
+                    for (milestone, implied) in milestones {
+                        // The registry refuses a collection in the future (R17): a courier clock running
+                        // a little ahead is brought back to ours.
+                        append_event(
+                            &mut tx,
+                            MilestoneEvent {
+                                shipment,
+                                milestone,
+                                implied,
+                                occurred_at: u.occurred_at.min(now),
+                                courier_status: Some(u.status),
+                                courier_event_id: &u.courier_event_id,
+                                sub_reason: &u.sub_reason,
+                            },
+                        )
+                        .await?;
+                    }
+                }
+            }
+        }
+        tx.commit().await?;
+        Ok(report)
+    }
+
+    pub async fn shipment_by_waybill(&self, waybill: &str) -> Result<Option<ShipmentRecord>, StoreError> {
+        sqlx::query(sqlx::AssertSqlSafe(format!("SELECT {SHIPMENT_COLUMNS} FROM shipments WHERE waybill = $1")))
+            .bind(waybill)
+            .fetch_optional(&self.pool)
+            .await?
+            .as_ref()
+            .map(shipment_of)
+            .transpose()
+    }
+
+    /// The newest shipment of a card.
+    pub async fn shipment_of_card(&self, card_id: &str) -> Result<Option<ShipmentRecord>, StoreError> {
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {SHIPMENT_COLUMNS} FROM shipments WHERE card_id = $1 ORDER BY seq DESC LIMIT 1"
+        )))
+        .bind(card_id)
+        .fetch_optional(&self.pool)
+        .await?
+        .as_ref()
+        .map(shipment_of)
+        .transpose()
+    }
+
+    /// A shipment's history in the order things happened (then in the order received).
+    pub async fn history(&self, waybill: &str) -> Result<Vec<HistoryRecord>, StoreError> {
+        sqlx::query(
+            "SELECT courier_event_id, status, sub_reason, point_id, occurred_at, received_at, source, outcome
+             FROM shipment_history WHERE waybill = $1 ORDER BY occurred_at, id",
+        )
+        .bind(waybill)
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(history_of)
+        .collect()
+    }
+
+    pub async fn list(&self, f: &ShipmentFilter) -> Result<Vec<ShipmentRecord>, StoreError> {
+        let mut sql = format!("SELECT {SHIPMENT_COLUMNS} FROM shipments WHERE seq > $1");
+        let mut n = 1;
+        let mut arg = |sql: &mut String, clause: &str| {
+            n += 1;
+            sql.push_str(&clause.replace('?', &format!("${n}")));
+        };
+        if f.status.is_some() {
+            arg(&mut sql, " AND status = ?");
+        }
+        if f.point_id.is_some() {
+            arg(&mut sql, " AND backup_point_id = ?");
+        }
+        if f.opened_before.is_some() {
+            arg(&mut sql, " AND closed_at IS NULL AND opened_at < ?");
+        }
+        arg(&mut sql, " ORDER BY seq LIMIT ?");
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(f.after_seq);
+        if let Some(s) = f.status {
+            q = q.bind(s.as_str());
+        }
+        if let Some(p) = &f.point_id {
+            q = q.bind(p.clone());
+        }
+        if let Some(t) = f.opened_before {
+            q = q.bind(unix_micros(t));
+        }
+        q.bind(f.limit).fetch_all(&self.pool).await?.iter().map(shipment_of).collect()
+    }
+
+    /// Updates kept aside for unknown waybills, oldest first, after row `after_id`; with their total.
+    pub async fn unknown_updates(
+        &self,
+        after_id: i64,
+        limit: i64,
+    ) -> Result<(Vec<(i64, Update, OffsetDateTime, String)>, i64), StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, courier_event_id, waybill, status, sub_reason, point_id, occurred_at, received_at, source
+             FROM unknown_waybill_updates WHERE id > $1 ORDER BY id LIMIT $2",
+        )
+        .bind(after_id)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for r in &rows {
+            let status: String = r.try_get("status")?;
+            let update = Update {
+                courier_event_id: r.try_get("courier_event_id")?,
+                waybill: Waybill::parse("waybill", &r.try_get::<String, _>("waybill")?)
+                    .map_err(|e| StoreError::Corrupt(e.to_string()))?,
+                status: Status::from_label(&status).ok_or_else(|| StoreError::Corrupt(format!("status {status}")))?,
+                sub_reason: r.try_get("sub_reason")?,
+                occurred_at: time_of(r.try_get("occurred_at")?)?,
+                point_id: r.try_get("point_id")?,
+            };
+            out.push((r.try_get("id")?, update, time_of(r.try_get("received_at")?)?, r.try_get("source")?));
+        }
+        let total: i64 = sqlx::query("SELECT COUNT(*) AS n FROM unknown_waybill_updates")
+            .fetch_one(&self.pool)
+            .await?
+            .try_get("n")?;
+        Ok((out, total))
+    }
+
+    pub async fn counts(&self) -> Result<TableCounts, StoreError> {
+        let r = sqlx::query(
+            "SELECT (SELECT COUNT(*) FROM shipments) AS s, (SELECT COUNT(*) FROM shipment_history) AS h,
+                 (SELECT COUNT(*) FROM unknown_waybill_updates) AS u, (SELECT COUNT(*) FROM outbox) AS o",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(TableCounts {
+            shipments: r.try_get("s")?,
+            history: r.try_get("h")?,
+            unknown_waybill_updates: r.try_get("u")?,
+            outbox: r.try_get("o")?,
+        })
+    }
+}
