@@ -7,7 +7,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::service::Routes;
-use tonic::transport::Server;
+use tonic::transport::{Server, ServerTlsConfig};
 use tonic_health::ServingStatus;
 
 /// Serves `routes` on `listener` with health (each of `service_names` marked SERVING) and reflection
@@ -16,6 +16,18 @@ pub async fn serve(
     listener: TcpListener,
     routes: Routes,
     service_names: &[&str],
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), tonic::transport::Error> {
+    serve_with_tls(listener, routes, service_names, None, shutdown).await
+}
+
+/// [`serve`], over TLS when `tls` is given (see [`crate::tls`]: the services in `routes` check the
+/// caller's certificate themselves, health and reflection answer anyone who completes the handshake).
+pub async fn serve_with_tls(
+    listener: TcpListener,
+    routes: Routes,
+    service_names: &[&str],
+    tls: Option<ServerTlsConfig>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
     let (reporter, health) = tonic_health::server::health_reporter();
@@ -40,7 +52,11 @@ pub async fn serve(
     if let Ok(reflection) = reflection {
         routes = routes.add_service(reflection);
     }
-    Server::builder()
+    let mut server = Server::builder();
+    if let Some(tls) = tls {
+        server = server.tls_config(tls)?;
+    }
+    server
         .timeout(Duration::from_secs(30))
         .tcp_nodelay(true)
         .trace_fn(|req| tracing::info_span!("grpc", path = %req.uri().path()))

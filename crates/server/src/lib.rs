@@ -8,6 +8,7 @@ pub mod clock;
 pub mod error;
 pub mod grpc;
 pub mod metrics_http;
+pub mod tls;
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use error::{ApiError, ERROR_DOMAIN};
