@@ -657,6 +657,111 @@ impl Card {
         })
     }
 
+    /// R26 (financial side, as the card's bank adapter recorded it): the registry mirrors the freeze.
+    pub fn freeze_financial(&self, bank_code: &str, kind: LossKind) -> Result<Card, Rejection> {
+        if bank_code != self.bank_code {
+            return Err(Rejection::denied("WRONG_BANK", "the card belongs to another bank"));
+        }
+        self.next(|c| {
+            c.financial = c.financial.apply(FinancialEvent::Freeze(kind))?;
+            Ok(())
+        })
+    }
+
+    /// R27 (financial side): the bank lifted its freeze (unlock at a branch, or a lapsed temporary loss).
+    pub fn unfreeze_financial(&self, bank_code: &str) -> Result<Card, Rejection> {
+        if bank_code != self.bank_code {
+            return Err(Rejection::denied("WRONG_BANK", "the card belongs to another bank"));
+        }
+        self.next(|c| {
+            c.financial = c.financial.apply(FinancialEvent::Unfreeze)?;
+            Ok(())
+        })
+    }
+
+    /// R22: when the social function is loss-locked for want of a financial activation (none for a
+    /// temporary card, which has no financial function).
+    pub fn auto_lock_due(&self, policy: &CityPolicy) -> Option<OffsetDateTime> {
+        if self.card_type == CardType::Temporary {
+            return None;
+        }
+        self.collected_at.map(|at| at + time::Duration::days(i64::from(policy.auto_lock_days_without_financial)))
+    }
+
+    /// R23: when a minor card is disabled unless exchanged (midnight local time, the day the holder is
+    /// 16 + the policy's years).
+    pub fn minor_exchange_due(&self, policy: &CityPolicy) -> Option<OffsetDateTime> {
+        if self.card_type != CardType::Minor {
+            return None;
+        }
+        let birth = self.holder.birth_date();
+        let years = 16 + i32::try_from(policy.minor_exchange_years_after_16).unwrap_or(i32::MAX - 16);
+        let year = birth.year().checked_add(years)?;
+        // A 29 February birthday falls on 1 March in other years.
+        let day = time::Date::from_calendar_date(year, birth.month(), birth.day())
+            .or_else(|_| time::Date::from_calendar_date(year, time::Month::March, 1))
+            .ok()?;
+        Some(day.midnight().assume_offset(policy.offset()))
+    }
+
+    /// R23: the scheduler disables a minor card not exchanged in time.
+    pub fn disable_unexchanged_minor(
+        &self,
+        ctx: &Context,
+        now: OffsetDateTime,
+        policy: &CityPolicy,
+    ) -> Result<Card, Rejection> {
+        let due = self.minor_exchange_due(policy);
+        if let Some(due) = due
+            && now < due
+        {
+            return Err(Rejection::precondition("DEADLINE_NOT_REACHED", "the R23 exchange deadline has not passed"));
+        }
+        self.disable(ctx)
+    }
+
+    /// R24: the scheduler ends a temporary card whose validity is over.
+    pub fn expire_temporary(&self, ctx: &Context, now: OffsetDateTime) -> Result<Card, Rejection> {
+        require_channel(ctx, &[Channel::Scheduler], "expire a temporary card")?;
+        if self.card_type != CardType::Temporary {
+            return Err(Rejection::precondition("NOT_TEMPORARY", "only a temporary card expires (R24)"));
+        }
+        match self.expires_at {
+            Some(at) if now >= at => self.end(PhysicalEvent::Cancel),
+            _ => Err(Rejection::precondition("DEADLINE_NOT_REACHED", "the temporary card is still valid (R24)")),
+        }
+    }
+
+    /// R27: a temporary loss lapses on the social side, only where the city's policy sets days for it.
+    pub fn lapse_temporary_loss(
+        &self,
+        ctx: &Context,
+        since: OffsetDateTime,
+        now: OffsetDateTime,
+        policy: &CityPolicy,
+    ) -> Result<Card, Rejection> {
+        require_channel(ctx, &[Channel::Scheduler], "lapse a temporary loss")?;
+        let Some(days) = policy.temporary_loss_expiry_days_social else {
+            return Err(Rejection::precondition(
+                "NO_SOCIAL_LOSS_EXPIRY",
+                "in this city a temporary loss lifts only through a written unlock at the bureau (R27)",
+            ));
+        };
+        if self.social.loss_kind() != Some(LossKind::Temporary) {
+            return Err(Rejection::precondition(
+                "NOT_TEMPORARY_LOSS",
+                "the social function is not under a temporary loss",
+            ));
+        }
+        if now < since + time::Duration::days(i64::from(days)) {
+            return Err(Rejection::precondition("DEADLINE_NOT_REACHED", "the temporary loss has not lapsed yet"));
+        }
+        self.next(|c| {
+            c.social = c.social.apply(SocialEvent::Unlock)?;
+            Ok(())
+        })
+    }
+
     /// R25, R26 (social side): a loss report through its channel, or the scheduler's R22 lock.
     pub fn report_loss(
         &self,
@@ -665,6 +770,7 @@ impl Card {
         now: OffsetDateTime,
         policy: &CityPolicy,
     ) -> Result<Card, Rejection> {
+        crate::loss::report_channel_allowed(kind, ctx.channel)?;
         match (kind, ctx.channel) {
             (LossKind::Written, Channel::BankBranch | Channel::BureauWindow) => {
                 // R31: an agent may not report a loss; the holder comes with ID (the card is lost).

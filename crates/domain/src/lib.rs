@@ -9,6 +9,7 @@ pub mod bank;
 pub mod card;
 pub mod channel;
 pub mod citizen_id;
+pub mod loss;
 pub mod numbers;
 pub mod photo;
 pub mod policy;

@@ -129,6 +129,9 @@ fn event_type(kind: &Kind) -> &'static str {
         Kind::CardCancelled(_) => "socialcard.card.v1.CardCancelled",
         Kind::CardReplaced(_) => "socialcard.card.v1.CardReplaced",
         Kind::FinancialActivationCancelled(_) => "socialcard.card.v1.FinancialActivationCancelled",
+        Kind::SocialDisabled(_) => "socialcard.card.v1.SocialDisabled",
+        Kind::TemporaryCardExpired(_) => "socialcard.card.v1.TemporaryCardExpired",
+        Kind::FinancialFreezeRecorded(_) => "socialcard.card.v1.FinancialFreezeRecorded",
     }
 }
 
@@ -257,6 +260,7 @@ impl Registry {
                 occurred_at: Some(convert::timestamp(now)),
                 actor: Some(convert::actor_to_pb(ctx.channel, &ctx.actor)),
                 card_version: after.version,
+                idempotency_key: key.to_string(),
                 kind: Some(kind),
             };
             commit.outbox.push(OutboxRecord {
@@ -616,6 +620,11 @@ impl Registry {
                         method: req.method,
                         collected_at: Some(convert::timestamp(at)),
                         bank_code: card.bank_code.clone(),
+                        card_type: convert::card_type_to_pb(card.card_type) as i32,
+                        card_number: card.card_number.as_ref().map(|n| n.as_str().to_string()).unwrap_or_default(),
+                        auto_lock_due_at: card.auto_lock_due(&self.policy).map(convert::timestamp),
+                        minor_exchange_due_at: card.minor_exchange_due(&self.policy).map(convert::timestamp),
+                        expires_at: card.expires_at.map(convert::timestamp),
                     });
                     let resp = pb::RecordCollectionResponse { card: Some(convert::card_to_pb(&card)) };
                     Ok((Self::with_card(rec, card), Some(kind), resp))
@@ -800,6 +809,92 @@ impl Registry {
     }
 
     // ---- social PINs (R29, R30) ----
+
+    /// The loss coordinator's deadlines (R23, R24, R27 social lapse). The registry re-checks every date
+    /// against its own clock, so an early or repeated timer changes nothing.
+    pub async fn enforce_deadline(
+        &self,
+        req: pb::EnforceDeadlineRequest,
+    ) -> Result<pb::EnforceDeadlineResponse, ApiError> {
+        self.run("EnforceDeadline", &req.idempotency_key, &req, || async {
+            let ctx = convert::context(req.actor.as_ref(), None)?;
+            if ctx.channel != socialcard_domain::Channel::Scheduler {
+                return Err(Rejection::invalid(
+                    "actor.channel",
+                    "CHANNEL_NOT_ALLOWED",
+                    "deadlines are enforced by the scheduler",
+                )
+                .into());
+            }
+            let card_id = convert::card_id(&req.card_id)?;
+            let deadline = pb::Deadline::try_from(req.deadline)
+                .ok()
+                .filter(|d| *d != pb::Deadline::Unspecified)
+                .ok_or_else(|| Rejection::invalid("deadline", "DEADLINE_UNKNOWN", "name the deadline to enforce"))?;
+            let since =
+                match deadline {
+                    pb::Deadline::TemporaryLossExpiry => {
+                        Some(req.since.as_ref().map(|t| convert::from_timestamp("since", t)).transpose()?.ok_or_else(
+                            || Rejection::invalid("since", "FIELD_REQUIRED", "when the loss was reported"),
+                        )?)
+                    }
+                    _ => None,
+                };
+            self.change_card(&req.idempotency_key, &card_id, "deadline", &ctx, |rec, now| {
+                let (card, kind) = match deadline {
+                    pb::Deadline::MinorExchange => (
+                        rec.card.disable_unexchanged_minor(&ctx, now, &self.policy)?,
+                        Kind::SocialDisabled(ev::SocialDisabled { deadline: req.deadline }),
+                    ),
+                    pb::Deadline::TemporaryCardExpiry => {
+                        (rec.card.expire_temporary(&ctx, now)?, Kind::TemporaryCardExpired(ev::TemporaryCardExpired {}))
+                    }
+                    pb::Deadline::TemporaryLossExpiry | pb::Deadline::Unspecified => (
+                        rec.card.lapse_temporary_loss(&ctx, since.unwrap_or(now), now, &self.policy)?,
+                        Kind::SocialUnlocked(ev::SocialUnlocked { previous_loss_kind: pb::LossKind::Temporary as i32 }),
+                    ),
+                };
+                let resp = pb::EnforceDeadlineResponse { card: Some(convert::card_to_pb(&card)) };
+                Ok((Self::with_card(rec, card), Some(kind), resp))
+            })
+            .await
+        })
+        .await
+    }
+
+    /// Mirrors the freeze (or its lifting) that the card's bank adapter recorded (R26, R27); applied from
+    /// the adapter's events, under a key derived from the event.
+    pub async fn record_financial_freeze(&self, req: pb::RecordFinancialFreezeRequest) -> Result<(), ApiError> {
+        self.run("RecordFinancialFreeze", &req.idempotency_key, &req, || async {
+            let card_id = convert::card_id(&req.card_id)?;
+            let bank_code = convert::text("bank_code", &req.bank_code, 32)?;
+            self.banks.require("bank_code", &bank_code)?;
+            let kind = if req.frozen { Some(convert::loss_kind(req.loss_kind)?) } else { None };
+            let ctx = convert::context(
+                Some(&pb::Actor {
+                    channel: pb::Channel::BankBranch as i32,
+                    operator_id: format!("bank-adapter.{bank_code}"),
+                    site_id: bank_code.clone(),
+                    ..Default::default()
+                }),
+                None,
+            )?;
+            self.change_card(&req.idempotency_key, &card_id, "financial_freeze", &ctx, |rec, _| {
+                let card = match kind {
+                    Some(kind) => rec.card.freeze_financial(&bank_code, kind)?,
+                    None => rec.card.unfreeze_financial(&bank_code)?,
+                };
+                let event = Kind::FinancialFreezeRecorded(ev::FinancialFreezeRecorded {
+                    bank_code: bank_code.clone(),
+                    frozen: req.frozen,
+                    loss_kind: req.loss_kind,
+                });
+                Ok((Self::with_card(rec, card), Some(event), ()))
+            })
+            .await
+        })
+        .await
+    }
 
     pub async fn verify_social_pin(
         &self,

@@ -1,5 +1,5 @@
-//! What the registry consumes: the bank adapters' `FinancialActivated` and `FinancialActivationRolledBack`
-//! events (topic `socialcard.financial.v1`). Each carries the exact registry request the adapter made (or
+//! What the registry consumes: the bank adapters' `FinancialActivated`, `FinancialActivationRolledBack`,
+//! `FinancialFrozen` and `FinancialUnfrozen` events (topic `socialcard.financial.v1`). Each carries the exact registry request the adapter made (or
 //! could not make) during the bank's call; replaying it under its idempotency key applies it exactly once,
 //! whether the synchronous call or the event gets there first (R20).
 
@@ -41,7 +41,28 @@ impl Handler for FinancialEvents {
                 })?;
                 self.registry.cancel_financial_activation(request).await.map(|_| ())
             }
-            // Confirmed during the bank's call, or a freeze (the loss coordinator's business): nothing to do.
+            // The bank's freeze and its lifting, mirrored so the registry answers for both functions.
+            Some(ev::financial_event::Kind::FinancialFrozen(f)) => {
+                let request = socialcard_proto::registry::v1::RecordFinancialFreezeRequest {
+                    idempotency_key: format!("event:{}", event.id),
+                    card_id: e.card_id.clone(),
+                    bank_code: e.bank_code.clone(),
+                    frozen: true,
+                    loss_kind: f.loss_kind,
+                };
+                self.registry.record_financial_freeze(request).await
+            }
+            Some(ev::financial_event::Kind::FinancialUnfrozen(_)) => {
+                let request = socialcard_proto::registry::v1::RecordFinancialFreezeRequest {
+                    idempotency_key: format!("event:{}", event.id),
+                    card_id: e.card_id.clone(),
+                    bank_code: e.bank_code.clone(),
+                    frozen: false,
+                    loss_kind: 0,
+                };
+                self.registry.record_financial_freeze(request).await
+            }
+            // Confirmed during the bank's call: nothing to do.
             _ => return Ok(Applied::Duplicate),
         };
         match outcome {

@@ -50,6 +50,7 @@ handlers! {
     cancel_financial_activation(pb::CancelFinancialActivationRequest) -> pb::CancelFinancialActivationResponse;
     lock_social_function(pb::LockSocialFunctionRequest) -> pb::LockSocialFunctionResponse;
     unlock_social_function(pb::UnlockSocialFunctionRequest) -> pb::UnlockSocialFunctionResponse;
+    enforce_deadline(pb::EnforceDeadlineRequest) -> pb::EnforceDeadlineResponse;
     verify_social_pin(pb::VerifySocialPinRequest) -> pb::VerifySocialPinResponse;
     change_social_pin(pb::ChangeSocialPinRequest) -> pb::ChangeSocialPinResponse;
     reset_social_pin(pb::ResetSocialPinRequest) -> pb::ResetSocialPinResponse;

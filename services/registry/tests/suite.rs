@@ -49,6 +49,7 @@ backend_suite!(
     formal_card_retires_the_temporary_card,
     production_failure_then_remake,
     uploaded_photo_is_checked,
+    deadlines_are_enforced_only_once_due,
 );
 
 async fn full_lifecycle_writes_audit_and_events(mut h: Harness) {
@@ -777,5 +778,137 @@ async fn uploaded_photo_is_checked(mut h: Harness) {
         .card
         .unwrap();
     assert_eq!(ok.application_channel, pb::Channel::Online as i32);
+    h.finish().await;
+}
+
+fn deadline(card_id: &str, d: pb::Deadline) -> pb::EnforceDeadlineRequest {
+    pb::EnforceDeadlineRequest {
+        idempotency_key: key(),
+        card_id: card_id.into(),
+        actor: actor(pb::Channel::Scheduler),
+        deadline: d as i32,
+        since: None,
+    }
+}
+
+/// The collection event of a card, as the loss coordinator receives it.
+async fn collected_event(h: &Harness, card_id: &str) -> ev::CardCollected {
+    let rows = h.outbox.read_after(socialcard_events::topics::CARD, 0, 10_000).await.unwrap();
+    rows.iter()
+        .filter(|r| r.envelope.subject == card_id)
+        .find_map(|r| match prost::Message::decode(r.envelope.payload.as_slice()) {
+            Ok(ev::CardEvent { kind: Some(ev::card_event::Kind::CardCollected(c)), .. }) => Some(c),
+            _ => None,
+        })
+        .expect("a CardCollected event")
+}
+
+async fn deadlines_are_enforced_only_once_due(mut h: Harness) {
+    // R23: a minor born 1 December 2010 turns 16 on 1 December 2026; the card is disabled from
+    // 1 December 2029 (local midnight) unless exchanged.
+    let minor = citizen_id("31010520101201007");
+    register(&mut h, &minor).await;
+    let mut app = application(&minor, "icbc");
+    app.card_type = pb::CardType::Minor as i32;
+    app.holder_status = pb::HolderStatus::Student as i32;
+    app.documents = Some(pb::Documents {
+        presenter: pb::Presenter::Guardian as i32,
+        household_register: true,
+        guardianship_proof: true,
+        agent_id_card: true,
+        card_presented: true,
+        ..Default::default()
+    });
+    let card = h.client.submit_application(app).await.unwrap().into_inner().card.unwrap();
+    approve(&mut h, &card.card_id).await;
+    produce(&mut h, &card.card_id).await;
+    h.client
+        .record_collection(pb::RecordCollectionRequest {
+            idempotency_key: key(),
+            card_id: card.card_id.clone(),
+            actor: actor(pb::Channel::CommunityPoint),
+            method: pb::CollectionMethod::PickedUpAtPoint as i32,
+            collected_at: None,
+            documents: Some(pb::Documents {
+                presenter: pb::Presenter::Guardian as i32,
+                household_register: true,
+                guardianship_proof: true,
+                agent_id_card: true,
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap();
+    let collected = collected_event(&h, &card.card_id).await;
+    let due = time::macros::datetime!(2029-12-01 00:00 +08:00);
+    assert_eq!(collected.minor_exchange_due_at.unwrap().seconds, due.unix_timestamp());
+    let now = socialcard_server::Clock::now(&h.clock);
+    assert_eq!(collected.auto_lock_due_at.unwrap().seconds, (now + Duration::days(300)).unix_timestamp(), "R22");
+    assert!(collected.expires_at.is_none());
+
+    let before = h.counts().await;
+    assert_rejected(
+        h.client.enforce_deadline(deadline(&card.card_id, pb::Deadline::MinorExchange)).await,
+        Code::FailedPrecondition,
+        "DEADLINE_NOT_REACHED",
+    );
+    let mut by_clerk = deadline(&card.card_id, pb::Deadline::MinorExchange);
+    by_clerk.actor = actor(pb::Channel::BureauWindow);
+    assert_rejected(h.client.enforce_deadline(by_clerk).await, Code::InvalidArgument, "CHANNEL_NOT_ALLOWED");
+    assert_rejected(
+        h.client.enforce_deadline(deadline(&card.card_id, pb::Deadline::Unspecified)).await,
+        Code::InvalidArgument,
+        "DEADLINE_UNKNOWN",
+    );
+    // Shanghai: a temporary loss lapses on the social side only through a written unlock (R27).
+    let mut lapse = deadline(&card.card_id, pb::Deadline::TemporaryLossExpiry);
+    lapse.since = Some(prost_types::Timestamp { seconds: now.unix_timestamp(), nanos: 0 });
+    assert_rejected(h.client.enforce_deadline(lapse).await, Code::FailedPrecondition, "NO_SOCIAL_LOSS_EXPIRY");
+    assert_eq!(h.counts().await, before, "refused deadlines write nothing");
+
+    h.clock.set(due + Duration::minutes(1));
+    let disabled = h
+        .client
+        .enforce_deadline(deadline(&card.card_id, pb::Deadline::MinorExchange))
+        .await
+        .unwrap()
+        .into_inner()
+        .card
+        .unwrap();
+    assert_eq!(disabled.social_state, pb::SocialState::Disabled as i32);
+    assert_rejected(
+        h.client.enforce_deadline(deadline(&card.card_id, pb::Deadline::MinorExchange)).await,
+        Code::FailedPrecondition,
+        "SOCIAL_DISABLED",
+    );
+
+    // R24: a temporary card ends when its validity does, not before.
+    let adult_id = adult(31);
+    register(&mut h, &adult_id).await;
+    let mut temp = application(&adult_id, "");
+    temp.card_type = pb::CardType::Temporary as i32;
+    let temp = h.client.submit_application(temp).await.unwrap().into_inner().card.unwrap();
+    approve(&mut h, &temp.card_id).await;
+    start_production(&mut h, &temp.card_id).await;
+    h.client.record_production_result(production_ok(&temp.card_id, String::new())).await.unwrap();
+    pick_up(&mut h, &temp.card_id).await;
+    let expires = collected_event(&h, &temp.card_id).await.expires_at.expect("R24: the expiry travels");
+    assert!(collected_event(&h, &temp.card_id).await.auto_lock_due_at.is_none(), "no financial function");
+    assert_rejected(
+        h.client.enforce_deadline(deadline(&temp.card_id, pb::Deadline::TemporaryCardExpiry)).await,
+        Code::FailedPrecondition,
+        "DEADLINE_NOT_REACHED",
+    );
+    h.clock.set(time::OffsetDateTime::from_unix_timestamp(expires.seconds).unwrap() + Duration::seconds(1));
+    let ended = h
+        .client
+        .enforce_deadline(deadline(&temp.card_id, pb::Deadline::TemporaryCardExpiry))
+        .await
+        .unwrap()
+        .into_inner()
+        .card
+        .unwrap();
+    assert_eq!(ended.physical_state, pb::PhysicalState::Cancelled as i32);
+    assert_eq!(ended.status_code, "9");
     h.finish().await;
 }
