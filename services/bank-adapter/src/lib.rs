@@ -5,8 +5,14 @@
 //! `FinancialActivated` event in the same transaction; the registry applies it as soon as it can, with
 //! the same idempotency key, so no card stays half-activated and nothing happens twice.
 //!
-//! Built so far: ActivateFinancial, CancelActivation (compensation) and QueryCard. Loss reports, unlocks,
-//! account opening confirmation, mutual TLS and reconciliation follow (issue 4).
+//! The freeze side of losses (and the hand-over of branch losses and unlocks to the loss coordinator) is
+//! in [`loss`]; account opening for production batches in [`accounts`].
+//! Who may call (mutual TLS identities) is in [`identity`]; daily reconciliation in [`reconcile`].
+
+pub mod accounts;
+pub mod identity;
+pub mod loss;
+pub mod reconcile;
 
 use std::str::FromStr;
 use std::sync::Arc;
@@ -19,6 +25,7 @@ use socialcard_events::Outbox;
 use socialcard_events::outbox::SqliteOutbox;
 use socialcard_proto::bank::v1 as bank;
 use socialcard_proto::events::v1 as ev;
+use socialcard_proto::loss::v1::loss_coordinator_service_client::LossCoordinatorServiceClient;
 use socialcard_proto::registry::v1 as reg;
 use socialcard_proto::registry::v1::registry_service_client::RegistryServiceClient;
 use socialcard_server::ApiError;
@@ -30,7 +37,7 @@ use tonic::transport::Channel;
 use tonic::{Code, Request, Response, Status};
 
 /// How long a call to the registry may take when the bank's call carries no deadline.
-const DEFAULT_REGISTRY_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const DEFAULT_REGISTRY_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Clone, Debug)]
 pub struct BankAdapter {
@@ -40,20 +47,22 @@ pub struct BankAdapter {
     /// One connection for writes: writers queue here in order rather than in SQLite's busy handler.
     writer: SqlitePool,
     outbox: Arc<dyn Outbox>,
+    /// Where branch losses and unlocks go (the loss coordinator owns the cases).
+    coordinator: Option<LossCoordinatorServiceClient<Channel>>,
 }
 
-use socialcard_events::unix_micros as micros;
+pub(crate) use socialcard_events::unix_micros as micros;
 
-fn db(e: sqlx::Error) -> ApiError {
+pub(crate) fn db(e: sqlx::Error) -> ApiError {
     ApiError::Unavailable(e.to_string())
 }
 
-fn reject(kind: RejectionKind, reason: &'static str, message: &str) -> ApiError {
+pub(crate) fn reject(kind: RejectionKind, reason: &'static str, message: &str) -> ApiError {
     ApiError::Rejected(Rejection::new(kind, reason, message))
 }
 
 /// The caller's remaining deadline (`grpc-timeout`), passed on to the registry.
-fn remaining_deadline<T>(request: &Request<T>) -> Option<Duration> {
+pub(crate) fn remaining_deadline<T>(request: &Request<T>) -> Option<Duration> {
     let v = request.metadata().get("grpc-timeout")?.to_str().ok()?;
     let (n, unit) = v.split_at(v.len().checked_sub(1)?);
     let n = u64::from_str(n).ok()?;
@@ -68,7 +77,7 @@ fn remaining_deadline<T>(request: &Request<T>) -> Option<Duration> {
     })
 }
 
-fn text(field: &'static str, value: &str) -> Result<String, Rejection> {
+pub(crate) fn text(field: &'static str, value: &str) -> Result<String, Rejection> {
     let v = value.trim();
     if v.is_empty() {
         return Err(Rejection::invalid(field, "FIELD_REQUIRED", format!("{field} is required")));
@@ -101,7 +110,14 @@ impl BankAdapter {
             outbox: Arc::new(SqliteOutbox::new(pool.clone())),
             pool,
             writer,
+            coordinator: None,
         })
+    }
+
+    /// Hands branch losses and unlocks to the loss coordinator at `channel`.
+    pub fn with_coordinator(mut self, channel: Channel) -> Self {
+        self.coordinator = Some(LossCoordinatorServiceClient::new(channel));
+        self
     }
 
     pub fn bank(&self) -> &PartnerBank {
@@ -118,7 +134,7 @@ impl BankAdapter {
     }
 
     /// Looks the card up at the registry and refuses another bank's card.
-    async fn own_card(&self, card_number: &str, timeout: Duration) -> Result<reg::Card, ApiError> {
+    pub(crate) async fn own_card(&self, card_number: &str, timeout: Duration) -> Result<reg::Card, ApiError> {
         let number = CardNumber::parse(card_number)?;
         let mut req = Request::new(reg::GetCardRequest {
             lookup: Some(reg::get_card_request::Lookup::CardNumber(number.as_str().to_string())),
@@ -148,6 +164,13 @@ impl BankAdapter {
         let face = text("face_verification_ref", &req.face_verification_ref)?;
         let timeout = deadline.unwrap_or(DEFAULT_REGISTRY_TIMEOUT);
         let card = self.own_card(&req.card_number, timeout).await?;
+        if self.current_freeze(&card.card_id).await?.is_some() {
+            return Err(reject(
+                RejectionKind::FailedPrecondition,
+                "FINANCIAL_FROZEN",
+                "the card is under a loss; the financial function is frozen (R26)",
+            ));
+        }
 
         // The registry's key is derived from the bank's, so both paths (call and event) share it.
         let registry_request = reg::RecordFinancialActivationRequest {
@@ -201,7 +224,7 @@ impl BankAdapter {
         }
     }
 
-    async fn stored_answer<R: Message + Default>(&self, key: &str, hash: &[u8]) -> Result<Option<R>, ApiError> {
+    pub(crate) async fn stored_answer<R: Message + Default>(&self, key: &str, hash: &[u8]) -> Result<Option<R>, ApiError> {
         let row = sqlx::query("SELECT request_hash, response FROM idempotency WHERE idempotency_key = $1")
             .bind(key)
             .fetch_optional(&self.pool)
@@ -338,7 +361,7 @@ impl BankAdapter {
         }
     }
 
-    async fn append_event(
+    pub(crate) async fn append_event(
         &self,
         tx: &mut sqlx::SqliteConnection,
         card_id: &str,
@@ -466,7 +489,7 @@ impl BankAdapter {
 
 /// A registry refusal passes through to the bank with its code and reason; transport failures say the
 /// registry is unavailable.
-fn registry_error(status: &Status) -> ApiError {
+pub(crate) fn registry_error(status: &Status) -> ApiError {
     let reason = reason_of(status).unwrap_or_default();
     let kind = match status.code() {
         Code::InvalidArgument => RejectionKind::InvalidArgument,
@@ -500,11 +523,18 @@ const KNOWN_REASONS: &[&str] = &[
     "IDEMPOTENCY_KEY_REUSED",
     "CONCURRENT_CHANGE",
     "ILLEGAL_FINANCIAL_TRANSITION",
+    "INITIAL_PIN_HOLDER",
+    "OUTSIDE_WORKING_HOURS",
+    "NOT_LOSS_LOCKED",
+    "NO_OPEN_CASE",
+    "REPLACEMENT_ORDERED",
+    "CARD_REQUIRED",
+    "HOLDER_IN_PERSON_REQUIRED",
+    "ACCOUNT_NOT_IN_BANK_BIN",
+    "ACCOUNT_NUMBER_REQUIRED",
+    "ILLEGAL_PHYSICAL_TRANSITION",
+    "CHANNEL_NOT_ALLOWED",
 ];
-
-fn not_built(what: &str) -> Status {
-    Status::unimplemented(format!("{what} is not built yet in this adapter"))
-}
 
 #[tonic::async_trait]
 impl bank::bank_card_service_server::BankCardService for BankAdapter {
@@ -540,23 +570,32 @@ impl bank::bank_card_service_server::BankCardService for BankAdapter {
 
     async fn report_loss(
         &self,
-        _: Request<bank::ReportLossRequest>,
+        request: Request<bank::ReportLossRequest>,
     ) -> Result<Response<bank::ReportLossResponse>, Status> {
-        Err(not_built("ReportLoss"))
+        let deadline = remaining_deadline(&request);
+        BankAdapter::report_loss(self, request.into_inner(), deadline).await.map(Response::new).map_err(Status::from)
     }
 
     async fn unlock_financial(
         &self,
-        _: Request<bank::UnlockFinancialRequest>,
+        request: Request<bank::UnlockFinancialRequest>,
     ) -> Result<Response<bank::UnlockFinancialResponse>, Status> {
-        Err(not_built("UnlockFinancial"))
+        let deadline = remaining_deadline(&request);
+        BankAdapter::unlock_financial(self, request.into_inner(), deadline)
+            .await
+            .map(Response::new)
+            .map_err(Status::from)
     }
 
     async fn confirm_account_opening(
         &self,
-        _: Request<bank::ConfirmAccountOpeningRequest>,
+        request: Request<bank::ConfirmAccountOpeningRequest>,
     ) -> Result<Response<bank::ConfirmAccountOpeningResponse>, Status> {
-        Err(not_built("ConfirmAccountOpening"))
+        let deadline = remaining_deadline(&request);
+        BankAdapter::confirm_account_opening(self, request.into_inner(), deadline)
+            .await
+            .map(Response::new)
+            .map_err(Status::from)
     }
 }
 
