@@ -9,6 +9,8 @@ use std::time::Duration;
 use sqlx::Row;
 use tokio::sync::watch;
 
+use tracing::Instrument as _;
+
 use crate::handler::handle_with_retries;
 use crate::{Applied, EventError, Handler, Metrics, Outbox, OutboxRow};
 
@@ -118,7 +120,15 @@ impl EmbeddedConsumer {
         let rows = self.log.read_after(&self.topic, position, 256).await?;
         let (mut applied, mut duplicates, mut dead) = (0, 0, 0);
         for row in &rows {
-            match handle_with_retries(self.handler.as_ref(), &row.envelope, self.max_attempts, self.retry_backoff).await
+            let span = socialcard_telemetry::consumer_span(
+                "socialcard-embedded-log",
+                &self.topic,
+                &row.envelope.id,
+                row.envelope.traceparent.as_deref(),
+            );
+            match handle_with_retries(self.handler.as_ref(), &row.envelope, self.max_attempts, self.retry_backoff)
+                .instrument(span)
+                .await
             {
                 Ok(Applied::Applied) => applied += 1,
                 Ok(Applied::Duplicate) => duplicates += 1,

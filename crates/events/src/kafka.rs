@@ -18,6 +18,8 @@ use rdkafka::message::{BorrowedMessage, Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use tokio::sync::watch;
 
+use tracing::Instrument as _;
+
 use crate::handler::handle_with_retries;
 use crate::{Applied, Envelope, EventError, Handler, Metrics, OutboxRow, Publish};
 
@@ -214,7 +216,10 @@ impl KafkaConsumer {
     pub async fn handle_only(&self, m: &BorrowedMessage<'_>) -> Result<Option<Applied>, EventError> {
         let outcome = match Envelope::from_message(m) {
             Ok(event) => {
+                // The event's processing continues the trace that wrote it.
+                let span = socialcard_telemetry::consumer_span("kafka", &event.topic, &event.id, event.traceparent.as_deref());
                 handle_with_retries(self.handler.as_ref(), &event, self.config.max_attempts, self.config.retry_backoff)
+                    .instrument(span)
                     .await
                     .map_err(|e| e.to_string())
             }

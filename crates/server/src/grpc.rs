@@ -59,7 +59,8 @@ pub async fn serve_with_tls(
     server
         .timeout(Duration::from_secs(30))
         .tcp_nodelay(true)
-        .trace_fn(|req| tracing::info_span!("grpc", path = %req.uri().path()))
+        // One server span per call, continuing the caller's trace from its metadata.
+        .trace_fn(socialcard_telemetry::server_span)
         .add_routes(routes)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await

@@ -102,6 +102,7 @@ impl BankAdapter {
                 lookup: Some(reg::get_card_request::Lookup::CardId(c.card_id.clone())),
             });
             lookup.set_timeout(timeout);
+            socialcard_telemetry::inject(&mut lookup);
             let card = match self.registry.clone().get_card(lookup).await {
                 Ok(r) => r.into_inner().card.unwrap_or_default(),
                 Err(s) if is_transport(&s) => return Err(unavailable(&s)),
@@ -131,6 +132,7 @@ impl BankAdapter {
                 result: Some(c.result),
             });
             call.set_timeout(timeout);
+            socialcard_telemetry::inject(&mut call);
             match self.registry.clone().record_production_result(call).await {
                 Ok(_) => outcomes.push(bank::AccountOpeningOutcome {
                     card_id: c.card_id,

@@ -140,6 +140,7 @@ impl BankAdapter {
             lookup: Some(reg::get_card_request::Lookup::CardNumber(number.as_str().to_string())),
         });
         req.set_timeout(timeout);
+        socialcard_telemetry::inject(&mut req);
         let card = self.registry.clone().get_card(req).await.map_err(|s| registry_error(&s))?.into_inner().card;
         let card = card.ok_or_else(|| ApiError::Internal("registry answered without a card".into()))?;
         if card.bank_code != self.bank.code {
@@ -189,6 +190,7 @@ impl BankAdapter {
         };
         let mut call = Request::new(registry_request.clone());
         call.set_timeout(timeout);
+        socialcard_telemetry::inject(&mut call);
         let now = OffsetDateTime::now_utc();
         match self.registry.clone().record_financial_activation(call).await {
             Ok(answer) => {
@@ -305,6 +307,7 @@ impl BankAdapter {
         };
         let mut call = Request::new(registry_request.clone());
         call.set_timeout(deadline.unwrap_or(DEFAULT_REGISTRY_TIMEOUT));
+        socialcard_telemetry::inject(&mut call);
         let (confirmed, failure) = match self.registry.clone().cancel_financial_activation(call).await {
             Ok(_) => (true, None),
             Err(s)
@@ -370,8 +373,9 @@ impl BankAdapter {
         now: OffsetDateTime,
     ) -> Result<(), ApiError> {
         sqlx::query(
-            "INSERT INTO outbox (event_id, topic, event_key, event_type, payload, occurred_at, bucket, source)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+            "INSERT INTO outbox (event_id, topic, event_key, event_type, payload, occurred_at, bucket, source,
+                 traceparent)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
         )
         .bind(uuid::Uuid::now_v7().to_string())
         .bind(socialcard_events::topics::FINANCIAL)
@@ -381,6 +385,7 @@ impl BankAdapter {
         .bind(micros(now))
         .bind(socialcard_events::bucket_of(card_id))
         .bind(format!("bank-adapter.{}", self.bank.code))
+        .bind(socialcard_telemetry::current_traceparent())
         .execute(tx)
         .await
         .map_err(db)?;

@@ -281,6 +281,7 @@ impl BankAdapter {
             }),
         });
         call.set_timeout(timeout);
+        socialcard_telemetry::inject(&mut call);
         let case = self
             .coordinator()?
             .report_loss(call)
@@ -340,6 +341,7 @@ impl BankAdapter {
             }),
         });
         call.set_timeout(timeout);
+        socialcard_telemetry::inject(&mut call);
         let case = self
             .coordinator()?
             .unlock(call)
@@ -372,6 +374,7 @@ impl BankAdapter {
         let id = text("card_id", card_id)?;
         let mut req = Request::new(reg::GetCardRequest { lookup: Some(reg::get_card_request::Lookup::CardId(id)) });
         req.set_timeout(timeout);
+        socialcard_telemetry::inject(&mut req);
         let card = self.registry.clone().get_card(req).await.map_err(|s| registry_error(&s))?.into_inner().card;
         let card = card.ok_or_else(|| ApiError::Internal("registry answered without a card".into()))?;
         if card.bank_code != self.bank.code {

@@ -130,6 +130,7 @@ impl Coordinator {
     pub(crate) async fn get_card(&self, lookup: reg::get_card_request::Lookup) -> Result<reg::Card, ApiError> {
         let mut req = Request::new(reg::GetCardRequest { lookup: Some(lookup) });
         req.set_timeout(self.config.call_timeout);
+        socialcard_telemetry::inject(&mut req);
         match self.registry.clone().get_card(req).await {
             Ok(r) => r.into_inner().card.ok_or_else(|| ApiError::Internal("registry answered without a card".into())),
             Err(s) => Err(passed_through(&s)),
@@ -229,6 +230,7 @@ impl Coordinator {
             loss_kind: kind_to_pb(kind) as i32,
         });
         lock.set_timeout(self.config.call_timeout);
+        socialcard_telemetry::inject(&mut lock);
         if let Err(s) = self.registry.clone().lock_social_function(lock).await {
             return Err(passed_through(&s));
         }
@@ -417,6 +419,7 @@ impl Coordinator {
             loss_kind: kind_to_pb(case.kind) as i32,
         });
         lock.set_timeout(self.config.call_timeout);
+        socialcard_telemetry::inject(&mut lock);
         self.registry.clone().lock_social_function(lock).await.map(|_| ()).map_err(side_error)
     }
 
@@ -431,6 +434,7 @@ impl Coordinator {
             loss_kind: kind_to_pb(case.kind) as i32,
         });
         call.set_timeout(self.config.call_timeout);
+        socialcard_telemetry::inject(&mut call);
         adapter.clone().freeze_financial(call).await.map(|_| ()).map_err(side_error)
     }
 
@@ -513,6 +517,7 @@ impl Coordinator {
                     documents: req.documents,
                 });
                 call.set_timeout(self.config.call_timeout);
+                socialcard_telemetry::inject(&mut call);
                 self.registry.clone().unlock_social_function(call).await.map_err(|s| passed_through(&s))?;
                 case.sides.social_released = Some(Release::Unlocked);
             }
@@ -544,6 +549,7 @@ impl Coordinator {
                         branch_id: actor.site_id.clone(),
                     });
                     call.set_timeout(self.config.call_timeout);
+                    socialcard_telemetry::inject(&mut call);
                     adapter.clone().unfreeze_financial(call).await.map_err(|s| passed_through(&s))?;
                 }
                 case.sides.financial_released = Some(Release::Unlocked);

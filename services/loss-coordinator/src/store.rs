@@ -278,8 +278,9 @@ impl CaseRow {
             pin_lock: self.pin_lock,
         };
         sqlx::query(
-            "INSERT INTO outbox (event_id, topic, event_key, event_type, payload, occurred_at, bucket, source)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, 'loss-coordinator')",
+            "INSERT INTO outbox (event_id, topic, event_key, event_type, payload, occurred_at, bucket, source,
+                 traceparent)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, 'loss-coordinator', $8)",
         )
         .bind(uuid::Uuid::now_v7().to_string())
         .bind(socialcard_events::topics::LOSS)
@@ -288,6 +289,7 @@ impl CaseRow {
         .bind(event.encode_to_vec())
         .bind(unix_micros(now))
         .bind(socialcard_events::bucket_of(&self.card_id))
+        .bind(socialcard_telemetry::current_traceparent())
         .execute(tx)
         .await
         .map_err(db)?;

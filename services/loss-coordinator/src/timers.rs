@@ -270,6 +270,7 @@ impl Coordinator {
             loss_kind: reg::LossKind::Automatic as i32,
         });
         call.set_timeout(self.config.call_timeout);
+        socialcard_telemetry::inject(&mut call);
         match self.registry.clone().lock_social_function(call).await.map_err(side_error) {
             Ok(_) => {}
             Err(SideError::Refused(s)) if reason_of(&s).as_deref() == Some("DEADLINE_NOT_REACHED") => {
@@ -330,6 +331,7 @@ impl Coordinator {
             since: since.and_then(ts),
         });
         call.set_timeout(self.config.call_timeout);
+        socialcard_telemetry::inject(&mut call);
         match self.registry.clone().enforce_deadline(call).await.map_err(side_error) {
             Ok(_) => Ok(Fired::Done(match deadline {
                 reg::Deadline::MinorExchange => "minor card disabled (R23)".into(),
@@ -367,6 +369,7 @@ impl Coordinator {
                     branch_id: String::new(),
                 });
                 call.set_timeout(self.config.call_timeout);
+                socialcard_telemetry::inject(&mut call);
                 match adapter.clone().unfreeze_financial(call).await.map_err(side_error) {
                     Ok(_) => Fired::Done("temporary loss lapsed on the financial side (R27)".into()),
                     Err(SideError::Refused(s)) => {

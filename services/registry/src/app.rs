@@ -52,12 +52,13 @@ impl RegistryConfig {
 
 #[derive(Clone, Debug)]
 pub struct Registry {
-    store: Arc<dyn RegistryStore>,
-    clock: Arc<dyn Clock>,
-    policy: Arc<CityPolicy>,
-    banks: Arc<BankDirectory>,
-    pins: PinHasher,
-    series: char,
+    // crate-visible for the batch import (`crate::batch`), which applies the same rules in bulk.
+    pub(crate) store: Arc<dyn RegistryStore>,
+    pub(crate) clock: Arc<dyn Clock>,
+    pub(crate) policy: Arc<CityPolicy>,
+    pub(crate) banks: Arc<BankDirectory>,
+    pub(crate) pins: PinHasher,
+    pub(crate) series: char,
 }
 
 /// What one attempt of a call would write, and what it answers.
@@ -108,7 +109,7 @@ fn replay<R: Message + Default>(stored: &IdempotencyRecord, operation: &str, has
     R::decode(stored.response.as_slice()).map_err(|e| ApiError::Internal(format!("stored response unreadable: {e}")))
 }
 
-fn event_type(kind: &Kind) -> &'static str {
+pub(crate) fn event_type(kind: &Kind) -> &'static str {
     match kind {
         Kind::ApplicationSubmitted(_) => "socialcard.card.v1.ApplicationSubmitted",
         Kind::ApplicationApproved(_) => "socialcard.card.v1.ApplicationApproved",
@@ -271,7 +272,8 @@ impl Registry {
                 payload: event.encode_to_vec(),
                 occurred_at: now,
                 source: SOURCE.to_string(),
-                traceparent: None,
+                // The change's trace continues in whoever consumes the event.
+                traceparent: socialcard_telemetry::current_traceparent(),
             });
         }
     }
