@@ -34,10 +34,25 @@ pub struct BankPolicy {
     /// How long after an activation the bank core may still roll it back (compensation).
     #[serde(default = "default_cancel_window")]
     pub activation_cancel_window_minutes: u32,
+    /// The bank core's sustained calls per second to its adapter; beyond it (and the burst) calls are
+    /// refused with RESOURCE_EXHAUSTED, so one bank's flood never slows the others.
+    #[serde(default = "default_requests_per_second")]
+    pub requests_per_second: u32,
+    /// How many calls may come at once above the sustained rate.
+    #[serde(default = "default_burst")]
+    pub burst: u32,
 }
 
 fn default_cancel_window() -> u32 {
     30
+}
+
+fn default_requests_per_second() -> u32 {
+    2_000
+}
+
+fn default_burst() -> u32 {
+    4_000
 }
 
 /// Working hours for manual operations at the bank, local time, Monday to Friday.

@@ -20,6 +20,8 @@ pub enum RejectionKind {
     Aborted,
     /// Another part of the system is out of reach; retrying later will succeed (UNAVAILABLE).
     Unavailable,
+    /// The caller sends more than its share (RESOURCE_EXHAUSTED): slow down and retry.
+    ResourceExhausted,
 }
 
 /// A rule's refusal: kind, stable reason code, human message and, for bad input, the offending field.

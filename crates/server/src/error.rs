@@ -31,6 +31,7 @@ pub fn code_of(kind: RejectionKind) -> Code {
         RejectionKind::AlreadyExists => Code::AlreadyExists,
         RejectionKind::Aborted => Code::Aborted,
         RejectionKind::Unavailable => Code::Unavailable,
+        RejectionKind::ResourceExhausted => Code::ResourceExhausted,
     }
 }
 

@@ -7,6 +7,7 @@
 pub mod clock;
 pub mod error;
 pub mod grpc;
+pub mod limit;
 pub mod metrics_http;
 pub mod tls;
 

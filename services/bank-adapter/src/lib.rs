@@ -49,6 +49,8 @@ pub struct BankAdapter {
     outbox: Arc<dyn Outbox>,
     /// Where branch losses and unlocks go (the loss coordinator owns the cases).
     coordinator: Option<LossCoordinatorServiceClient<Channel>>,
+    /// The bank core's share of calls (its policy's rate and burst).
+    limiter: Arc<socialcard_server::limit::RateLimiter>,
 }
 
 pub(crate) use socialcard_events::unix_micros as micros;
@@ -104,6 +106,8 @@ impl BankAdapter {
         let pool = SqlitePoolOptions::new().max_connections(4).connect_with(options.clone()).await?;
         sqlx::migrate!("./migrations").run(&pool).await.map_err(|e| sqlx::Error::Migrate(Box::new(e)))?;
         let writer = SqlitePoolOptions::new().max_connections(1).connect_with(options).await?;
+        let limiter =
+            Arc::new(socialcard_server::limit::RateLimiter::new(bank.policy.requests_per_second, bank.policy.burst));
         Ok(Self {
             bank: Arc::new(bank),
             registry: RegistryServiceClient::new(registry),
@@ -111,6 +115,7 @@ impl BankAdapter {
             pool,
             writer,
             coordinator: None,
+            limiter,
         })
     }
 
@@ -547,6 +552,7 @@ impl bank::bank_card_service_server::BankCardService for BankAdapter {
         &self,
         request: Request<bank::ActivateFinancialRequest>,
     ) -> Result<Response<bank::ActivateFinancialResponse>, Status> {
+        self.limiter.admit().map_err(|r| Status::from(ApiError::Rejected(r)))?;
         let deadline = remaining_deadline(&request);
         BankAdapter::activate_financial(self, request.into_inner(), deadline)
             .await
@@ -558,6 +564,7 @@ impl bank::bank_card_service_server::BankCardService for BankAdapter {
         &self,
         request: Request<bank::QueryCardRequest>,
     ) -> Result<Response<bank::QueryCardResponse>, Status> {
+        self.limiter.admit().map_err(|r| Status::from(ApiError::Rejected(r)))?;
         let deadline = remaining_deadline(&request);
         BankAdapter::query_card(self, request.into_inner(), deadline).await.map(Response::new).map_err(Status::from)
     }
@@ -566,6 +573,7 @@ impl bank::bank_card_service_server::BankCardService for BankAdapter {
         &self,
         request: Request<bank::CancelActivationRequest>,
     ) -> Result<Response<bank::CancelActivationResponse>, Status> {
+        self.limiter.admit().map_err(|r| Status::from(ApiError::Rejected(r)))?;
         let deadline = remaining_deadline(&request);
         BankAdapter::cancel_activation(self, request.into_inner(), deadline)
             .await
@@ -577,6 +585,7 @@ impl bank::bank_card_service_server::BankCardService for BankAdapter {
         &self,
         request: Request<bank::ReportLossRequest>,
     ) -> Result<Response<bank::ReportLossResponse>, Status> {
+        self.limiter.admit().map_err(|r| Status::from(ApiError::Rejected(r)))?;
         let deadline = remaining_deadline(&request);
         BankAdapter::report_loss(self, request.into_inner(), deadline).await.map(Response::new).map_err(Status::from)
     }
@@ -585,6 +594,7 @@ impl bank::bank_card_service_server::BankCardService for BankAdapter {
         &self,
         request: Request<bank::UnlockFinancialRequest>,
     ) -> Result<Response<bank::UnlockFinancialResponse>, Status> {
+        self.limiter.admit().map_err(|r| Status::from(ApiError::Rejected(r)))?;
         let deadline = remaining_deadline(&request);
         BankAdapter::unlock_financial(self, request.into_inner(), deadline)
             .await
@@ -596,6 +606,7 @@ impl bank::bank_card_service_server::BankCardService for BankAdapter {
         &self,
         request: Request<bank::ConfirmAccountOpeningRequest>,
     ) -> Result<Response<bank::ConfirmAccountOpeningResponse>, Status> {
+        self.limiter.admit().map_err(|r| Status::from(ApiError::Rejected(r)))?;
         let deadline = remaining_deadline(&request);
         BankAdapter::confirm_account_opening(self, request.into_inner(), deadline)
             .await
