@@ -284,3 +284,34 @@ impl PostalService for PostalGrpc {
         }))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use prost::Message;
+
+    proptest! {
+        // Any bytes that decode as a stream message are checked or refused, never a panic.
+        #[test]
+        fn stream_messages_never_panic(data in proptest::collection::vec(any::<u8>(), 0..256)) {
+            if let Ok(u) = pb::StatusUpdate::decode(data.as_slice()) {
+                let _ = update_from_pb(&u, OffsetDateTime::UNIX_EPOCH);
+            }
+        }
+
+        #[test]
+        fn stream_fields_never_panic(
+            waybill in ".{0,20}", status in any::<i32>(), id in ".{0,70}", seconds in any::<i64>(), nanos in any::<i32>()
+        ) {
+            let u = pb::StatusUpdate {
+                waybill,
+                status,
+                courier_event_id: id,
+                occurred_at: Some(prost_types::Timestamp { seconds, nanos }),
+                ..Default::default()
+            };
+            let _ = update_from_pb(&u, OffsetDateTime::UNIX_EPOCH);
+        }
+    }
+}

@@ -548,16 +548,21 @@ impl PostalStore {
                         shipment.status_at = u.occurred_at.max(shipment.status_at);
                         save_progress(&mut tx, shipment).await?;
                     }
+                    // The registry refuses a collection date in the future or before the application
+                    // (R17): a courier clock running ahead, or behind to before the card was even
+                    // produced, is brought within the shipment's life for the milestones.
+                    let at = u.occurred_at.clamp(shipment.opened_at, now.max(shipment.opened_at));
+                    if at != u.occurred_at && !milestones.is_empty() {
+                        tracing::warn!(waybill = %waybill, "courier time outside the shipment's life; milestone dated within it");
+                    }
                     for (milestone, implied) in milestones {
-                        // The registry refuses a collection in the future (R17): a courier clock running
-                        // a little ahead is brought back to ours.
                         append_event(
                             &mut tx,
                             MilestoneEvent {
                                 shipment,
                                 milestone,
                                 implied,
-                                occurred_at: u.occurred_at.min(now),
+                                occurred_at: at,
                                 courier_status: Some(u.status),
                                 courier_event_id: &u.courier_event_id,
                                 sub_reason: &u.sub_reason,

@@ -650,3 +650,34 @@ async fn a_card_collected_at_a_counter_before_dispatch_withdraws_its_shipment() 
     drain(&w.to_registry).await;
     assert_eq!(w.to_registry.offsets.dead_letter_count(&w.to_registry.group).await.unwrap(), 0);
 }
+
+#[tokio::test]
+async fn a_courier_clock_behind_never_dates_the_collection_before_the_shipment() {
+    let mut w = world().await;
+    let card_id = w.produced_card("point-1").await;
+    let wb = w.shipment_of(&card_id).await.waybill;
+    w.set_time(T0 + time::Duration::hours(1));
+    // The courier's clock says the card was delivered before it was even produced.
+    let r = w
+        .client
+        .stream_status_updates(tokio_stream::iter(vec![update(
+            "skewed-1",
+            &wb,
+            pb::ShipmentStatus::Delivered,
+            T0 - time::Duration::hours(3),
+            "",
+        )]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.applied, 1);
+    drain(&w.to_registry).await;
+    assert_eq!(w.to_registry.offsets.dead_letter_count(&w.to_registry.group).await.unwrap(), 0);
+    let card = w.card(&card_id).await;
+    assert_eq!(card.physical_state(), reg::PhysicalState::Collected);
+    // Dated at the shipment's opening, the earliest it can have happened; the history keeps the courier's time.
+    assert_eq!(seconds(&card.collected_at), T0.unix_timestamp());
+    let s = w.shipment_of(&card_id).await;
+    let entry = s.timeline.iter().find(|e| e.update.as_ref().unwrap().courier_event_id == "skewed-1").unwrap();
+    assert_eq!(seconds(&entry.update.as_ref().unwrap().occurred_at), (T0 - time::Duration::hours(3)).unix_timestamp());
+}

@@ -1,0 +1,11 @@
+//! A gRPC stream message: any bytes that decode as a StatusUpdate are checked or refused.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use prost::Message;
+
+fuzz_target!(|data: &[u8]| {
+    if let Ok(u) = socialcard_proto::postal::v1::StatusUpdate::decode(data) {
+        let _ = socialcard_postal::grpc::update_from_pb(&u, time::OffsetDateTime::UNIX_EPOCH);
+    }
+});
