@@ -3,6 +3,7 @@
 //! gRPC API for a demo or a bureau clerk's quick look.
 
 mod cli;
+mod postal;
 mod up;
 
 use clap::{Parser, Subcommand};
@@ -24,6 +25,8 @@ struct Args {
 enum Command {
     /// Run the whole system in this process (embedded default: SQLite under --data-dir, nothing to install).
     Up(up::UpArgs),
+    /// Import a courier's CSV batch file into the running postal service (progress on stderr).
+    PostalImport(postal::ImportArgs),
     #[command(flatten)]
     Client(cli::Action),
 }
@@ -36,6 +39,7 @@ async fn main() -> std::process::ExitCode {
             init_tracing();
             up::run(a).await
         }
+        Command::PostalImport(a) => postal::import(a).await,
         Command::Client(action) => cli::run(&args.connection, action).await,
     };
     match result {

@@ -54,6 +54,8 @@ pub struct UpArgs {
     /// Prometheus metrics over HTTP (`GET /metrics`).
     #[arg(long, env = "SOCIALCARD_METRICS_LISTEN", default_value = "127.0.0.1:9464")]
     metrics_listen: String,
+    #[command(flatten)]
+    postal: crate::postal::PostalArgs,
 }
 
 /// Reads the PIN key from the data directory, creating a random one on first start.
@@ -247,6 +249,23 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         }
         None => println!("registry events kept in the embedded log (SQLite outbox)"),
     }
+
+    // Postal: its service and webhook, CardProduced to it, its shipment events to the registry.
+    background.extend(
+        crate::postal::start(
+            &args.postal,
+            crate::postal::Wiring {
+                data_dir: &args.data_dir,
+                registry: built.registry.clone(),
+                registry_outbox: built.outbox.clone(),
+                registry_offsets: built.offsets.clone(),
+                kafka: kafka.as_ref(),
+                metrics: metrics.clone(),
+                stopped: stopped.clone(),
+            },
+        )
+        .await?,
+    );
 
     let routes =
         tonic::service::Routes::new(socialcard_registry::grpc::RegistryGrpc::new(built.registry).into_server());
