@@ -5,6 +5,7 @@
 //! to keep the benchmarks working; its figures mean nothing.
 
 mod activation;
+mod ingest;
 mod propagation;
 mod stats;
 
@@ -16,6 +17,8 @@ enum Scenario {
     Activation,
     /// Commit-to-consumer-applied latency through the embedded log and through Kafka.
     Propagation,
+    /// Courier status updates per second through postal's gRPC stream beside a bulk insert of the same rows.
+    Ingest,
     All,
 }
 
@@ -46,6 +49,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if matches!(args.scenario, Scenario::Propagation | Scenario::All) {
         results.push(propagation::run(args.quick, args.kafka_brokers.clone()).await?);
+    }
+    if matches!(args.scenario, Scenario::Ingest | Scenario::All) {
+        results.push(ingest::run(args.quick).await?);
     }
     if args.json {
         println!("{{{}}}", results.iter().map(|r| r.json()).collect::<Vec<_>>().join(","));
