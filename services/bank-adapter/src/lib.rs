@@ -231,7 +231,30 @@ impl BankAdapter {
         }
     }
 
-    pub(crate) async fn stored_answer<R: Message + Default>(&self, key: &str, hash: &[u8]) -> Result<Option<R>, ApiError> {
+    /// A refusal may only mean that a concurrent twin of this very call (same key, same request) changed
+    /// the state first: then its stored answer is the answer.
+    pub(crate) async fn or_replay<R: Message + Default>(
+        &self,
+        key: &str,
+        hash: &[u8],
+        result: Result<R, ApiError>,
+    ) -> Result<R, ApiError> {
+        match result {
+            Err(ApiError::Rejected(r)) if r.reason != "IDEMPOTENCY_KEY_REUSED" => {
+                match self.stored_answer(key, hash).await? {
+                    Some(stored) => Ok(stored),
+                    None => Err(ApiError::Rejected(r)),
+                }
+            }
+            other => other,
+        }
+    }
+
+    pub(crate) async fn stored_answer<R: Message + Default>(
+        &self,
+        key: &str,
+        hash: &[u8],
+    ) -> Result<Option<R>, ApiError> {
         let row = sqlx::query("SELECT request_hash, response FROM idempotency WHERE idempotency_key = $1")
             .bind(key)
             .fetch_optional(&self.pool)
@@ -260,6 +283,18 @@ impl BankAdapter {
     ) -> Result<bank::CancelActivationResponse, ApiError> {
         let key = text("idempotency_key", &req.idempotency_key)?;
         let hash = Sha256::digest(req.encode_to_vec()).to_vec();
+        let result = self.cancel_activation_once(req, deadline, &key, &hash).await;
+        self.or_replay(&key, &hash, result).await
+    }
+
+    async fn cancel_activation_once(
+        &self,
+        req: bank::CancelActivationRequest,
+        deadline: Option<Duration>,
+        key: &str,
+        hash: &[u8],
+    ) -> Result<bank::CancelActivationResponse, ApiError> {
+        let (key, hash) = (key.to_string(), hash.to_vec());
         if let Some(stored) = self.stored_answer(&key, &hash).await? {
             return Ok(stored);
         }
@@ -327,11 +362,14 @@ impl BankAdapter {
         }
         let response = bank::CancelActivationResponse { financial_state: reg::FinancialState::NotActivated as i32 };
         let mut tx = self.writer.begin().await.map_err(db)?;
-        sqlx::query("UPDATE financial_cards SET state = 'rolled_back' WHERE card_id = $1 AND state = 'active'")
-            .bind(&card_id)
-            .execute(&mut *tx)
-            .await
-            .map_err(db)?;
+        let rolled_back =
+            sqlx::query("UPDATE financial_cards SET state = 'rolled_back' WHERE card_id = $1 AND state = 'active'")
+                .bind(&card_id)
+                .execute(&mut *tx)
+                .await
+                .map_err(db)?
+                .rows_affected()
+                == 1;
         if confirmed {
             sqlx::query(
                 "INSERT INTO idempotency (idempotency_key, request_hash, response, created_at) VALUES ($1, $2, $3, $4)
@@ -355,8 +393,11 @@ impl BankAdapter {
                 registry_confirmed: confirmed,
             })),
         };
-        self.append_event(&mut tx, &card_id, "socialcard.financial.v1.FinancialActivationRolledBack", &event, now)
-            .await?;
+        // A concurrent twin of this call rolled it back first: its event is the one.
+        if rolled_back {
+            self.append_event(&mut tx, &card_id, "socialcard.financial.v1.FinancialActivationRolledBack", &event, now)
+                .await?;
+        }
         tx.commit().await.map_err(db)?;
         if confirmed {
             Ok(response)

@@ -151,7 +151,18 @@ impl BankAdapter {
     ) -> Result<bank::UnfreezeFinancialResponse, ApiError> {
         let key = coordination_key(&req.idempotency_key)?;
         let hash = Sha256::digest(req.encode_to_vec()).to_vec();
-        if let Some(stored) = self.stored_answer(&key, &hash).await? {
+        let result = self.unfreeze_once(req, deadline, &key, &hash).await;
+        self.or_replay(&key, &hash, result).await
+    }
+
+    async fn unfreeze_once(
+        &self,
+        req: bank::UnfreezeFinancialRequest,
+        deadline: Option<Duration>,
+        key: &str,
+        hash: &[u8],
+    ) -> Result<bank::UnfreezeFinancialResponse, ApiError> {
+        if let Some(stored) = self.stored_answer(key, hash).await? {
             return Ok(stored);
         }
         let case_id = text("case_id", &req.case_id)?;
@@ -223,9 +234,9 @@ impl BankAdapter {
                 reg::FinancialState::NotActivated as i32
             },
         };
-        store_answer(&mut tx, &key, &hash, &response, now).await?;
+        store_answer(&mut tx, key, hash, &response, now).await?;
         tx.commit().await.map_err(db)?;
-        Ok(self.stored_answer(&key, &hash).await?.unwrap_or(response))
+        Ok(self.stored_answer(key, hash).await?.unwrap_or(response))
     }
 
     fn coordinator(

@@ -17,7 +17,9 @@ use time::OffsetDateTime;
 use tonic::{Code, Request, Status};
 
 use crate::Coordinator;
-use crate::store::{CASE_COLUMNS, CaseRow, db, kind_to_pb, not_found, store_answer, stored_answer};
+use crate::store::{
+    CASE_COLUMNS, CaseRow, Claim, claim, db, kind_to_pb, not_found, release, store_answer, stored_answer,
+};
 
 /// How a call to another service ended, for the side it was meant to move.
 pub(crate) enum SideError {
@@ -186,7 +188,44 @@ impl Coordinator {
         const OP: &str = "ReportLoss";
         let key = key_of(&req.idempotency_key)?;
         let hash = hash_of(OP, &req);
-        if let Some(stored) = stored_answer(&self.pool, &key, OP, &hash).await? {
+        let result = self.once(&key, OP, &hash, || self.report_loss_once(req, OP, key.clone(), hash.clone())).await;
+        result
+    }
+
+    /// Runs `f` once per key: concurrent twins of a call (same key, same request) wait for the first one's
+    /// answer instead of racing it through the registry and the adapters; a refusal releases the key.
+    async fn once<R, F, Fut>(&self, key: &str, operation: &str, hash: &[u8], f: F) -> Result<R, ApiError>
+    where
+        R: Message + Default,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<R, ApiError>>,
+    {
+        // A call that died holding the claim is taken over after twice the downstream timeout.
+        let stale = i64::try_from(self.config.call_timeout.as_micros() * 4).unwrap_or(i64::MAX / 2);
+        loop {
+            if let Some(stored) = stored_answer(&self.pool, key, operation, hash).await? {
+                return Ok(stored);
+            }
+            match claim(&self.pool, key, operation, hash, self.real_now(), stale).await? {
+                Claim::Run => break,
+                Claim::Busy => tokio::time::sleep(std::time::Duration::from_millis(5)).await,
+            }
+        }
+        let result = f().await;
+        if result.is_err() {
+            release(&self.pool, key).await?;
+        }
+        result
+    }
+
+    async fn report_loss_once(
+        &self,
+        req: pb::ReportLossRequest,
+        op: &str,
+        key: String,
+        hash: Vec<u8>,
+    ) -> Result<pb::ReportLossResponse, ApiError> {
+        if let Some(stored) = stored_answer(&self.pool, &key, op, &hash).await? {
             return Ok(stored);
         }
         let kind = loss_kind_of(req.loss_kind)?;
@@ -216,7 +255,7 @@ impl Coordinator {
         {
             return Err(ApiError::Rejected(Rejection::new(
                 RejectionKind::FailedPrecondition,
-                "CASE_ALREADY_OPEN",
+                "CASE_ALREADY_opEN",
                 format!("the card is already under loss case {}", open.case_id),
             )));
         }
@@ -245,9 +284,9 @@ impl Coordinator {
         let case = self.drive_case(&case.case_id).await?.unwrap_or(case);
         let response = pb::ReportLossResponse { loss_case: Some(case.to_pb()) };
         let mut tx = self.writer.begin().await.map_err(db)?;
-        store_answer(&mut tx, &key, OP, &hash, &response, now).await?;
+        store_answer(&mut tx, &key, op, &hash, &response, now).await?;
         tx.commit().await.map_err(db)?;
-        Ok(stored_answer(&self.pool, &key, OP, &hash).await?.unwrap_or(response))
+        Ok(stored_answer(&self.pool, &key, op, &hash).await?.unwrap_or(response))
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -463,7 +502,18 @@ impl Coordinator {
         const OP: &str = "Unlock";
         let key = key_of(&req.idempotency_key)?;
         let hash = hash_of(OP, &req);
-        if let Some(stored) = stored_answer(&self.pool, &key, OP, &hash).await? {
+        let result = self.once(&key, OP, &hash, || self.unlock_once(req, OP, key.clone(), hash.clone())).await;
+        result
+    }
+
+    async fn unlock_once(
+        &self,
+        req: pb::UnlockRequest,
+        op: &str,
+        key: String,
+        hash: Vec<u8>,
+    ) -> Result<pb::UnlockResponse, ApiError> {
+        if let Some(stored) = stored_answer(&self.pool, &key, op, &hash).await? {
             return Ok(stored);
         }
         let actor = req
@@ -477,7 +527,7 @@ impl Coordinator {
             ("", card) if !card.is_empty() => self.open_case_of(card).await?.ok_or_else(|| {
                 ApiError::Rejected(Rejection::new(
                     RejectionKind::FailedPrecondition,
-                    "NO_OPEN_CASE",
+                    "NO_opEN_CASE",
                     "the card has no open loss case",
                 ))
             })?,
@@ -568,7 +618,7 @@ impl Coordinator {
             if case.update(&mut tx, &before, now).await? {
                 self.settle_case_timers(&mut tx, &case, now).await?;
                 let response = pb::UnlockResponse { loss_case: Some(case.to_pb()) };
-                store_answer(&mut tx, &key, OP, &hash, &response, now).await?;
+                store_answer(&mut tx, &key, op, &hash, &response, now).await?;
                 tx.commit().await.map_err(db)?;
                 break response;
             }

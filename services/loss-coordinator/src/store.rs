@@ -329,7 +329,73 @@ pub(crate) async fn stored_answer<R: Message + Default>(
         )));
     }
     let response: Vec<u8> = row.try_get("response").map_err(db)?;
+    if response.is_empty() {
+        // Claimed by a call still in progress (see `claim`): no answer yet.
+        return Ok(None);
+    }
     R::decode(response.as_slice()).map(Some).map_err(|e| ApiError::Internal(e.to_string()))
+}
+
+/// How a call with an idempotency key may proceed.
+pub(crate) enum Claim {
+    /// This call runs the operation (its answer is stored by `store_answer`).
+    Run,
+    /// Another call with the same key is running it: wait for its answer.
+    Busy,
+}
+
+/// Claims `key` for one running call: a pending row (empty answer) that twins wait on. A claim older
+/// than `stale_micros` (its call died) is taken over; the downstream calls it made carry derived keys, so
+/// running them again is safe.
+pub(crate) async fn claim(
+    pool: &sqlx::SqlitePool,
+    key: &str,
+    operation: &str,
+    hash: &[u8],
+    now_micros: i64,
+    stale_micros: i64,
+) -> Result<Claim, ApiError> {
+    let inserted = sqlx::query(
+        "INSERT INTO idempotency (idempotency_key, operation, request_hash, response, created_at)
+         VALUES ($1, $2, $3, x'', $4) ON CONFLICT (idempotency_key) DO NOTHING",
+    )
+    .bind(key)
+    .bind(operation)
+    .bind(hash)
+    .bind(now_micros)
+    .execute(pool)
+    .await
+    .map_err(db)?
+    .rows_affected()
+        == 1;
+    if inserted {
+        return Ok(Claim::Run);
+    }
+    let taken = sqlx::query(
+        "UPDATE idempotency SET created_at = $2
+         WHERE idempotency_key = $1 AND response = x'' AND created_at < $3 AND operation = $4 AND request_hash = $5",
+    )
+    .bind(key)
+    .bind(now_micros)
+    .bind(now_micros - stale_micros)
+    .bind(operation)
+    .bind(hash)
+    .execute(pool)
+    .await
+    .map_err(db)?
+    .rows_affected()
+        == 1;
+    Ok(if taken { Claim::Run } else { Claim::Busy })
+}
+
+/// Gives a claim back after a refusal, so a later call with the key runs again.
+pub(crate) async fn release(pool: &sqlx::SqlitePool, key: &str) -> Result<(), ApiError> {
+    sqlx::query("DELETE FROM idempotency WHERE idempotency_key = $1 AND response = x''")
+        .bind(key)
+        .execute(pool)
+        .await
+        .map_err(db)?;
+    Ok(())
 }
 
 pub(crate) async fn store_answer(
@@ -342,7 +408,8 @@ pub(crate) async fn store_answer(
 ) -> Result<(), ApiError> {
     sqlx::query(
         "INSERT INTO idempotency (idempotency_key, operation, request_hash, response, created_at)
-         VALUES ($1, $2, $3, $4, $5) ON CONFLICT (idempotency_key) DO NOTHING",
+         VALUES ($1, $2, $3, $4, $5)
+         ON CONFLICT (idempotency_key) DO UPDATE SET response = excluded.response WHERE idempotency.response = x''",
     )
     .bind(key)
     .bind(operation)
