@@ -9,6 +9,8 @@ use socialcard_domain::numbers::luhn_check_digit;
 use socialcard_domain::{BankDirectory, CardNumber};
 use socialcard_proto::bank::v1 as bank_pb;
 use socialcard_proto::bank::v1::bank_card_service_client::BankCardServiceClient;
+use socialcard_proto::loss::v1 as loss_pb;
+use socialcard_proto::loss::v1::loss_coordinator_service_client::LossCoordinatorServiceClient;
 use socialcard_proto::registry::v1 as pb;
 use socialcard_proto::registry::v1::registry_service_client::RegistryServiceClient;
 use tonic::transport::Channel;
@@ -17,7 +19,12 @@ use tonic::transport::Channel;
 pub struct Connection {
     /// The registry's gRPC endpoint.
     #[arg(long, global = true, env = "SOCIALCARD_ENDPOINT", default_value = "http://127.0.0.1:50051")]
-    endpoint: String,
+    pub(crate) endpoint: String,
+    /// Mutual TLS with the certificates in this directory (`socialcard certs --out <dir>`): `up` serves
+    /// with them, the client commands present them (the CLI's service certificate to the registry, the
+    /// card's bank certificate to a bank adapter).
+    #[arg(long, global = true, env = "SOCIALCARD_TLS_DIR")]
+    pub(crate) tls_dir: Option<std::path::PathBuf>,
     /// Idempotency key for the call; default: a new one.
     #[arg(long, global = true)]
     idempotency_key: Option<String>,
@@ -86,16 +93,23 @@ pub enum Action {
         #[arg(long)]
         bank_endpoint: Option<String>,
     },
-    /// Report a loss: the social function is loss-locked.
+    /// Report a loss to the loss coordinator: the social function is locked and the financial one frozen.
     ReportLoss {
         card_id: String,
         #[arg(long, value_enum, default_value = "written")]
         kind: Loss,
         #[arg(long)]
         phone: Option<String>,
+        /// The loss coordinator's gRPC endpoint.
+        #[arg(long, env = "SOCIALCARD_LOSS_ENDPOINT", default_value = "http://127.0.0.1:50083")]
+        loss_endpoint: String,
     },
-    /// Unlock the social function at a bureau window.
-    Unlock { card_id: String },
+    /// Unlock the social side of the card's loss case at a bureau window (the bank unlocks its side).
+    Unlock {
+        card_id: String,
+        #[arg(long, env = "SOCIALCARD_LOSS_ENDPOINT", default_value = "http://127.0.0.1:50083")]
+        loss_endpoint: String,
+    },
     /// Show a card (by id or card number) and its audit trail.
     Show { card: String },
     /// Show a person and their cards.
@@ -162,13 +176,42 @@ fn print_card(c: &pb::Card) {
     println!("  status code       {}", c.status_code);
 }
 
+async fn coordinator(c: &Connection, endpoint: &str) -> anyhow::Result<LossCoordinatorServiceClient<Channel>> {
+    let channel = crate::bank_tools::client_endpoint(c, endpoint, |t| t.service_client("cli"), "loss-coordinator")?
+        .connect()
+        .await
+        .with_context(|| format!("cannot reach the loss coordinator at {endpoint}"))?;
+    Ok(LossCoordinatorServiceClient::new(channel))
+}
+
+async fn current_card(client: &mut RegistryServiceClient<Channel>, card_id: &str) -> anyhow::Result<Option<pb::Card>> {
+    Ok(client
+        .get_card(pb::GetCardRequest { lookup: Some(pb::get_card_request::Lookup::CardId(card_id.to_string())) })
+        .await
+        .map_err(status_error)?
+        .into_inner()
+        .card)
+}
+
+fn print_case(c: &loss_pb::LossCase) {
+    println!(
+        "loss case {}: {} (social locked: {}, financial frozen: {}){}",
+        c.case_id,
+        label(loss_pb::CaseState::try_from(c.state).map(|s| s.as_str_name()).unwrap_or("?"), "CASE_STATE_"),
+        c.social_locked,
+        c.financial_frozen,
+        if c.last_error.is_empty() { String::new() } else { format!("; retrying: {}", c.last_error) }
+    );
+}
+
 fn status_error(s: tonic::Status) -> anyhow::Error {
     let reason = socialcard_server::error::reason_of(&s).unwrap_or_default();
     anyhow::anyhow!("{:?} {}: {}", s.code(), reason, s.message())
 }
 
 pub async fn run(c: &Connection, action: Action) -> anyhow::Result<()> {
-    let mut client: RegistryServiceClient<Channel> = RegistryServiceClient::connect(c.endpoint.clone())
+    let registry = crate::bank_tools::client_endpoint(c, &c.endpoint, |t| t.service_client("cli"), "registry")?;
+    let mut client: RegistryServiceClient<Channel> = RegistryServiceClient::connect(registry)
         .await
         .with_context(|| format!("cannot reach the registry at {}", c.endpoint))?;
     let card = match action {
@@ -283,7 +326,14 @@ pub async fn run(c: &Connection, action: Action) -> anyhow::Result<()> {
                         format!("http://127.0.0.1:{port}")
                     }
                 };
-                let mut bank = BankCardServiceClient::connect(endpoint.clone())
+                let bank_service = socialcard_server::tls::adapter_service_name(&current.bank_code);
+                let bank_endpoint = crate::bank_tools::client_endpoint(
+                    c,
+                    &endpoint,
+                    |t| t.bank_client(&current.bank_code),
+                    &bank_service,
+                )?;
+                let mut bank = BankCardServiceClient::connect(bank_endpoint)
                     .await
                     .with_context(|| format!("cannot reach the bank adapter at {endpoint}"))?;
                 let r = bank
@@ -333,7 +383,7 @@ pub async fn run(c: &Connection, action: Action) -> anyhow::Result<()> {
                     .card
             }
         }
-        Action::ReportLoss { card_id, kind, phone } => {
+        Action::ReportLoss { card_id, kind, phone, loss_endpoint } => {
             let (loss_kind, a) = match kind {
                 Loss::Temporary => {
                     let mut a = actor(pb::Channel::Hotline, "");
@@ -349,10 +399,12 @@ pub async fn run(c: &Connection, action: Action) -> anyhow::Result<()> {
                 holder_id_card: true,
                 ..Default::default()
             });
-            client
-                .lock_social_function(pb::LockSocialFunctionRequest {
+            let case = coordinator(c, &loss_endpoint)
+                .await?
+                .report_loss(loss_pb::ReportLossRequest {
                     idempotency_key: key(c),
-                    card_id,
+                    card_id: card_id.clone(),
+                    card_number: String::new(),
                     actor: a,
                     documents,
                     loss_kind: loss_kind as i32,
@@ -360,20 +412,28 @@ pub async fn run(c: &Connection, action: Action) -> anyhow::Result<()> {
                 .await
                 .map_err(status_error)?
                 .into_inner()
-                .card
+                .loss_case
+                .unwrap_or_default();
+            print_case(&case);
+            current_card(&mut client, &card_id).await?
         }
-        Action::Unlock { card_id } => {
-            client
-                .unlock_social_function(pb::UnlockSocialFunctionRequest {
+        Action::Unlock { card_id, loss_endpoint } => {
+            let case = coordinator(c, &loss_endpoint)
+                .await?
+                .unlock(loss_pb::UnlockRequest {
                     idempotency_key: key(c),
-                    card_id,
+                    case_id: String::new(),
+                    card_id: card_id.clone(),
                     actor: actor(pb::Channel::BureauWindow, "bureau"),
                     documents: in_person(),
                 })
                 .await
                 .map_err(status_error)?
                 .into_inner()
-                .card
+                .loss_case
+                .unwrap_or_default();
+            print_case(&case);
+            current_card(&mut client, &card_id).await?
         }
         Action::Show { card } => {
             let lookup = if CardNumber::parse(&card).is_ok() {

@@ -2,7 +2,9 @@
 //! under a data directory (the embedded default); the other subcommands drive the running system's
 //! gRPC API for a demo or a bureau clerk's quick look.
 
+mod bank_tools;
 mod cli;
+mod loss;
 mod postal;
 mod up;
 
@@ -24,21 +26,26 @@ struct Args {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the whole system in this process (embedded default: SQLite under --data-dir, nothing to install).
-    Up(up::UpArgs),
+    // Boxed: its flags outweigh every other command's.
+    Up(Box<up::UpArgs>),
     /// Import a courier's CSV batch file into the running postal service (progress on stderr).
     PostalImport(postal::ImportArgs),
     #[command(flatten)]
     Client(cli::Action),
+    #[command(flatten)]
+    Bank(bank_tools::BankTool),
 }
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let args = Args::parse();
     let result = match args.command {
-        Command::Up(a) => {
-            init_tracing();
-            up::run(a).await
+        Command::Up(mut a) => {
+            let _telemetry = init_tracing();
+            a.tls_dir = args.connection.tls_dir.clone();
+            up::run(*a).await
         }
+        Command::Bank(tool) => bank_tools::run(&args.connection, tool).await,
         Command::PostalImport(a) => postal::import(a).await,
         Command::Client(action) => cli::run(&args.connection, action).await,
     };
@@ -51,9 +58,8 @@ async fn main() -> std::process::ExitCode {
     }
 }
 
-fn init_tracing() {
-    use tracing_subscriber::EnvFilter;
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,h2=warn,tower=warn"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+/// Logs on stderr (`RUST_LOG`) and, when the standard `OTEL_*` variables ask for it, traces over OTLP.
+/// The guard flushes the last spans when `up` returns.
+fn init_tracing() -> socialcard_telemetry::Telemetry {
+    socialcard_telemetry::init("socialcard", "info,sqlx=warn,h2=warn,tower=warn,opentelemetry=warn")
 }

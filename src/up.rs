@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use clap::Args;
+use socialcard_bank_adapter::loss::COORDINATION_SERVICE_NAME as COORDINATION_SERVICE;
 use socialcard_bank_adapter::{BankAdapter, SERVICE_NAME as ADAPTER_SERVICE};
 use socialcard_domain::BankDirectory;
 use socialcard_domain::bank::{AdapterPorts, SHANGHAI_BANK_FILES};
@@ -17,8 +18,10 @@ use socialcard_events::relay::RelayConfig;
 use socialcard_registry::RegistryConfig;
 use socialcard_registry::events::FinancialEvents;
 use socialcard_server::SystemClock;
+use socialcard_server::tls::{Allow, RequirePeer, TlsDir, adapter_service_name};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+use tonic::service::interceptor::InterceptedService;
 
 const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
@@ -56,6 +59,12 @@ pub struct UpArgs {
     metrics_listen: String,
     #[command(flatten)]
     postal: crate::postal::PostalArgs,
+    #[command(flatten)]
+    loss: crate::loss::LossArgs,
+    /// Serve the registry and the bank adapters over mutual TLS with the certificates in this directory
+    /// (the global `--tls-dir`, `socialcard certs --out <dir>`). Without it: plaintext, on loopback.
+    #[arg(skip)]
+    pub(crate) tls_dir: Option<PathBuf>,
 }
 
 /// Reads the PIN key from the data directory, creating a random one on first start.
@@ -176,25 +185,50 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         .with_context(|| format!("cannot listen on {}", args.registry_listen))?;
     let registry_addr = listener.local_addr()?;
     println!("registry listening on {registry_addr}");
-    let registry_endpoint = tonic::transport::Channel::from_shared(format!("http://{registry_addr}"))?;
+    let tls = args.tls_dir.as_ref().map(TlsDir::new);
+    if let Some(t) = &tls {
+        println!("mutual TLS with the certificates in {}", t.root().display());
+    }
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let registry_endpoint = tonic::transport::Channel::from_shared(format!("{scheme}://{registry_addr}"))?;
+
+    // The loss coordinator listens first: the adapters hand branch losses and unlocks to it.
+    let loss = crate::loss::Listening::bind(&args.loss).await?;
+    let mut adapter_channels = Vec::new();
 
     // The bank adapters, each with its own database; their FinancialActivated events reach the registry
     // through Kafka or, embedded, straight from each adapter's outbox.
     for bank in directory.banks() {
         let code = bank.code.clone();
-        let adapter = BankAdapter::open(
-            bank.clone(),
-            &args.data_dir.join(format!("bank-{code}.db")),
-            registry_endpoint.connect_lazy(),
-        )
-        .await
-        .with_context(|| format!("cannot open the database of bank {code}"))?;
+        // Under TLS each adapter calls the registry with its own service certificate.
+        let registry_channel = match &tls {
+            Some(t) => {
+                let identity = t.service_client(&adapter_service_name(&code));
+                registry_endpoint.clone().tls_config(t.client_config(&identity, "registry")?)?.connect_lazy()
+            }
+            None => registry_endpoint.connect_lazy(),
+        };
+        let adapter = BankAdapter::open(bank.clone(), &args.data_dir.join(format!("bank-{code}.db")), registry_channel)
+            .await
+            .with_context(|| format!("cannot open the database of bank {code}"))?
+            .with_coordinator(crate::loss::service_channel(
+                tls.as_ref(),
+                loss.addr,
+                &adapter_service_name(&code),
+                crate::loss::SERVICE,
+            )?);
         let port = ports.iter().find(|(c, _)| *c == code).and_then(|(_, p)| *p).unwrap_or(0);
         let addr =
             if args.bank_ports_auto { format!("{}:0", args.bank_host) } else { format!("{}:{port}", args.bank_host) };
         let bank_listener =
             TcpListener::bind(&addr).await.with_context(|| format!("cannot listen on {addr} for bank {code}"))?;
-        println!("bank-adapter[{code}] listening on {}", bank_listener.local_addr()?);
+        let bank_addr = bank_listener.local_addr()?;
+        println!("bank-adapter[{code}] listening on {bank_addr}");
+        adapter_channels.push((
+            code.clone(),
+            crate::loss::service_channel(tls.as_ref(), bank_addr, crate::loss::SERVICE, &adapter_service_name(&code))?,
+        ));
+        let coordination = adapter.clone();
         match &kafka {
             Some(_) => background.push(relay(adapter.outbox(), format!("bank-adapter.{code}"))?),
             None => {
@@ -212,10 +246,29 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
                 background.push(tokio::spawn(consumer.run(stopped.clone())));
             }
         }
-        let routes = tonic::service::Routes::new(adapter.into_server());
+        // Under TLS only the bank's own certificate reaches its adapter.
+        let (routes, server_tls) = match &tls {
+            Some(t) => (
+                tonic::service::Routes::new(adapter.into_mtls_server())
+                    .add_service(coordination.into_mtls_coordination_server()),
+                Some(t.server_config(&adapter_service_name(&code))?),
+            ),
+            None => (
+                tonic::service::Routes::new(adapter.into_server())
+                    .add_service(coordination.into_coordination_server()),
+                None,
+            ),
+        };
         let serving = until_stopped(stopped.clone());
         background.push(tokio::spawn(async move {
-            if let Err(e) = socialcard_server::grpc::serve(bank_listener, routes, &[ADAPTER_SERVICE], serving).await {
+            let served = socialcard_server::grpc::serve_with_tls(
+                bank_listener,
+                routes,
+                &[ADAPTER_SERVICE, COORDINATION_SERVICE],
+                server_tls,
+                serving,
+            );
+            if let Err(e) = served.await {
                 tracing::error!(bank = %code, error = %e, "bank adapter stopped");
             }
         }));
@@ -267,12 +320,42 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         .await?,
     );
 
-    let routes =
-        tonic::service::Routes::new(socialcard_registry::grpc::RegistryGrpc::new(built.registry).into_server());
-    let mut server = tokio::spawn(socialcard_server::grpc::serve(
+    // The loss coordinator: card events to it, its cases' calls to the registry and the adapters.
+    background.extend(
+        crate::loss::start(
+            loss,
+            crate::loss::Wiring {
+                data_dir: &args.data_dir,
+                banks: directory.clone(),
+                registry: crate::loss::service_channel(tls.as_ref(), registry_addr, crate::loss::SERVICE, "registry")?,
+                adapters: adapter_channels,
+                registry_outbox: built.outbox.clone(),
+                kafka: kafka.as_ref(),
+                metrics: metrics.clone(),
+                stopped: stopped.clone(),
+                tls: tls.as_ref(),
+            },
+        )
+        .await?,
+    );
+
+    let registry_server = socialcard_registry::grpc::RegistryGrpc::new(built.registry).into_server();
+    // Under TLS the registry serves our services only, each by its certificate; banks go through adapters.
+    let (routes, registry_tls) = match &tls {
+        Some(t) => (
+            tonic::service::Routes::new(InterceptedService::new(
+                registry_server,
+                RequirePeer::new("registry", Allow::services()),
+            )),
+            Some(t.server_config("registry")?),
+        ),
+        None => (tonic::service::Routes::new(registry_server), None),
+    };
+    let mut server = tokio::spawn(socialcard_server::grpc::serve_with_tls(
         listener,
         routes,
         &[socialcard_registry::SERVICE_NAME],
+        registry_tls,
         until_stopped(stopped.clone()),
     ));
     tokio::select! {

@@ -8,6 +8,8 @@ use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 
+use socialcard_proto::bank::v1 as bank_pb;
+use socialcard_proto::bank::v1::bank_card_service_client::BankCardServiceClient;
 use socialcard_proto::registry::v1 as pb;
 use socialcard_proto::registry::v1::registry_service_client::RegistryServiceClient;
 use tokio_stream::StreamExt;
@@ -24,6 +26,7 @@ const BIN: &str = env!("CARGO_BIN_EXE_socialcard");
 struct Up {
     child: Child,
     endpoint: String,
+    loss: String,
     banks: std::collections::HashMap<String, String>,
 }
 
@@ -38,6 +41,12 @@ impl Up {
                 "--metrics-listen",
                 "127.0.0.1:0",
                 "--bank-ports-auto",
+                "--loss-listen",
+                "127.0.0.1:0",
+                "--postal-listen",
+                "127.0.0.1:0",
+                "--postal-webhook-listen",
+                "127.0.0.1:0",
                 "--data-dir",
             ])
             .arg(data_dir)
@@ -57,6 +66,11 @@ impl Up {
             .find_map(|l| l.strip_prefix("registry listening on "))
             .map(|a| format!("http://{a}"))
             .expect("no registry line");
+        let loss = printed
+            .iter()
+            .find_map(|l| l.strip_prefix("loss-coordinator listening on "))
+            .map(|a| format!("http://{a}"))
+            .expect("no loss-coordinator line");
         let banks: std::collections::HashMap<String, String> = printed
             .iter()
             .filter_map(|l| l.strip_prefix("bank-adapter["))
@@ -69,7 +83,7 @@ impl Up {
             "without a broker, events stay in the embedded log"
         );
         std::thread::spawn(move || for _ in lines {});
-        Up { child, endpoint, banks }
+        Up { child, endpoint, loss, banks }
     }
 
     fn stop(mut self) {
@@ -154,10 +168,39 @@ async fn up_serves_health_reflection_and_the_registry() {
         .output()
         .unwrap();
     assert!(String::from_utf8_lossy(&wrong.stderr).contains("PermissionDenied WRONG_BANK"), "{wrong:?}");
-    up.cli(&["report-loss", &card_id, "--kind", "temporary", "--phone", "13800000000"]);
+    // A loss by phone: the loss coordinator locks both functions (R26).
+    let reported = up.cli(&[
+        "report-loss",
+        &card_id,
+        "--kind",
+        "temporary",
+        "--phone",
+        "13800000000",
+        "--loss-endpoint",
+        &up.loss,
+    ]);
+    assert!(reported.contains("social locked: true, financial frozen: true"), "{reported}");
     let shown = up.cli(&["show", &card_id]);
     assert!(shown.contains("social function   loss locked") && shown.contains("status code       4"), "{shown}");
-    up.cli(&["unlock", &card_id]);
+    // The bureau unlocks the social side; the bank unlocks its own (R27).
+    let unlocked = up.cli(&["unlock", &card_id, "--loss-endpoint", &up.loss]);
+    assert!(unlocked.contains("social locked: false, financial frozen: true"), "{unlocked}");
+    let card_number = shown.lines().find_map(|l| l.trim().strip_prefix("card number")).unwrap().trim().to_string();
+    let mut icbc = BankCardServiceClient::connect(up.banks["icbc"].clone()).await.unwrap();
+    let bank_side = icbc
+        .unlock_financial(bank_pb::UnlockFinancialRequest {
+            idempotency_key: uuid::Uuid::now_v7().to_string(),
+            card_number,
+            teller_id: "teller-1".into(),
+            branch_id: "branch-1".into(),
+            holder_id_checked: true,
+            card_presented: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(bank_side.financial_state, pb::FinancialState::Active as i32);
+    drop(icbc);
 
     // A refusal reaches the CLI user as a reason and a non-zero exit.
     let refused =
@@ -169,13 +212,21 @@ async fn up_serves_health_reflection_and_the_registry() {
     up.stop();
     let up = Up::start(&dir);
     let mut client = RegistryServiceClient::connect(up.endpoint.clone()).await.unwrap();
-    let card = client
-        .get_card(pb::GetCardRequest { lookup: Some(pb::get_card_request::Lookup::CardId(card_id.clone())) })
-        .await
-        .unwrap()
-        .into_inner()
-        .card
-        .unwrap();
+    let mut card = pb::Card::default();
+    // The bank's unfreeze reaches the registry through the adapter's event, also across the restart.
+    for _ in 0..500 {
+        card = client
+            .get_card(pb::GetCardRequest { lookup: Some(pb::get_card_request::Lookup::CardId(card_id.clone())) })
+            .await
+            .unwrap()
+            .into_inner()
+            .card
+            .unwrap();
+        if card.financial_state == pb::FinancialState::Active as i32 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     assert_eq!(card.social_state, pb::SocialState::Active as i32);
     assert_eq!(card.financial_state, pb::FinancialState::Active as i32);
     let verified = client

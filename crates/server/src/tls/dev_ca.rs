@@ -188,15 +188,18 @@ impl DevCa {
 pub const SERVICE_CLIENTS: [&str; 5] = ["cli", "loss-coordinator", "postal", "ops", "bank-sim"];
 
 /// Writes a development PKI into `dir` (see [`TlsDir`]): the CA, each bank's client certificate, a
-/// server certificate for the registry and each bank's adapter, and client certificates for the adapters
+/// server certificate for the registry, the loss coordinator and each bank's adapter, and client certificates for the adapters
 /// (calling the registry) and the other services in [`SERVICE_CLIENTS`]. Returns the files written.
 pub fn write_dev_pki(dir: &TlsDir, bank_codes: &[&str]) -> Result<usize, DevCaError> {
     let ca = DevCa::generate("socialcard development CA")?;
     write_file(&dir.ca(), &ca.cert_pem(), false)?;
     write_file(&dir.ca_key(), &ca.key_pem(), true)?;
     let mut written = 2;
-    ca.issue(&LeafSpec::server("registry"))?.write(&dir.server("registry"))?;
-    written += 2;
+    // The services that others call: the registry and the loss coordinator (the adapters below).
+    for service in ["registry", "loss-coordinator"] {
+        ca.issue(&LeafSpec::server(service))?.write(&dir.server(service))?;
+        written += 2;
+    }
     for code in bank_codes {
         ca.issue(&LeafSpec::bank_client(code))?.write(&dir.bank_client(code))?;
         let adapter = adapter_service_name(code);
