@@ -5,6 +5,7 @@
 mod bank_tools;
 mod cli;
 mod loss;
+mod ops;
 mod postal;
 mod up;
 

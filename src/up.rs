@@ -61,6 +61,8 @@ pub struct UpArgs {
     postal: crate::postal::PostalArgs,
     #[command(flatten)]
     loss: crate::loss::LossArgs,
+    #[command(flatten)]
+    ops: crate::ops::OpsArgs,
     /// Serve the registry and the bank adapters over mutual TLS with the certificates in this directory
     /// (the global `--tls-dir`, `socialcard certs --out <dir>`). Without it: plaintext, on loopback.
     #[arg(skip)]
@@ -334,6 +336,23 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
                 metrics: metrics.clone(),
                 stopped: stopped.clone(),
                 tls: tls.as_ref(),
+            },
+        )
+        .await?,
+    );
+
+    // Ops: read models from every topic, its gRPC service and dashboard (after the services it reads).
+    background.extend(
+        crate::ops::start(
+            &args.ops,
+            crate::ops::Wiring {
+                data_dir: &args.data_dir,
+                banks: directory.clone(),
+                registry_outbox: built.outbox.clone(),
+                registry_offsets: built.offsets.clone(),
+                kafka: kafka.as_ref(),
+                metrics: metrics.clone(),
+                stopped: stopped.clone(),
             },
         )
         .await?,
