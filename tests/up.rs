@@ -47,6 +47,10 @@ impl Up {
                 "127.0.0.1:0",
                 "--postal-webhook-listen",
                 "127.0.0.1:0",
+                "--ops-listen",
+                "127.0.0.1:0",
+                "--ops-dashboard-listen",
+                "127.0.0.1:0",
                 "--data-dir",
             ])
             .arg(data_dir)

@@ -27,6 +27,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tonic::transport::Channel;
 
+#[allow(unused_imports)]
 pub use socialcard_server::error::reason_of;
 
 pub struct Dir(pub PathBuf);
@@ -75,6 +76,8 @@ pub struct City {
     pub registry: RegistryServiceClient<Channel>,
     pub registry_addr: String,
     pub registry_outbox: Arc<dyn Outbox>,
+    /// The registry's storage, to count rows (bad input must write none).
+    pub registry_store: Arc<dyn socialcard_registry::storage::RegistryStore>,
     pub banks: Vec<Bank>,
     pub dir: Dir,
     /// Where the coordinator listens (the adapters hand branch losses and unlocks to it there).
@@ -139,7 +142,17 @@ impl City {
                 addr,
             });
         }
-        City { clock, registry, registry_addr, registry_outbox: built.outbox, banks, dir, coordinator_addr, stop }
+        City {
+            clock,
+            registry,
+            registry_addr,
+            registry_outbox: built.outbox,
+            registry_store: built.registry.store().clone(),
+            banks,
+            dir,
+            coordinator_addr,
+            stop,
+        }
     }
 
     pub fn bank(&self, code: &str) -> BankCardServiceClient<Channel> {
