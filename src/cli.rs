@@ -114,6 +114,12 @@ pub enum Action {
     Show { card: String },
     /// Show a person and their cards.
     Person { id: String },
+    /// Verify the audit trail's hash chains (every card, or one); exits non-zero when an entry was changed,
+    /// removed or inserted behind the registry's back.
+    AuditVerify {
+        #[arg(long)]
+        card: Option<String>,
+    },
 }
 
 fn key(c: &Connection) -> String {
@@ -464,6 +470,25 @@ pub async fn run(c: &Connection, action: Action) -> anyhow::Result<()> {
                     .unwrap_or_default();
                 println!("    #{:<4} {:<22} {:<28} {}", e.sequence, e.action, channel, e.to_state);
             }
+            return Ok(());
+        }
+        Action::AuditVerify { card } => {
+            let r = client
+                .verify_audit_trail(pb::VerifyAuditTrailRequest { card_id: card.unwrap_or_default() })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            println!(
+                "audit trail: {} cards, {} entries checked, {} from before the chain, {} breaks",
+                r.cards_checked,
+                r.entries_checked,
+                r.unchained_entries,
+                r.breaks.len()
+            );
+            for b in &r.breaks {
+                println!("  card {} entry #{}: {}", b.card_id, b.sequence, b.reason);
+            }
+            anyhow::ensure!(r.breaks.is_empty(), "the audit trail's hash chain is broken");
             return Ok(());
         }
         Action::Person { id } => {

@@ -206,6 +206,10 @@ async fn up_serves_health_reflection_and_the_registry() {
     assert_eq!(bank_side.financial_state, pb::FinancialState::Active as i32);
     drop(icbc);
 
+    // The audit trail's hash chains verify.
+    let verified = up.cli(&["audit-verify"]);
+    assert!(verified.contains("0 breaks") && verified.contains(" 1 cards"), "{verified}");
+
     // A refusal reaches the CLI user as a reason and a non-zero exit.
     let refused =
         Command::new(BIN).args(["--endpoint", &up.endpoint, "apply", "--id", id, "--bank", "nobank"]).output().unwrap();

@@ -1051,6 +1051,40 @@ impl Registry {
         Ok(pb::GetCardResponse { card: Some(convert::card_to_pb(&rec.card)) })
     }
 
+    /// Walks the audit trail's hash chains, a page at a time.
+    pub async fn verify_audit_trail(
+        &self,
+        req: pb::VerifyAuditTrailRequest,
+    ) -> Result<pb::VerifyAuditTrailResponse, ApiError> {
+        let card = if req.card_id.trim().is_empty() { None } else { Some(convert::card_id(&req.card_id)?) };
+        let mut walker = crate::audit_chain::Walker::default();
+        let mut after = None;
+        loop {
+            let page = self.store.audit_chain(card.as_deref(), after.clone(), 5_000).await.map_err(store_error)?;
+            for e in &page {
+                walker.step(e);
+            }
+            match page.last() {
+                Some(last) if page.len() == 5_000 => after = Some((last.record.card_id.clone(), last.seq)),
+                _ => break,
+            }
+        }
+        let v = walker.result;
+        if !v.breaks.is_empty() {
+            tracing::error!(breaks = v.breaks.len(), "the audit trail's hash chain is broken");
+        }
+        Ok(pb::VerifyAuditTrailResponse {
+            cards_checked: v.cards,
+            entries_checked: v.entries,
+            unchained_entries: v.unchained,
+            breaks: v
+                .breaks
+                .into_iter()
+                .map(|b| pb::AuditChainBreak { card_id: b.card_id, sequence: b.seq, reason: b.reason.to_string() })
+                .collect(),
+        })
+    }
+
     pub async fn list_audit_trail(
         &self,
         req: pb::ListAuditTrailRequest,

@@ -57,4 +57,5 @@ handlers! {
     cancel_card(pb::CancelCardRequest) -> pb::CancelCardResponse;
     get_card(pb::GetCardRequest) -> pb::GetCardResponse;
     list_audit_trail(pb::ListAuditTrailRequest) -> pb::ListAuditTrailResponse;
+    verify_audit_trail(pb::VerifyAuditTrailRequest) -> pb::VerifyAuditTrailResponse;
 }

@@ -6,6 +6,7 @@
 //! outbox event in one transaction; this crate never publishes events itself (the event backbone does).
 
 pub mod app;
+pub mod audit_chain;
 pub mod convert;
 pub mod events;
 #[cfg(feature = "fixtures")]

@@ -50,6 +50,7 @@ backend_suite!(
     production_failure_then_remake,
     uploaded_photo_is_checked,
     deadlines_are_enforced_only_once_due,
+    the_audit_trail_is_a_hash_chain_that_names_tampering,
 );
 
 async fn full_lifecycle_writes_audit_and_events(mut h: Harness) {
@@ -910,5 +911,39 @@ async fn deadlines_are_enforced_only_once_due(mut h: Harness) {
         .unwrap();
     assert_eq!(ended.physical_state, pb::PhysicalState::Cancelled as i32);
     assert_eq!(ended.status_code, "9");
+    h.finish().await;
+}
+
+async fn the_audit_trail_is_a_hash_chain_that_names_tampering(mut h: Harness) {
+    let first = collected_card(&mut h, 41).await;
+    let second = collected_card(&mut h, 42).await;
+    let verify = |card: &str| pb::VerifyAuditTrailRequest { card_id: card.to_string() };
+    let intact = h.client.verify_audit_trail(verify("")).await.unwrap().into_inner();
+    assert_eq!(intact.cards_checked, 2);
+    assert_eq!(intact.entries_checked, 10, "five entries per collected card");
+    assert!(intact.breaks.is_empty(), "{intact:?}");
+
+    // Someone edits an entry in the database: the chain names it, and only it.
+    h.raw_sql(&format!(
+        "UPDATE audit_log SET to_state = 'physical=cancelled' WHERE card_id = '{}' AND action = 'approve'",
+        first.card_id
+    ))
+    .await;
+    let edited = h.client.verify_audit_trail(verify("")).await.unwrap().into_inner();
+    assert_eq!(edited.breaks.len(), 1, "{edited:?}");
+    assert_eq!(edited.breaks[0].card_id, first.card_id);
+    assert_eq!(edited.breaks[0].reason, "ENTRY_CHANGED");
+
+    // Someone removes an entry: the next one no longer links.
+    h.raw_sql(&format!(
+        "DELETE FROM audit_log WHERE seq = (SELECT MIN(seq) FROM audit_log WHERE card_id = '{}')",
+        second.card_id
+    ))
+    .await;
+    let removed = h.client.verify_audit_trail(verify(&second.card_id)).await.unwrap().into_inner();
+    assert_eq!(removed.cards_checked, 1);
+    assert_eq!(removed.breaks.len(), 1, "{removed:?}");
+    assert_eq!(removed.breaks[0].reason, "PREVIOUS_ENTRY_CHANGED_OR_REMOVED");
+    assert_rejected(h.client.verify_audit_trail(verify("not a card id")).await, Code::InvalidArgument, "CARD_ID_FORMAT");
     h.finish().await;
 }

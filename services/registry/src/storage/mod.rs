@@ -128,6 +128,16 @@ pub trait RegistryStore: Send + Sync + std::fmt::Debug {
     async fn cards_of(&self, citizen_id: &str) -> Result<Vec<CardRecord>, StoreError>;
     async fn idempotency(&self, key: &str) -> Result<Option<IdempotencyRecord>, StoreError>;
     async fn audit_trail(&self, card_id: &str) -> Result<Vec<(i64, AuditRecord)>, StoreError>;
+    /// Audit entries with their chain links, ordered by card then sequence, after `after` (card, seq),
+    /// for one card or all; for `VerifyAuditTrail`.
+    async fn audit_chain(
+        &self,
+        _card_id: Option<&str>,
+        _after: Option<(String, i64)>,
+        _limit: i64,
+    ) -> Result<Vec<crate::audit_chain::ChainedAudit>, StoreError> {
+        Err(StoreError::Unavailable("this store keeps no audit chain".into()))
+    }
     /// The next value of a named counter (card numbers); gaps are allowed, repeats never.
     async fn next_sequence(&self, name: &str) -> Result<i64, StoreError>;
     async fn commit(&self, commit: Commit) -> Result<(), StoreError>;

@@ -169,10 +169,28 @@ macro_rules! sql_store {
                 for w in &commit.cards {
                     Self::write_card(tx, w, now).await?;
                 }
+                // Each card's trail is a hash chain: link every entry to the card's last one (the card's
+                // version check serialises writers of one card, so the last entry read here stays last).
+                let mut heads: std::collections::HashMap<&str, Vec<u8>> = std::collections::HashMap::new();
                 for a in &commit.audit {
+                    let prev = match heads.get(a.card_id.as_str()) {
+                        Some(h) => h.clone(),
+                        None => sqlx::query("SELECT hash FROM audit_log WHERE card_id = $1 ORDER BY seq DESC LIMIT 1")
+                            .bind(&a.card_id)
+                            .fetch_optional(&mut **tx)
+                            .await
+                            .map_err(db_error)?
+                            .map(|r| r.try_get::<Option<Vec<u8>>, _>("hash"))
+                            .transpose()
+                            .map_err(db_error)?
+                            .flatten()
+                            .unwrap_or_else(|| crate::audit_chain::GENESIS.to_vec()),
+                    };
+                    let hash = crate::audit_chain::link(&prev, a);
                     sqlx::query(
-                        "INSERT INTO audit_log (card_id, at, action, channel, actor, documents, from_state, to_state, idempotency_key)
-                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+                        "INSERT INTO audit_log (card_id, at, action, channel, actor, documents, from_state, to_state, idempotency_key,
+                             prev_hash, hash)
+                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
                     )
                     .bind(&a.card_id)
                     .bind(micros(a.at))
@@ -183,9 +201,12 @@ macro_rules! sql_store {
                     .bind(&a.from_state)
                     .bind(&a.to_state)
                     .bind(&a.idempotency_key)
+                    .bind(&prev)
+                    .bind(&hash)
                     .execute(&mut **tx)
                     .await
                     .map_err(db_error)?;
+                    heads.insert(a.card_id.as_str(), hash);
                 }
                 for o in &commit.outbox {
                     sqlx::query(
@@ -275,6 +296,49 @@ macro_rules! sql_store {
                     })
                 })
                 .transpose()
+            }
+
+            async fn audit_chain(
+                &self,
+                card_id: Option<&str>,
+                after: Option<(String, i64)>,
+                limit: i64,
+            ) -> Result<Vec<crate::audit_chain::ChainedAudit>, StoreError> {
+                let (after_card, after_seq) = after.unwrap_or_default();
+                let rows = sqlx::query(
+                    "SELECT seq, card_id, at, action, channel, actor, documents, from_state, to_state, idempotency_key,
+                            prev_hash, hash
+                     FROM audit_log
+                     WHERE ($1 = '' OR card_id = $1) AND (card_id > $2 OR (card_id = $2 AND seq > $3))
+                     ORDER BY card_id, seq LIMIT $4",
+                )
+                .bind(card_id.unwrap_or(""))
+                .bind(after_card)
+                .bind(after_seq)
+                .bind(limit)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(db_error)?;
+                rows.iter()
+                    .map(|r| {
+                        Ok(crate::audit_chain::ChainedAudit {
+                            seq: r.try_get("seq").map_err(db_error)?,
+                            record: AuditRecord {
+                                card_id: r.try_get("card_id").map_err(db_error)?,
+                                at: from_micros(r.try_get("at").map_err(db_error)?)?,
+                                action: r.try_get("action").map_err(db_error)?,
+                                channel: r.try_get("channel").map_err(db_error)?,
+                                actor: r.try_get("actor").map_err(db_error)?,
+                                documents: r.try_get("documents").map_err(db_error)?,
+                                from_state: r.try_get("from_state").map_err(db_error)?,
+                                to_state: r.try_get("to_state").map_err(db_error)?,
+                                idempotency_key: r.try_get("idempotency_key").map_err(db_error)?,
+                            },
+                            prev_hash: r.try_get("prev_hash").map_err(db_error)?,
+                            hash: r.try_get("hash").map_err(db_error)?,
+                        })
+                    })
+                    .collect()
             }
 
             async fn audit_trail(&self, card_id: &str) -> Result<Vec<(i64, AuditRecord)>, StoreError> {

@@ -98,6 +98,30 @@ impl Harness {
         self.store.counts().await.unwrap()
     }
 
+    /// Runs SQL straight against the registry's database, behind the service's back (tampering tests).
+    pub async fn raw_sql(&self, sql: &str) {
+        match (&self.pg_schema, &self._dir) {
+            (Some((base, schema)), _) => {
+                let pool = sqlx::PgPool::connect(base).await.unwrap();
+                let mut tx = pool.begin().await.unwrap();
+                sqlx::query(sqlx::AssertSqlSafe(format!("SET LOCAL search_path TO {schema}")))
+                    .execute(&mut *tx)
+                    .await
+                    .unwrap();
+                sqlx::query(sqlx::AssertSqlSafe(sql.to_string())).execute(&mut *tx).await.unwrap();
+                tx.commit().await.unwrap();
+                pool.close().await;
+            }
+            (None, Some(dir)) => {
+                let url = format!("sqlite://{}", dir.0.join("registry.db").display());
+                let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
+                sqlx::query(sqlx::AssertSqlSafe(sql.to_string())).execute(&pool).await.unwrap();
+                pool.close().await;
+            }
+            _ => panic!("no database to tamper with"),
+        }
+    }
+
     /// Stops the server and drops the test's PostgreSQL schema.
     pub async fn finish(mut self) {
         if let Some(tx) = self.shutdown.take() {
