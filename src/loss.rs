@@ -1,6 +1,6 @@
-//! The loss coordinator inside `socialcard up`: its gRPC service, the registry's card events to it (which
-//! start the deadlines and catch locks made elsewhere), its outbox to Kafka, and the background loop that
-//! drives unfinished cases and fires due timers.
+//! The loss coordinator as `socialcard up` and `socialcard serve loss-coordinator` start it: its gRPC
+//! service, the registry's card events to it (which start the deadlines and catch locks made elsewhere),
+//! its outbox to Kafka, and the background loop that drives unfinished cases and fires due timers.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -10,40 +10,24 @@ use clap::Args;
 use socialcard_domain::{BankDirectory, CityPolicy};
 use socialcard_events::Metrics;
 use socialcard_events::embedded::EmbeddedConsumer;
-use socialcard_events::kafka::{ConsumerConfig, KafkaConfig, KafkaConsumer, KafkaPublisher};
-use socialcard_events::relay::RelayConfig;
-use socialcard_events::{Handler, Outbox, topics};
+use socialcard_events::kafka::{ConsumerConfig, KafkaConsumer};
+use socialcard_events::{Handler, topics};
 use socialcard_loss_coordinator::events::CardEvents;
 use socialcard_loss_coordinator::{Coordinator, CoordinatorConfig};
 use socialcard_server::SystemClock;
 use socialcard_server::tls::{Allow, RequirePeer, TlsDir};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio::task::JoinHandle;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
+
+use crate::serve::{Events, Started, spawn_relay, until_stopped};
 
 #[derive(Debug, Args)]
 pub struct LossArgs {
     /// The loss coordinator's gRPC address (port 0 picks a free one).
     #[arg(long, env = "SOCIALCARD_LOSS_LISTEN", default_value = "127.0.0.1:50083")]
-    loss_listen: String,
-}
-
-/// A channel from one of our services (`client`) to another (`server`, listening at `addr`): plaintext on
-/// loopback, or mutual TLS with `client`'s service certificate when `up` runs with `--tls-dir`.
-pub fn service_channel(
-    tls: Option<&TlsDir>,
-    addr: std::net::SocketAddr,
-    client: &str,
-    server: &str,
-) -> anyhow::Result<Channel> {
-    Ok(match tls {
-        Some(t) => Endpoint::from_shared(format!("https://{addr}"))?
-            .tls_config(t.client_config(&t.service_client(client), server)?)?
-            .connect_lazy(),
-        None => Endpoint::from_shared(format!("http://{addr}"))?.connect_lazy(),
-    })
+    pub loss_listen: String,
 }
 
 /// The coordinator's service name, for its certificates.
@@ -67,7 +51,7 @@ impl Listening {
     }
 }
 
-/// What the coordinator needs from the rest of `up`.
+/// What the coordinator needs around it.
 #[derive(Debug)]
 pub struct Wiring<'a> {
     pub data_dir: &'a Path,
@@ -75,8 +59,7 @@ pub struct Wiring<'a> {
     pub registry: Channel,
     /// Each bank's adapter (its coordination service) by bank code.
     pub adapters: Vec<(String, Channel)>,
-    pub registry_outbox: Arc<dyn Outbox>,
-    pub kafka: Option<&'a KafkaConfig>,
+    pub events: &'a Events,
     pub metrics: Metrics,
     pub stopped: watch::Receiver<bool>,
     /// Under mutual TLS the coordinator serves with its certificate and admits our services only.
@@ -84,7 +67,7 @@ pub struct Wiring<'a> {
 }
 
 /// Starts the coordinator on its SQLite database under the data directory.
-pub async fn start(listening: Listening, w: Wiring<'_>) -> anyhow::Result<Vec<JoinHandle<()>>> {
+pub async fn start(listening: Listening, w: Wiring<'_>) -> anyhow::Result<Started> {
     let coordinator = Coordinator::open(
         &w.data_dir.join("loss-coordinator.db"),
         w.registry,
@@ -97,20 +80,9 @@ pub async fn start(listening: Listening, w: Wiring<'_>) -> anyhow::Result<Vec<Jo
     let mut tasks = Vec::new();
     let card_events: Arc<dyn Handler> = Arc::new(CardEvents::new(coordinator.clone()));
     const GROUP: &str = "loss-coordinator";
-    match w.kafka {
-        Some(k) => {
-            let publisher = Arc::new(KafkaPublisher::new(k).context("cannot create the Kafka producer")?);
-            let relay = RelayConfig {
-                source: "loss-coordinator".into(),
-                metrics: Some(w.metrics.clone()),
-                ..RelayConfig::default()
-            };
-            tasks.push(tokio::spawn(socialcard_events::relay::run(
-                coordinator.outbox(),
-                publisher,
-                relay,
-                w.stopped.clone(),
-            )));
+    match w.events {
+        Events::Kafka(k) => {
+            tasks.push(spawn_relay(k, coordinator.outbox(), SERVICE, &w.metrics, &w.stopped)?);
             let consumer = KafkaConsumer::new(k, ConsumerConfig::new(GROUP, &[topics::CARD]), card_events)?
                 .with_metrics(w.metrics.clone());
             let stopped = w.stopped.clone();
@@ -120,9 +92,14 @@ pub async fn start(listening: Listening, w: Wiring<'_>) -> anyhow::Result<Vec<Jo
                 }
             }));
         }
-        None => {
-            let mut consumer =
-                EmbeddedConsumer::new(GROUP, topics::CARD, w.registry_outbox, coordinator.offsets(), card_events);
+        Events::Embedded(log) => {
+            let mut consumer = EmbeddedConsumer::new(
+                GROUP,
+                topics::CARD,
+                log.registry_outbox.clone(),
+                coordinator.offsets(),
+                card_events,
+            );
             consumer.metrics = Some(w.metrics.clone());
             consumer.max_attempts = 50;
             tasks.push(tokio::spawn(consumer.run(w.stopped.clone())));
@@ -139,15 +116,8 @@ pub async fn start(listening: Listening, w: Wiring<'_>) -> anyhow::Result<Vec<Jo
         ),
         None => (tonic::service::Routes::new(coordinator.into_server()), None),
     };
-    let mut stopped = w.stopped.clone();
-    tasks.push(tokio::spawn(async move {
-        let serving = async move {
-            while !*stopped.borrow() {
-                if stopped.changed().await.is_err() {
-                    return;
-                }
-            }
-        };
+    let serving = until_stopped(w.stopped.clone());
+    let server = tokio::spawn(async move {
         if let Err(e) = socialcard_server::grpc::serve_with_tls(
             listening.listener,
             routes,
@@ -159,6 +129,6 @@ pub async fn start(listening: Listening, w: Wiring<'_>) -> anyhow::Result<Vec<Jo
         {
             tracing::error!(error = %e, "loss coordinator stopped");
         }
-    }));
-    Ok(tasks)
+    });
+    Ok(Started { server, background: tasks })
 }

@@ -7,6 +7,7 @@ mod cli;
 mod loss;
 mod ops;
 mod postal;
+mod serve;
 mod up;
 
 use clap::{Parser, Subcommand};
@@ -29,6 +30,10 @@ enum Command {
     /// Run the whole system in this process (embedded default: SQLite under --data-dir, nothing to install).
     // Boxed: its flags outweigh every other command's.
     Up(Box<up::UpArgs>),
+    /// Run one service in this process (the distributed shape: one process per service, events through Kafka).
+    Serve(Box<serve::ServeArgs>),
+    /// Exit 0 when the server at --endpoint answers gRPC health SERVING (containers' health checks).
+    Health(serve::HealthArgs),
     /// Import a courier's CSV batch file into the running postal service (progress on stderr).
     PostalImport(postal::ImportArgs),
     #[command(flatten)]
@@ -46,6 +51,12 @@ async fn main() -> std::process::ExitCode {
             a.tls_dir = args.connection.tls_dir.clone();
             up::run(*a).await
         }
+        Command::Serve(mut a) => {
+            let _telemetry = socialcard_telemetry::init(&a.service_name(), DEFAULT_LOG_FILTER);
+            a.set_tls_dir(args.connection.tls_dir.clone());
+            serve::run(*a).await
+        }
+        Command::Health(a) => serve::health(&args.connection.endpoint, args.connection.tls_dir.as_deref(), a).await,
         Command::Bank(tool) => bank_tools::run(&args.connection, tool).await,
         Command::PostalImport(a) => postal::import(a).await,
         Command::Client(action) => cli::run(&args.connection, action).await,
@@ -62,5 +73,7 @@ async fn main() -> std::process::ExitCode {
 /// Logs on stderr (`RUST_LOG`) and, when the standard `OTEL_*` variables ask for it, traces over OTLP.
 /// The guard flushes the last spans when `up` returns.
 fn init_tracing() -> socialcard_telemetry::Telemetry {
-    socialcard_telemetry::init("socialcard", "info,sqlx=warn,h2=warn,tower=warn,opentelemetry=warn")
+    socialcard_telemetry::init("socialcard", DEFAULT_LOG_FILTER)
 }
+
+const DEFAULT_LOG_FILTER: &str = "info,sqlx=warn,h2=warn,tower=warn,opentelemetry=warn";

@@ -1,5 +1,6 @@
-//! Ops inside `socialcard up`: its gRPC service, its web dashboard, and its consumers of every topic
-//! (embedded: each producing service's SQLite outbox; Kafka: the topics and their dead-letter topics).
+//! Ops as `socialcard up` and `socialcard serve ops` start it: its gRPC service, its web dashboard, and
+//! its consumers of every topic (embedded: each producing service's SQLite outbox in the shared data
+//! directory; Kafka: the topics and their dead-letter topics, the only way across processes).
 
 use std::path::Path;
 use std::sync::Arc;
@@ -8,14 +9,15 @@ use anyhow::Context as _;
 use clap::Args;
 use socialcard_domain::BankDirectory;
 use socialcard_events::embedded::SqliteOffsets;
-use socialcard_events::kafka::{ConsumerConfig, KafkaConfig, KafkaConsumer};
+use socialcard_events::kafka::{ConsumerConfig, KafkaConsumer};
 use socialcard_events::{Metrics, Outbox, topics};
 use socialcard_ops::OpsConfig;
 use socialcard_ops::feed::{Source, open_service_database};
 use socialcard_server::SystemClock;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio::task::JoinHandle;
+
+use crate::serve::{Events, Started, until_stopped};
 
 #[derive(Debug, Args)]
 pub struct OpsArgs {
@@ -31,23 +33,17 @@ pub struct OpsArgs {
 }
 
 /// The databases the other services of `up` keep in the data directory (named where they are opened:
-/// `up.rs` for the adapters, `postal.rs`, `loss.rs`). Ops reads their outboxes as the embedded log and
-/// counts their consumers' dead letters; it never writes to them.
-fn bank_database(code: &str) -> String {
-    format!("bank-{code}.db")
-}
+/// `serve/bank_adapter.rs` for the adapters, `postal.rs`, `loss.rs`). Ops reads their outboxes as the
+/// embedded log and counts their consumers' dead letters; it never writes to them.
 const POSTAL_DATABASE: &str = "postal.db";
 const LOSS_DATABASE: &str = "loss-coordinator.db";
 
-/// What ops needs from the rest of `up`.
+/// What ops needs around it.
 #[derive(Debug)]
 pub struct Wiring<'a> {
     pub data_dir: &'a Path,
     pub banks: BankDirectory,
-    pub registry_outbox: Arc<dyn Outbox>,
-    /// The registry's embedded-log positions and dead letters (SQLite registry).
-    pub registry_offsets: Option<SqliteOffsets>,
-    pub kafka: Option<&'a KafkaConfig>,
+    pub events: &'a Events,
     pub metrics: Metrics,
     pub stopped: watch::Receiver<bool>,
 }
@@ -56,15 +52,15 @@ async fn open_existing(path: &Path) -> anyhow::Result<(Arc<dyn Outbox>, SqliteOf
     open_service_database(path).await.with_context(|| format!("ops cannot read {}", path.display()))
 }
 
-/// Starts ops (after the other services, whose databases it reads) and prints its two addresses.
-pub async fn start(args: &OpsArgs, w: Wiring<'_>) -> anyhow::Result<Vec<JoinHandle<()>>> {
+/// Starts ops (embedded: after the other services, whose databases it reads) and prints its two addresses.
+pub async fn start(args: &OpsArgs, w: Wiring<'_>) -> anyhow::Result<Started> {
     let config = OpsConfig { overdue_days: args.ops_overdue_days };
     let mut ops = socialcard_ops::open(&w.data_dir.join("ops.db"), Arc::new(SystemClock), config)
         .await
         .context("cannot open ops' database")?;
     let mut tasks = Vec::new();
-    match w.kafka {
-        Some(k) => {
+    match w.events {
+        Events::Kafka(k) => {
             let topics_read: Vec<&str> = topics::ALL.to_vec();
             let dead_letter_topics: Vec<String> = topics::ALL.iter().map(|t| topics::dead_letter(t)).collect();
             let dead_letter_topics: Vec<&str> = dead_letter_topics.iter().map(String::as_str).collect();
@@ -79,13 +75,14 @@ pub async fn start(args: &OpsArgs, w: Wiring<'_>) -> anyhow::Result<Vec<JoinHand
                 }));
             }
         }
-        None => {
-            let registry_offsets = w.registry_offsets.clone().context("the embedded log needs the SQLite registry")?;
+        Events::Embedded(embedded) => {
+            let registry_offsets = embedded.registry_offsets.clone();
             let mut sources =
-                vec![Source { name: "registry".into(), topic: topics::CARD, log: w.registry_outbox.clone() }];
+                vec![Source { name: "registry".into(), topic: topics::CARD, log: embedded.registry_outbox.clone() }];
             let mut dead_letters = vec![("registry.postal".to_string(), registry_offsets.clone())];
             for bank in w.banks.banks() {
-                let (log, _) = open_existing(&w.data_dir.join(bank_database(&bank.code))).await?;
+                let (log, _) =
+                    open_existing(&w.data_dir.join(crate::serve::bank_adapter::database_file(&bank.code))).await?;
                 sources.push(Source { name: format!("bank-adapter.{}", bank.code), topic: topics::FINANCIAL, log });
                 dead_letters.push((format!("registry.{}", bank.code), registry_offsets.clone()));
             }
@@ -125,19 +122,11 @@ pub async fn start(args: &OpsArgs, w: Wiring<'_>) -> anyhow::Result<Vec<JoinHand
     )));
     let routes = tonic::service::Routes::new(socialcard_ops::grpc::OpsGrpc::new(ops).into_server());
     let serving = until_stopped(w.stopped.clone());
-    tasks.push(tokio::spawn(async move {
+    let server = tokio::spawn(async move {
         if let Err(e) = socialcard_server::grpc::serve(listener, routes, &[socialcard_ops::SERVICE_NAME], serving).await
         {
             tracing::error!(error = %e, "ops stopped");
         }
-    }));
-    Ok(tasks)
-}
-
-async fn until_stopped(mut stop: watch::Receiver<bool>) {
-    while !*stop.borrow() {
-        if stop.changed().await.is_err() {
-            return;
-        }
-    }
+    });
+    Ok(Started { server, background: tasks })
 }

@@ -1,5 +1,6 @@
-//! Postal inside `socialcard up` (its gRPC service, the courier webhook, and the two event paths:
-//! card events to postal, shipment events to the registry), and the CLI's CSV import
+//! Postal as `socialcard up` and `socialcard serve postal` start it (its gRPC service, the courier
+//! webhook, and the two event paths: card events to postal, shipment events to the registry, which over
+//! Kafka the registry consumes itself), and the CLI's CSV import
 //! (`socialcard postal-import <file>`), which streams a courier's batch file to the running service.
 
 use std::io::Write as _;
@@ -9,17 +10,16 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use clap::Args;
 use socialcard_events::Metrics;
-use socialcard_events::embedded::{EmbeddedConsumer, SqliteOffsets};
-use socialcard_events::kafka::{ConsumerConfig, KafkaConfig, KafkaConsumer, KafkaPublisher};
-use socialcard_events::relay::RelayConfig;
-use socialcard_events::{Handler, Outbox, topics};
+use socialcard_events::embedded::EmbeddedConsumer;
+use socialcard_events::kafka::{ConsumerConfig, KafkaConsumer};
+use socialcard_events::{Handler, topics};
 use socialcard_postal::PostalConfig;
 use socialcard_proto::postal::v1::postal_service_client::PostalServiceClient;
-use socialcard_registry::Registry;
 use socialcard_server::SystemClock;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio::task::JoinHandle;
+
+use crate::serve::{Events, Started, spawn_relay, until_stopped};
 
 #[derive(Debug, Args)]
 pub struct PostalArgs {
@@ -56,21 +56,17 @@ fn webhook_secret(args: &PostalArgs, data_dir: &Path) -> anyhow::Result<Vec<u8>>
     Ok(std::fs::read_to_string(&path)?.trim().as_bytes().to_vec())
 }
 
-/// What postal needs from the rest of `up`.
+/// What postal needs around it.
 #[derive(Debug)]
 pub struct Wiring<'a> {
     pub data_dir: &'a Path,
-    pub registry: Registry,
-    pub registry_outbox: Arc<dyn Outbox>,
-    /// The registry's embedded-log positions (SQLite registry).
-    pub registry_offsets: Option<SqliteOffsets>,
-    pub kafka: Option<&'a KafkaConfig>,
+    pub events: &'a Events,
     pub metrics: Metrics,
     pub stopped: watch::Receiver<bool>,
 }
 
 /// Starts postal: its gRPC service, the webhook, and the events between it and the registry.
-pub async fn start(args: &PostalArgs, w: Wiring<'_>) -> anyhow::Result<Vec<JoinHandle<()>>> {
+pub async fn start(args: &PostalArgs, w: Wiring<'_>) -> anyhow::Result<Started> {
     let mut config = PostalConfig::new(webhook_secret(args, w.data_dir)?);
     config.sla_days = args.postal_sla_days;
     let postal = socialcard_postal::open(&w.data_dir.join("postal.db"), Arc::new(SystemClock), config)
@@ -78,40 +74,27 @@ pub async fn start(args: &PostalArgs, w: Wiring<'_>) -> anyhow::Result<Vec<JoinH
         .context("cannot open postal's database")?;
     let mut tasks = Vec::new();
     let card_events: Arc<dyn Handler> = Arc::new(socialcard_postal::events::CardEvents::new(postal.clone()));
-    let shipment_events: Arc<dyn Handler> =
-        Arc::new(socialcard_registry::shipment_events::ShipmentEvents::new(w.registry.clone()));
-    match w.kafka {
-        Some(k) => {
-            let publisher = Arc::new(KafkaPublisher::new(k).context("cannot create the Kafka producer")?);
-            let relay =
-                RelayConfig { source: "postal".into(), metrics: Some(w.metrics.clone()), ..RelayConfig::default() };
-            tasks.push(tokio::spawn(socialcard_events::relay::run(
-                postal.store().outbox(),
-                publisher,
-                relay,
-                w.stopped.clone(),
-            )));
-            for (group, topic, handler) in [
-                (socialcard_postal::CONSUMER_GROUP, topics::CARD, card_events),
-                ("registry.shipment", topics::SHIPMENT, shipment_events),
-            ] {
-                let consumer = KafkaConsumer::new(k, ConsumerConfig::new(group, &[topic]), handler)?
-                    .with_metrics(w.metrics.clone());
-                let stopped = w.stopped.clone();
-                tasks.push(tokio::spawn(async move {
-                    if let Err(e) = consumer.run(stopped).await {
-                        tracing::error!(group, error = %e, "consumer stopped");
-                    }
-                }));
-            }
+    match w.events {
+        Events::Kafka(k) => {
+            tasks.push(spawn_relay(k, postal.store().outbox(), "postal", &w.metrics, &w.stopped)?);
+            let group = socialcard_postal::CONSUMER_GROUP;
+            let consumer = KafkaConsumer::new(k, ConsumerConfig::new(group, &[topics::CARD]), card_events)?
+                .with_metrics(w.metrics.clone());
+            let stopped = w.stopped.clone();
+            tasks.push(tokio::spawn(async move {
+                if let Err(e) = consumer.run(stopped).await {
+                    tracing::error!(group, error = %e, "consumer stopped");
+                }
+            }));
         }
-        None => {
-            let registry_offsets = w.registry_offsets.clone().context("the embedded log needs the SQLite registry")?;
+        Events::Embedded(log) => {
+            let shipment_events: Arc<dyn Handler> =
+                Arc::new(socialcard_registry::shipment_events::ShipmentEvents::new(log.registry.clone()));
             for mut consumer in [
                 EmbeddedConsumer::new(
                     socialcard_postal::CONSUMER_GROUP,
                     topics::CARD,
-                    w.registry_outbox.clone(),
+                    log.registry_outbox.clone(),
                     postal.store().offsets(),
                     card_events,
                 ),
@@ -119,7 +102,7 @@ pub async fn start(args: &PostalArgs, w: Wiring<'_>) -> anyhow::Result<Vec<JoinH
                     "registry.postal",
                     topics::SHIPMENT,
                     postal.store().outbox(),
-                    registry_offsets,
+                    log.registry_offsets.clone(),
                     shipment_events,
                 ),
             ] {
@@ -146,22 +129,14 @@ pub async fn start(args: &PostalArgs, w: Wiring<'_>) -> anyhow::Result<Vec<JoinH
     )));
     let routes = tonic::service::Routes::new(socialcard_postal::grpc::PostalGrpc::new(postal).into_server());
     let serving = until_stopped(w.stopped.clone());
-    tasks.push(tokio::spawn(async move {
+    let server = tokio::spawn(async move {
         if let Err(e) =
             socialcard_server::grpc::serve(listener, routes, &[socialcard_postal::SERVICE_NAME], serving).await
         {
             tracing::error!(error = %e, "postal stopped");
         }
-    }));
-    Ok(tasks)
-}
-
-async fn until_stopped(mut stop: watch::Receiver<bool>) {
-    while !*stop.borrow() {
-        if stop.changed().await.is_err() {
-            return;
-        }
-    }
+    });
+    Ok(Started { server, background: tasks })
 }
 
 #[derive(Debug, Args)]
