@@ -215,6 +215,7 @@ def compose(bank_list: list[tuple[str, int]]) -> dict:
             env["SOCIALCARD_REGISTRY_DATABASE_URL"] = (
                 "postgres://socialcard:${SOCIALCARD_POSTGRES_PASSWORD:-socialcard}@postgres:5432/registry")
             env["SOCIALCARD_PIN_KEY"] = "${SOCIALCARD_PIN_KEY:?set SOCIALCARD_PIN_KEY to a hex key of 32 bytes}"
+            env["SOCIALCARD_DATA_KEY"] = "${SOCIALCARD_DATA_KEY:?set SOCIALCARD_DATA_KEY to a hex key of 32 bytes}"
         depends = {
             "kafka": {"condition": "service_healthy"},
             "certs": {"condition": "service_completed_successfully"},
@@ -315,6 +316,7 @@ def container(s: dict) -> dict:
             {"name": "SOCIALCARD_REGISTRY_DATABASE_URL",
              "valueFrom": {"secretKeyRef": {"name": "socialcard-registry", "key": "database-url"}}},
             {"name": "SOCIALCARD_PIN_KEY", "valueFrom": {"secretKeyRef": {"name": "socialcard-registry", "key": "pin-key"}}},
+            {"name": "SOCIALCARD_DATA_KEY", "valueFrom": {"secretKeyRef": {"name": "socialcard-registry", "key": "data-key"}}},
         ]
     mounts = [{"name": "data", "mountPath": DATA_DIR}, {"name": "banks", "mountPath": BANKS_DIR, "readOnly": True}]
     if s["tls"]:
@@ -481,7 +483,7 @@ def outputs() -> dict[pathlib.Path, str]:
         ROOT / "docker-compose.yml": dump([compose(bank_list)], (
             "# The distributed shape on one machine: every service in its own container (11 bank adapters),\n"
             "# Kafka (KRaft), PostgreSQL for the registry, the OpenTelemetry collector, Jaeger and Prometheus.\n"
-            "#   SOCIALCARD_PIN_KEY=$(openssl rand -hex 32) docker compose up --build\n")),
+            "#   SOCIALCARD_PIN_KEY=$(openssl rand -hex 32) SOCIALCARD_DATA_KEY=$(openssl rand -hex 32) docker compose up --build\n")),
         ROOT / "deploy" / "prometheus" / "prometheus.yml": dump([prometheus(bank_list)], (
             "# Prometheus for docker-compose.yml: every service's /metrics (port 9464 in each container).\n")),
     }
@@ -489,7 +491,7 @@ def outputs() -> dict[pathlib.Path, str]:
         "banks.yaml": "# The bank files (deploy/banks/*.toml), mounted by every service at " + BANKS_DIR + ".\n",
         "infrastructure.yaml": "# Development Kafka (KRaft, one node), OpenTelemetry collector and Jaeger.\n",
         "registry.yaml": ("# The registry: stateless over PostgreSQL, so replicated. Its Secret socialcard-registry holds\n"
-                          "# database-url and pin-key; socialcard-tls-registry its certificates (create-secrets.sh).\n"),
+                          "# database-url, pin-key and data-key; socialcard-tls-registry its certificates (create-secrets.sh).\n"),
         "bank-adapters.yaml": ("# One adapter per partner bank, each with only its own certificates and its SQLite file on its\n"
                                "# own volume.\n"),
         "loss-coordinator.yaml": "# The loss coordinator: cases and durable timers in SQLite on its own volume, one replica.\n",

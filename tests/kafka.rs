@@ -214,6 +214,13 @@ async fn registry_events_reach_kafka_and_are_applied_once_across_a_crash() {
         assert!(start.elapsed() < Duration::from_secs(30), "backlog gauge not at 0: {text}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // Per-RPC metrics: the registry's calls above, counted by method and status code, with durations.
+    let text = http_get(&up.2, "/metrics");
+    assert!(
+        text.contains("socialcard_rpc_calls_total{service=\"socialcard.registry.v1.RegistryService\",method=\"SubmitApplication\",code=\"Ok\"}"),
+        "{text}"
+    );
+    assert!(text.contains("socialcard_rpc_duration_seconds_count{service=\"socialcard.registry.v1.RegistryService\""));
     assert!(http_get(&up.2, "/other").starts_with("HTTP/1.1 404"));
     drop(up);
 

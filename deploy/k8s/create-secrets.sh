@@ -6,7 +6,7 @@
 # anything real. Needs kubectl and the socialcard binary.
 #
 #   deploy/k8s/create-secrets.sh [pki-dir]        (namespace: $NAMESPACE, default socialcard)
-#   SOCIALCARD_REGISTRY_DATABASE_URL=postgres://... SOCIALCARD_PIN_KEY=<hex> deploy/k8s/create-secrets.sh
+#   SOCIALCARD_REGISTRY_DATABASE_URL=postgres://... SOCIALCARD_PIN_KEY=<hex> SOCIALCARD_DATA_KEY=<hex> deploy/k8s/create-secrets.sh
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ns="${NAMESPACE:-socialcard}"
@@ -20,8 +20,9 @@ apply() { kubectl -n "$ns" create secret generic "$@" --dry-run=client -o yaml |
 
 : "${SOCIALCARD_REGISTRY_DATABASE_URL:?set SOCIALCARD_REGISTRY_DATABASE_URL (postgres://...)}"
 : "${SOCIALCARD_PIN_KEY:?set SOCIALCARD_PIN_KEY to a hex key of 32 bytes}"
+: "${SOCIALCARD_DATA_KEY:?set SOCIALCARD_DATA_KEY to a hex key of 32 bytes}"
 apply socialcard-registry --from-literal=database-url="$SOCIALCARD_REGISTRY_DATABASE_URL" \
-  --from-literal=pin-key="$SOCIALCARD_PIN_KEY"
+  --from-literal=pin-key="$SOCIALCARD_PIN_KEY" --from-literal=data-key="$SOCIALCARD_DATA_KEY"
 
 apply socialcard-tls-registry --from-file=ca.pem="$pki/ca.pem" \
   --from-file=server.pem="$pki/servers/registry.pem" --from-file=server.key="$pki/servers/registry.key"

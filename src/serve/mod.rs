@@ -89,7 +89,7 @@ pub async fn serve_metrics(
     println!("metrics listening on {}", listener.local_addr()?);
     let render: socialcard_server::metrics_http::Render = {
         let metrics = metrics.clone();
-        Arc::new(move || metrics.render())
+        Arc::new(move || metrics.render() + &socialcard_server::rpc_metrics::render())
     };
     Ok(tokio::spawn(socialcard_server::metrics_http::serve(listener, render, until_stopped(stopped.clone()))))
 }

@@ -32,6 +32,10 @@ pub struct RegistryArgs {
     /// Hex key for the social PIN digests; default: a random key kept in the data directory.
     #[arg(long, env = "SOCIALCARD_PIN_KEY", hide_env_values = true)]
     pin_key: Option<String>,
+    /// Hex key (32 bytes) sealing personal data at rest and keying the citizen-ID blind index; default: a
+    /// random key kept in the data directory (`data.key`). Keep it apart from the database's backups.
+    #[arg(long, env = "SOCIALCARD_DATA_KEY", hide_env_values = true)]
+    data_key: Option<String>,
 }
 
 /// The consumer group that applies the banks' financial events at the registry.
@@ -39,23 +43,39 @@ pub const FINANCIAL_GROUP: &str = "registry";
 /// The consumer group that applies postal's shipment events at the registry.
 pub const SHIPMENT_GROUP: &str = "registry.shipment";
 
-/// Reads the PIN key (given, or from the data directory, creating a random one on first start).
-fn pin_key(args: &RegistryArgs, data_dir: &Path) -> anyhow::Result<Vec<u8>> {
-    if let Some(hex_key) = &args.pin_key {
-        let key = hex::decode(hex_key).context("SOCIALCARD_PIN_KEY must be hex")?;
-        anyhow::ensure!(key.len() >= 16, "the PIN key needs at least 16 bytes");
+/// Reads a key: given (hex), or from `file` in the data directory, creating a random one on first start.
+fn key(
+    given: Option<&String>,
+    what: &str,
+    data_dir: &Path,
+    file: &str,
+    valid: impl Fn(usize) -> bool,
+) -> anyhow::Result<Vec<u8>> {
+    if let Some(hex_key) = given {
+        let key = hex::decode(hex_key).with_context(|| format!("the {what} must be hex"))?;
+        anyhow::ensure!(valid(key.len()), "the {what} has the wrong length");
         return Ok(key);
     }
-    let path = data_dir.join("pin.key");
+    let path = data_dir.join(file);
     if path.exists() {
-        let key = hex::decode(std::fs::read_to_string(&path)?.trim()).context("pin.key is not hex")?;
-        anyhow::ensure!(key.len() >= 16, "pin.key is too short");
+        let key = hex::decode(std::fs::read_to_string(&path)?.trim()).with_context(|| format!("{file} is not hex"))?;
+        anyhow::ensure!(valid(key.len()), "{file} has the wrong length");
         return Ok(key);
     }
     let mut key = vec![0u8; 32];
     rand::fill(&mut key[..]);
     write_private(&path, &hex::encode(&key))?;
     Ok(key)
+}
+
+/// The PIN key (at least 16 bytes).
+fn pin_key(args: &RegistryArgs, data_dir: &Path) -> anyhow::Result<Vec<u8>> {
+    key(args.pin_key.as_ref(), "PIN key (SOCIALCARD_PIN_KEY)", data_dir, "pin.key", |n| n >= 16)
+}
+
+/// The data key (32 bytes).
+fn data_key(args: &RegistryArgs, data_dir: &Path) -> anyhow::Result<Vec<u8>> {
+    key(args.data_key.as_ref(), "data key (SOCIALCARD_DATA_KEY)", data_dir, "data.key", |n| n == 32)
 }
 
 fn write_private(path: &Path, content: &str) -> anyhow::Result<()> {
@@ -77,7 +97,11 @@ pub async fn open(args: &RegistryArgs, data_dir: &Path, banks: BankDirectory) ->
     socialcard_registry::build(
         &db_url,
         Arc::new(SystemClock),
-        RegistryConfig { banks, ..RegistryConfig::shanghai(pin_key(args, data_dir)?) },
+        RegistryConfig {
+            banks,
+            data_key: data_key(args, data_dir)?,
+            ..RegistryConfig::shanghai(pin_key(args, data_dir)?)
+        },
     )
     .await
     .context("cannot open the registry's database")

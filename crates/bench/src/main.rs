@@ -5,8 +5,11 @@
 //! to keep the benchmarks working; its figures mean nothing.
 
 mod activation;
+mod batch;
 mod ingest;
+mod memory;
 mod propagation;
+mod scale;
 mod stats;
 
 use clap::{Parser, ValueEnum};
@@ -19,6 +22,12 @@ enum Scenario {
     Propagation,
     /// Courier status updates per second through postal's gRPC stream beside a bulk insert of the same rows.
     Ingest,
+    /// An employer batch of 1,000,000 applications into production beside raw multi-row inserts of its rows.
+    Batch,
+    /// Peak and idle RSS of the all-in-one process and its start-up time to SERVING.
+    Memory,
+    /// Point lookups and activations against a registry of 10,000,000 cards beside an empty one.
+    Scale,
     All,
 }
 
@@ -42,6 +51,10 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    // The memory scenario starts this binary again serving one service alone.
+    if let Ok(what) = std::env::var(memory::SERVE_ENV) {
+        return memory::serve_alone(&what).await;
+    }
     let args = Args::parse();
     let mut results = Vec::new();
     if matches!(args.scenario, Scenario::Activation | Scenario::All) {
@@ -52,6 +65,15 @@ async fn main() -> anyhow::Result<()> {
     }
     if matches!(args.scenario, Scenario::Ingest | Scenario::All) {
         results.push(ingest::run(args.quick).await?);
+    }
+    if matches!(args.scenario, Scenario::Batch | Scenario::All) {
+        results.push(batch::run(args.quick, args.database_url.clone()).await?);
+    }
+    if matches!(args.scenario, Scenario::Memory | Scenario::All) {
+        results.push(memory::run(args.quick).await?);
+    }
+    if matches!(args.scenario, Scenario::Scale | Scenario::All) {
+        results.push(scale::run(args.quick, args.database_url.clone()).await?);
     }
     if args.json {
         println!("{{{}}}", results.iter().map(|r| r.json()).collect::<Vec<_>>().join(","));

@@ -61,6 +61,8 @@ pub async fn serve_with_tls(
         .tcp_nodelay(true)
         // One server span per call, continuing the caller's trace from its metadata.
         .trace_fn(socialcard_telemetry::server_span)
+        // Calls by method and status code, and their durations, for `/metrics`.
+        .layer(crate::rpc_metrics::RpcMetricsLayer)
         .add_routes(routes)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await

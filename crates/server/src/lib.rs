@@ -9,6 +9,7 @@ pub mod error;
 pub mod grpc;
 pub mod limit;
 pub mod metrics_http;
+pub mod rpc_metrics;
 pub mod tls;
 
 pub use clock::{Clock, ManualClock, SystemClock};

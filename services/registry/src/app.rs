@@ -42,11 +42,20 @@ pub struct RegistryConfig {
     pub pin_key: Vec<u8>,
     /// The series letter of card numbers this registry issues.
     pub card_series: char,
+    /// 32 bytes: personal data is sealed at rest under it, citizen IDs are stored as its blind index.
+    pub data_key: Vec<u8>,
 }
 
 impl RegistryConfig {
+    /// Shanghai's policy and banks. The data key is derived from the PIN key unless set apart (`up` keeps
+    /// its own random data key, or takes `SOCIALCARD_DATA_KEY`).
     pub fn shanghai(pin_key: Vec<u8>) -> Self {
-        Self { policy: CityPolicy::shanghai(), banks: BankDirectory::shanghai(), pin_key, card_series: 'A' }
+        use hmac::{Hmac, KeyInit, Mac};
+        let mut mac = <Hmac<sha2::Sha256> as KeyInit>::new_from_slice(&pin_key)
+            .unwrap_or_else(|_| unreachable!("HMAC takes any key length"));
+        mac.update(b"socialcard/registry/data-key/v1");
+        let data_key = mac.finalize().into_bytes().to_vec();
+        Self { policy: CityPolicy::shanghai(), banks: BankDirectory::shanghai(), pin_key, card_series: 'A', data_key }
     }
 }
 

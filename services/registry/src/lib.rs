@@ -7,12 +7,14 @@
 
 pub mod app;
 pub mod audit_chain;
+pub mod batch;
 pub mod convert;
 pub mod events;
 #[cfg(feature = "fixtures")]
 pub mod fixtures;
 pub mod grpc;
 pub mod pin;
+pub mod seal;
 pub mod shipment_events;
 pub mod storage;
 
@@ -42,7 +44,7 @@ pub async fn build(
     clock: Arc<dyn Clock>,
     config: RegistryConfig,
 ) -> Result<Built, storage::StoreError> {
-    let c = storage::connect(database_url).await?;
+    let c = storage::connect(database_url, &config.data_key).await?;
     Ok(Built {
         registry: Registry::new(c.store, clock, config),
         outbox: c.outbox,

@@ -3,6 +3,7 @@
 //! that records the idempotency key, the card and person changes (optimistically, by version), the
 //! audit rows and the outbox rows, so a state change without its audit row or event cannot exist.
 
+mod batch;
 mod sql;
 
 use std::sync::Arc;
@@ -93,6 +94,28 @@ pub struct Commit {
     pub outbox: Vec<OutboxRecord>,
 }
 
+/// What the rows of one employer-batch chunk need to be decided: their holders, the holders' cards and
+/// the rows' idempotency records (see [`crate::batch`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BatchSnapshot {
+    pub persons: Vec<PersonRecord>,
+    pub cards: Vec<CardRecord>,
+    pub idempotency: Vec<IdempotencyRecord>,
+}
+
+/// One chunk of a batch import, committed in one transaction with multi-row statements: new cards, the
+/// holders whose version is bumped (as [`PersonWrite::Touch`] does, checked against `expected_version`),
+/// and the audit, outbox and idempotency rows of every accepted row.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BatchCommit {
+    pub idempotency: Vec<IdempotencyRecord>,
+    /// (citizen id, expected version), each holder once.
+    pub touch_persons: Vec<(String, i64)>,
+    pub cards: Vec<CardRecord>,
+    pub audit: Vec<AuditRecord>,
+    pub outbox: Vec<OutboxRecord>,
+}
+
 /// Row counts, for operations dashboards and for tests that prove a refusal wrote nothing.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct TableCounts {
@@ -142,6 +165,19 @@ pub trait RegistryStore: Send + Sync + std::fmt::Debug {
     async fn next_sequence(&self, name: &str) -> Result<i64, StoreError>;
     async fn commit(&self, commit: Commit) -> Result<(), StoreError>;
     async fn counts(&self) -> Result<TableCounts, StoreError>;
+
+    /// Batch imports: the state a chunk of rows is decided on (one query per table, not per row).
+    async fn batch_snapshot(&self, _citizen_ids: &[String], _keys: &[String]) -> Result<BatchSnapshot, StoreError> {
+        Err(StoreError::Unavailable("this store does not import batches".into()))
+    }
+    /// Reserves `count` values of a named counter at once; returns the first.
+    async fn reserve_sequence(&self, _name: &str, _count: i64) -> Result<i64, StoreError> {
+        Err(StoreError::Unavailable("this store does not import batches".into()))
+    }
+    /// Commits a chunk atomically; `VersionConflict` or `IdempotencyConflict` when it raced another writer.
+    async fn commit_batch(&self, _commit: BatchCommit) -> Result<(), StoreError> {
+        Err(StoreError::Unavailable("this store does not import batches".into()))
+    }
 }
 
 /// A connected store and the outbox of the same database.
@@ -156,9 +192,11 @@ pub struct Connected {
 
 /// Opens the store a URL names (`sqlite://path?mode=rwc`, `sqlite::memory:`, `postgres://...`) and
 /// runs its migrations.
-pub async fn connect(url: &str) -> Result<Connected, StoreError> {
+/// Personal data is sealed under `data_key` (32 bytes) and citizen IDs are stored as its blind index.
+pub async fn connect(url: &str, data_key: &[u8]) -> Result<Connected, StoreError> {
+    let sealer = Arc::new(crate::seal::Sealer::new(data_key).map_err(|e| StoreError::Unavailable(e.to_string()))?);
     if url.starts_with("sqlite:") {
-        let s = SqliteStore::connect(url).await?;
+        let s = SqliteStore::connect(url, sealer).await?;
         Ok(Connected {
             outbox: s.outbox(),
             offsets: Some(socialcard_events::embedded::SqliteOffsets::new(s.writer().clone())),
@@ -166,7 +204,7 @@ pub async fn connect(url: &str) -> Result<Connected, StoreError> {
             embedded_log: true,
         })
     } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        let s = PgStore::connect(url).await?;
+        let s = PgStore::connect(url, sealer).await?;
         Ok(Connected { outbox: s.outbox(), store: Arc::new(s), embedded_log: false, offsets: None })
     } else {
         Err(StoreError::Unavailable("the database URL must start with sqlite: or postgres://".into()))

@@ -16,17 +16,17 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use time::OffsetDateTime;
 
 use super::{
-    AuditRecord, CardRecord, CardWrite, Commit, IdempotencyRecord, PersonRecord, PersonWrite, RegistryStore,
+    AuditRecord, BatchCommit, BatchSnapshot, CardRecord, CardWrite, Commit, IdempotencyRecord, PersonRecord, PersonWrite, RegistryStore,
     StoreError, TableCounts,
 };
 
 use socialcard_events::unix_micros as micros;
 
-fn from_micros(us: i64) -> Result<OffsetDateTime, StoreError> {
+pub(super) fn from_micros(us: i64) -> Result<OffsetDateTime, StoreError> {
     socialcard_events::from_unix_micros(us).ok_or_else(|| StoreError::Corrupt(format!("time {us} out of range")))
 }
 
-fn db_error(e: sqlx::Error) -> StoreError {
+pub(super) fn db_error(e: sqlx::Error) -> StoreError {
     match e {
         sqlx::Error::Database(d) if d.is_unique_violation() => StoreError::Duplicate("row"),
         sqlx::Error::ColumnDecode { .. } | sqlx::Error::Decode(_) | sqlx::Error::ColumnNotFound(_) => {
@@ -36,12 +36,16 @@ fn db_error(e: sqlx::Error) -> StoreError {
     }
 }
 
-fn card_from_json(data: &str, pin_digest: Vec<u8>) -> Result<CardRecord, StoreError> {
+pub(super) fn seal_error(e: crate::seal::SealError) -> StoreError {
+    StoreError::Corrupt(e.to_string())
+}
+
+pub(super) fn card_from_json(data: &str, pin_digest: Vec<u8>) -> Result<CardRecord, StoreError> {
     let card = serde_json::from_str(data).map_err(|e| StoreError::Corrupt(format!("card data: {e}")))?;
     Ok(CardRecord { card, pin_digest })
 }
 
-fn social_label(card: &socialcard_domain::Card) -> &'static str {
+pub(super) fn social_label(card: &socialcard_domain::Card) -> &'static str {
     card.social.as_str()
 }
 
@@ -53,6 +57,8 @@ macro_rules! sql_store {
             /// Where writes go. SQLite: one connection, so writers queue here in order instead of
             /// sleeping in SQLite's busy handler; PostgreSQL: the same pool.
             writer: $pool,
+            /// Personal data is sealed at rest and citizen IDs are stored as blind indexes.
+            sealer: Arc<crate::seal::Sealer>,
         }
 
         impl $store {
@@ -65,13 +71,36 @@ macro_rules! sql_store {
                 &self.pool
             }
 
-            async fn write_card(tx: &mut sqlx::Transaction<'_, $db>, write: &CardWrite, now: i64) -> Result<(), StoreError> {
+            pub(super) fn sealer(&self) -> &crate::seal::Sealer {
+                &self.sealer
+            }
+
+            fn card_row(&self, r: &<$db as sqlx::Database>::Row) -> Result<CardRecord, StoreError> {
+                let id: String = r.try_get("card_id").map_err(db_error)?;
+                let data = self.sealer.open(&r.try_get::<String, _>("data").map_err(db_error)?, &id).map_err(seal_error)?;
+                card_from_json(&data, r.try_get("pin_digest").map_err(db_error)?)
+            }
+
+            /// A sealed text column, bound to the row named by `row_column`.
+            fn open_text(&self, r: &<$db as sqlx::Database>::Row, column: &str, row_column: &str) -> Result<String, StoreError> {
+                let row: String = r.try_get(row_column).map_err(db_error)?;
+                self.sealer.open(&r.try_get::<String, _>(column).map_err(db_error)?, &row).map_err(seal_error)
+            }
+
+            async fn write_card(
+                tx: &mut sqlx::Transaction<'_, $db>,
+                sealer: &crate::seal::Sealer,
+                write: &CardWrite,
+                now: i64,
+            ) -> Result<(), StoreError> {
                 let (rec, insert) = match write {
                     CardWrite::Insert(r) => (r, true),
                     CardWrite::Update(r) => (r, false),
                 };
                 let c = &rec.card;
                 let data = serde_json::to_string(c).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                // The card's data holds its holder's ID, phone and address: sealed, bound to the card.
+                let data = sealer.seal(&data, &c.id).map_err(seal_error)?;
                 let number = c.card_number.as_ref().map(|n| n.as_str().to_string());
                 let result = if insert {
                     sqlx::query(
@@ -79,7 +108,7 @@ macro_rules! sql_store {
                          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
                     )
                     .bind(&c.id)
-                    .bind(c.holder.expose())
+                    .bind(sealer.blind_index(c.holder.expose()))
                     .bind(number)
                     .bind(&c.bank_code)
                     .bind(c.physical.as_str())
@@ -117,7 +146,11 @@ macro_rules! sql_store {
                 }
             }
 
-            async fn commit_in(tx: &mut sqlx::Transaction<'_, $db>, commit: &Commit) -> Result<(), StoreError> {
+            async fn commit_in(
+                tx: &mut sqlx::Transaction<'_, $db>,
+                sealer: &crate::seal::Sealer,
+                commit: &Commit,
+            ) -> Result<(), StoreError> {
                 let now = micros(OffsetDateTime::now_utc());
                 // The key first: a concurrent twin of this request fails here, before any other write.
                 if let Some(i) = &commit.idempotency {
@@ -127,7 +160,8 @@ macro_rules! sql_store {
                     .bind(&i.key)
                     .bind(&i.operation)
                     .bind(&i.request_hash)
-                    .bind(&i.response)
+                    // A stored answer may carry a person's name and phone.
+                    .bind(sealer.seal_bytes(&i.response, &i.key).map_err(seal_error)?)
                     .bind(now)
                     .execute(&mut **tx)
                     .await;
@@ -139,10 +173,11 @@ macro_rules! sql_store {
                 }
                 match &commit.person {
                     Some(PersonWrite::Insert(p)) => {
+                        let index = sealer.blind_index(&p.citizen_id);
                         let r = sqlx::query("INSERT INTO persons (citizen_id, name, phone, registered_at, version) VALUES ($1, $2, $3, $4, $5)")
-                            .bind(&p.citizen_id)
-                            .bind(&p.name)
-                            .bind(&p.phone)
+                            .bind(&index)
+                            .bind(sealer.seal(&p.name, &index).map_err(seal_error)?)
+                            .bind(sealer.seal(&p.phone, &index).map_err(seal_error)?)
                             .bind(micros(p.registered_at))
                             .bind(p.version)
                             .execute(&mut **tx)
@@ -155,7 +190,7 @@ macro_rules! sql_store {
                     }
                     Some(PersonWrite::Touch { citizen_id, expected_version }) => {
                         let r = sqlx::query("UPDATE persons SET version = version + 1 WHERE citizen_id = $1 AND version = $2")
-                            .bind(citizen_id)
+                            .bind(sealer.blind_index(citizen_id))
                             .bind(expected_version)
                             .execute(&mut **tx)
                             .await
@@ -167,7 +202,7 @@ macro_rules! sql_store {
                     None => {}
                 }
                 for w in &commit.cards {
-                    Self::write_card(tx, w, now).await?;
+                    Self::write_card(tx, sealer, w, now).await?;
                 }
                 // Each card's trail is a hash chain: link every entry to the card's last one (the card's
                 // version check serialises writers of one card, so the last entry read here stays last).
@@ -196,8 +231,9 @@ macro_rules! sql_store {
                     .bind(micros(a.at))
                     .bind(&a.action)
                     .bind(&a.channel)
-                    .bind(&a.actor)
-                    .bind(&a.documents)
+                    // Who acted and with which papers (a caller's phone): sealed, bound to the card.
+                    .bind(sealer.seal(&a.actor, &a.card_id).map_err(seal_error)?)
+                    .bind(sealer.seal(&a.documents, &a.card_id).map_err(seal_error)?)
                     .bind(&a.from_state)
                     .bind(&a.to_state)
                     .bind(&a.idempotency_key)
@@ -233,16 +269,17 @@ macro_rules! sql_store {
         #[async_trait]
         impl RegistryStore for $store {
             async fn person(&self, citizen_id: &str) -> Result<Option<PersonRecord>, StoreError> {
+                let index = self.sealer.blind_index(citizen_id);
                 let row = sqlx::query("SELECT citizen_id, name, phone, registered_at, version FROM persons WHERE citizen_id = $1")
-                    .bind(citizen_id)
+                    .bind(&index)
                     .fetch_optional(&self.pool)
                     .await
                     .map_err(db_error)?;
                 row.map(|r| {
                     Ok(PersonRecord {
-                        citizen_id: r.try_get("citizen_id").map_err(db_error)?,
-                        name: r.try_get("name").map_err(db_error)?,
-                        phone: r.try_get("phone").map_err(db_error)?,
+                        citizen_id: citizen_id.to_string(),
+                        name: self.sealer.open(&r.try_get::<String, _>("name").map_err(db_error)?, &index).map_err(seal_error)?,
+                        phone: self.sealer.open(&r.try_get::<String, _>("phone").map_err(db_error)?, &index).map_err(seal_error)?,
                         registered_at: from_micros(r.try_get("registered_at").map_err(db_error)?)?,
                         version: r.try_get("version").map_err(db_error)?,
                     })
@@ -251,13 +288,12 @@ macro_rules! sql_store {
             }
 
             async fn card(&self, card_id: &str) -> Result<Option<CardRecord>, StoreError> {
-                let row = sqlx::query("SELECT data, pin_digest FROM cards WHERE card_id = $1")
+                let row = sqlx::query("SELECT card_id, data, pin_digest FROM cards WHERE card_id = $1")
                     .bind(card_id)
                     .fetch_optional(&self.pool)
                     .await
                     .map_err(db_error)?;
-                row.map(|r| card_from_json(&r.try_get::<String, _>("data").map_err(db_error)?, r.try_get("pin_digest").map_err(db_error)?))
-                    .transpose()
+                row.map(|r| self.card_row(&r)).transpose()
             }
 
             async fn card_id_by_number(&self, card_number: &str) -> Result<Option<String>, StoreError> {
@@ -271,14 +307,12 @@ macro_rules! sql_store {
             }
 
             async fn cards_of(&self, citizen_id: &str) -> Result<Vec<CardRecord>, StoreError> {
-                let rows = sqlx::query("SELECT data, pin_digest FROM cards WHERE citizen_id = $1 ORDER BY card_id")
-                    .bind(citizen_id)
+                let rows = sqlx::query("SELECT card_id, data, pin_digest FROM cards WHERE citizen_id = $1 ORDER BY card_id")
+                    .bind(self.sealer.blind_index(citizen_id))
                     .fetch_all(&self.pool)
                     .await
                     .map_err(db_error)?;
-                rows.iter()
-                    .map(|r| card_from_json(&r.try_get::<String, _>("data").map_err(db_error)?, r.try_get("pin_digest").map_err(db_error)?))
-                    .collect()
+                rows.iter().map(|r| self.card_row(r)).collect()
             }
 
             async fn idempotency(&self, key: &str) -> Result<Option<IdempotencyRecord>, StoreError> {
@@ -292,7 +326,10 @@ macro_rules! sql_store {
                         key: r.try_get("idempotency_key").map_err(db_error)?,
                         operation: r.try_get("operation").map_err(db_error)?,
                         request_hash: r.try_get("request_hash").map_err(db_error)?,
-                        response: r.try_get("response").map_err(db_error)?,
+                        response: self
+                            .sealer
+                            .open_bytes(&r.try_get::<Vec<u8>, _>("response").map_err(db_error)?, key)
+                            .map_err(seal_error)?,
                     })
                 })
                 .transpose()
@@ -328,8 +365,8 @@ macro_rules! sql_store {
                                 at: from_micros(r.try_get("at").map_err(db_error)?)?,
                                 action: r.try_get("action").map_err(db_error)?,
                                 channel: r.try_get("channel").map_err(db_error)?,
-                                actor: r.try_get("actor").map_err(db_error)?,
-                                documents: r.try_get("documents").map_err(db_error)?,
+                                actor: self.open_text(r, "actor", "card_id")?,
+                                documents: self.open_text(r, "documents", "card_id")?,
                                 from_state: r.try_get("from_state").map_err(db_error)?,
                                 to_state: r.try_get("to_state").map_err(db_error)?,
                                 idempotency_key: r.try_get("idempotency_key").map_err(db_error)?,
@@ -359,8 +396,8 @@ macro_rules! sql_store {
                                 at: from_micros(r.try_get("at").map_err(db_error)?)?,
                                 action: r.try_get("action").map_err(db_error)?,
                                 channel: r.try_get("channel").map_err(db_error)?,
-                                actor: r.try_get("actor").map_err(db_error)?,
-                                documents: r.try_get("documents").map_err(db_error)?,
+                                actor: self.open_text(r, "actor", "card_id")?,
+                                documents: self.open_text(r, "documents", "card_id")?,
                                 from_state: r.try_get("from_state").map_err(db_error)?,
                                 to_state: r.try_get("to_state").map_err(db_error)?,
                                 idempotency_key: r.try_get("idempotency_key").map_err(db_error)?,
@@ -382,7 +419,7 @@ macro_rules! sql_store {
 
             async fn commit(&self, commit: Commit) -> Result<(), StoreError> {
                 let mut tx = self.writer.begin().await.map_err(db_error)?;
-                match Self::commit_in(&mut tx, &commit).await {
+                match Self::commit_in(&mut tx, &self.sealer, &commit).await {
                     Ok(()) => tx.commit().await.map_err(db_error),
                     Err(e) => {
                         // Dropping the transaction would roll back too; say so explicitly.
@@ -409,6 +446,18 @@ macro_rules! sql_store {
                     idempotency: row.try_get("idempotency").map_err(db_error)?,
                 })
             }
+
+            async fn batch_snapshot(&self, citizen_ids: &[String], keys: &[String]) -> Result<BatchSnapshot, StoreError> {
+                self.snapshot_rows(citizen_ids, keys).await
+            }
+
+            async fn reserve_sequence(&self, name: &str, count: i64) -> Result<i64, StoreError> {
+                self.reserve(name, count).await
+            }
+
+            async fn commit_batch(&self, commit: BatchCommit) -> Result<(), StoreError> {
+                self.commit_rows(commit).await
+            }
         }
     };
 }
@@ -423,7 +472,7 @@ impl SqliteStore {
     }
 
     /// Opens (creating if needed) a SQLite database in WAL mode and migrates it.
-    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+    pub async fn connect(url: &str, sealer: Arc<crate::seal::Sealer>) -> Result<Self, StoreError> {
         let options = SqliteConnectOptions::from_str(url)
             .map_err(db_error)?
             .create_if_missing(true)
@@ -444,7 +493,7 @@ impl SqliteStore {
         } else {
             SqlitePoolOptions::new().max_connections(1).connect_with(options).await.map_err(db_error)?
         };
-        Ok(Self { pool, writer })
+        Ok(Self { pool, writer, sealer })
     }
 }
 
@@ -453,7 +502,7 @@ impl PgStore {
         Arc::new(PgOutbox::new(self.pool.clone()))
     }
 
-    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+    pub async fn connect(url: &str, sealer: Arc<crate::seal::Sealer>) -> Result<Self, StoreError> {
         let options = PgConnectOptions::from_str(url).map_err(db_error)?;
         let pool = PgPoolOptions::new()
             .max_connections(16)
@@ -462,6 +511,6 @@ impl PgStore {
             .await
             .map_err(db_error)?;
         sqlx::migrate!("./migrations/postgres").run(&pool).await.map_err(|e| StoreError::Unavailable(e.to_string()))?;
-        Ok(Self { writer: pool.clone(), pool })
+        Ok(Self { writer: pool.clone(), pool, sealer })
     }
 }

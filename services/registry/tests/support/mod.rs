@@ -98,6 +98,34 @@ impl Harness {
         self.store.counts().await.unwrap()
     }
 
+    /// Every value of the first column of `sql`, as bytes, read straight from the registry's database.
+    pub async fn raw_column(&self, sql: &str) -> Vec<Vec<u8>> {
+        use sqlx::Row;
+        match (&self.pg_schema, &self._dir) {
+            (Some((base, schema)), _) => {
+                let pool = sqlx::PgPool::connect(base).await.unwrap();
+                let mut tx = pool.begin().await.unwrap();
+                sqlx::query(sqlx::AssertSqlSafe(format!("SET LOCAL search_path TO {schema}")))
+                    .execute(&mut *tx)
+                    .await
+                    .unwrap();
+                let rows = sqlx::query(sqlx::AssertSqlSafe(sql.to_string())).fetch_all(&mut *tx).await.unwrap();
+                rows.iter()
+                    .map(|r| r.try_get::<Vec<u8>, _>(0).unwrap_or_else(|_| r.get::<String, _>(0).into_bytes()))
+                    .collect()
+            }
+            (None, Some(dir)) => {
+                let url = format!("sqlite://{}", dir.0.join("registry.db").display());
+                let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
+                let rows = sqlx::query(sqlx::AssertSqlSafe(sql.to_string())).fetch_all(&pool).await.unwrap();
+                rows.iter()
+                    .map(|r| r.try_get::<Vec<u8>, _>(0).unwrap_or_else(|_| r.get::<String, _>(0).into_bytes()))
+                    .collect()
+            }
+            _ => panic!("no database"),
+        }
+    }
+
     /// Runs SQL straight against the registry's database, behind the service's back (tampering tests).
     pub async fn raw_sql(&self, sql: &str) {
         match (&self.pg_schema, &self._dir) {
