@@ -141,7 +141,7 @@ impl ConsumerConfig {
         Self {
             group: group.into(),
             topics: topics.iter().map(|t| (*t).to_string()).collect(),
-            max_attempts: 5,
+            max_attempts: 50,
             retry_backoff: Duration::from_millis(100),
         }
     }

@@ -255,7 +255,7 @@ impl Coordinator {
         {
             return Err(ApiError::Rejected(Rejection::new(
                 RejectionKind::FailedPrecondition,
-                "CASE_ALREADY_opEN",
+                "CASE_ALREADY_OPEN",
                 format!("the card is already under loss case {}", open.case_id),
             )));
         }
@@ -527,7 +527,7 @@ impl Coordinator {
             ("", card) if !card.is_empty() => self.open_case_of(card).await?.ok_or_else(|| {
                 ApiError::Rejected(Rejection::new(
                     RejectionKind::FailedPrecondition,
-                    "NO_opEN_CASE",
+                    "NO_OPEN_CASE",
                     "the card has no open loss case",
                 ))
             })?,
