@@ -217,7 +217,8 @@ impl KafkaConsumer {
         let outcome = match Envelope::from_message(m) {
             Ok(event) => {
                 // The event's processing continues the trace that wrote it.
-                let span = socialcard_telemetry::consumer_span("kafka", &event.topic, &event.id, event.traceparent.as_deref());
+                let span =
+                    socialcard_telemetry::consumer_span("kafka", &event.topic, &event.id, event.traceparent.as_deref());
                 handle_with_retries(self.handler.as_ref(), &event, self.config.max_attempts, self.config.retry_backoff)
                     .instrument(span)
                     .await

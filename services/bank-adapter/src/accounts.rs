@@ -15,7 +15,7 @@ use socialcard_server::error::reason_of;
 use time::OffsetDateTime;
 use tonic::{Code, Request};
 
-use crate::{BankAdapter, DEFAULT_REGISTRY_TIMEOUT, db, micros, reject, text};
+use crate::{BankAdapter, DEFAULT_REGISTRY_TIMEOUT, reject, store_answer, text};
 
 /// The most results one batch may carry.
 pub const MAX_BATCH_RESULTS: usize = 10_000;
@@ -147,17 +147,7 @@ impl BankAdapter {
         let accepted = u32::try_from(outcomes.iter().filter(|o| o.accepted).count()).unwrap_or(u32::MAX);
         let rejected = u32::try_from(outcomes.len()).unwrap_or(u32::MAX).saturating_sub(accepted);
         let response = bank::ConfirmAccountOpeningResponse { accepted, rejected, outcomes };
-        sqlx::query(
-            "INSERT INTO idempotency (idempotency_key, request_hash, response, created_at) VALUES ($1, $2, $3, $4)
-             ON CONFLICT (idempotency_key) DO NOTHING",
-        )
-        .bind(&key)
-        .bind(&hash)
-        .bind(response.encode_to_vec())
-        .bind(micros(OffsetDateTime::now_utc()))
-        .execute(&self.writer)
-        .await
-        .map_err(db)?;
+        store_answer(&self.writer, &key, &hash, &response, OffsetDateTime::now_utc()).await?;
         Ok(self.stored_answer(&key, &hash).await?.unwrap_or(response))
     }
 }

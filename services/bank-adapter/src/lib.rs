@@ -371,17 +371,7 @@ impl BankAdapter {
                 .rows_affected()
                 == 1;
         if confirmed {
-            sqlx::query(
-                "INSERT INTO idempotency (idempotency_key, request_hash, response, created_at) VALUES ($1, $2, $3, $4)
-                 ON CONFLICT (idempotency_key) DO NOTHING",
-            )
-            .bind(&key)
-            .bind(&hash)
-            .bind(response.encode_to_vec())
-            .bind(micros(now))
-            .execute(&mut *tx)
-            .await
-            .map_err(db)?;
+            store_answer(&mut *tx, &key, &hash, &response, now).await?;
         }
         let event = ev::FinancialEvent {
             card_id: card_id.clone(),
@@ -481,18 +471,7 @@ impl BankAdapter {
                 .map_err(db)?;
         }
         if let Some(response) = response {
-            // A concurrent twin may have stored its answer first; the first one stands.
-            sqlx::query(
-                "INSERT INTO idempotency (idempotency_key, request_hash, response, created_at) VALUES ($1, $2, $3, $4)
-                 ON CONFLICT (idempotency_key) DO NOTHING",
-            )
-            .bind(key)
-            .bind(hash)
-            .bind(response.encode_to_vec())
-            .bind(micros(now))
-            .execute(&mut *tx)
-            .await
-            .map_err(db)?;
+            store_answer(&mut *tx, key, hash, response, now).await?;
         }
         // One event per activation (a re-activation after a rollback is a new one); a retry after a
         // pending one adds none.
@@ -536,6 +515,29 @@ impl BankAdapter {
             .await?
             .try_get("n")
     }
+}
+
+/// Stores the answer to an idempotency key; a concurrent twin may have stored its answer first, and the
+/// first one stands.
+pub(crate) async fn store_answer<'c>(
+    executor: impl sqlx::SqliteExecutor<'c>,
+    key: &str,
+    hash: &[u8],
+    response: &impl Message,
+    now: OffsetDateTime,
+) -> Result<(), ApiError> {
+    sqlx::query(
+        "INSERT INTO idempotency (idempotency_key, request_hash, response, created_at) VALUES ($1, $2, $3, $4)
+         ON CONFLICT (idempotency_key) DO NOTHING",
+    )
+    .bind(key)
+    .bind(hash)
+    .bind(response.encode_to_vec())
+    .bind(micros(now))
+    .execute(executor)
+    .await
+    .map_err(db)?;
+    Ok(())
 }
 
 /// A registry refusal passes through to the bank with its code and reason; transport failures say the

@@ -18,7 +18,9 @@ use sqlx::Row;
 use time::OffsetDateTime;
 use tonic::{Code, Request, Response, Status};
 
-use crate::{BankAdapter, DEFAULT_REGISTRY_TIMEOUT, db, micros, registry_error, reject, remaining_deadline, text};
+use crate::{
+    BankAdapter, DEFAULT_REGISTRY_TIMEOUT, db, micros, registry_error, reject, remaining_deadline, store_answer, text,
+};
 
 fn loss_kind_name(kind: reg::LossKind) -> &'static str {
     match kind {
@@ -138,7 +140,7 @@ impl BankAdapter {
             financial_state: reg::FinancialState::Frozen as i32,
             frozen_at: Some(timestamp(now)),
         };
-        store_answer(&mut tx, &key, &hash, &response, now).await?;
+        store_answer(&mut *tx, &key, &hash, &response, now).await?;
         tx.commit().await.map_err(db)?;
         Ok(self.stored_answer(&key, &hash).await?.unwrap_or(response))
     }
@@ -234,7 +236,7 @@ impl BankAdapter {
                 reg::FinancialState::NotActivated as i32
             },
         };
-        store_answer(&mut tx, key, hash, &response, now).await?;
+        store_answer(&mut *tx, key, hash, &response, now).await?;
         tx.commit().await.map_err(db)?;
         Ok(self.stored_answer(key, hash).await?.unwrap_or(response))
     }
@@ -400,27 +402,6 @@ impl BankAdapter {
     ) -> bank::bank_coordination_service_server::BankCoordinationServiceServer<Self> {
         bank::bank_coordination_service_server::BankCoordinationServiceServer::new(self)
     }
-}
-
-async fn store_answer(
-    tx: &mut sqlx::SqliteConnection,
-    key: &str,
-    hash: &[u8],
-    response: &impl Message,
-    now: OffsetDateTime,
-) -> Result<(), ApiError> {
-    sqlx::query(
-        "INSERT INTO idempotency (idempotency_key, request_hash, response, created_at) VALUES ($1, $2, $3, $4)
-         ON CONFLICT (idempotency_key) DO NOTHING",
-    )
-    .bind(key)
-    .bind(hash)
-    .bind(response.encode_to_vec())
-    .bind(micros(now))
-    .execute(tx)
-    .await
-    .map_err(db)?;
-    Ok(())
 }
 
 #[tonic::async_trait]

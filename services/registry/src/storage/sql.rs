@@ -16,8 +16,8 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use time::OffsetDateTime;
 
 use super::{
-    AuditRecord, BatchCommit, BatchSnapshot, CardRecord, CardWrite, Commit, IdempotencyRecord, PersonRecord, PersonWrite, RegistryStore,
-    StoreError, TableCounts,
+    AuditRecord, BatchCommit, BatchSnapshot, CardRecord, CardWrite, Commit, IdempotencyRecord, PersonRecord,
+    PersonWrite, RegistryStore, StoreError, TableCounts,
 };
 
 use socialcard_events::unix_micros as micros;
