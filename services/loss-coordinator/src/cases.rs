@@ -188,8 +188,7 @@ impl Coordinator {
         const OP: &str = "ReportLoss";
         let key = key_of(&req.idempotency_key)?;
         let hash = hash_of(OP, &req);
-        let result = self.once(&key, OP, &hash, || self.report_loss_once(req, OP, key.clone(), hash.clone())).await;
-        result
+        self.once(&key, OP, &hash, || self.report_loss_once(req, OP, key.clone(), hash.clone())).await
     }
 
     /// Runs `f` once per key: concurrent twins of a call (same key, same request) wait for the first one's
@@ -502,8 +501,7 @@ impl Coordinator {
         const OP: &str = "Unlock";
         let key = key_of(&req.idempotency_key)?;
         let hash = hash_of(OP, &req);
-        let result = self.once(&key, OP, &hash, || self.unlock_once(req, OP, key.clone(), hash.clone())).await;
-        result
+        self.once(&key, OP, &hash, || self.unlock_once(req, OP, key.clone(), hash.clone())).await
     }
 
     async fn unlock_once(
