@@ -373,7 +373,14 @@ async fn the_dashboard_shows_what_the_ops_api_says() {
             let f = api_figures(&mut ops).await;
             let counts: Vec<&str> = f.funnel.iter().map(|s| s.1.as_str()).collect();
             let frozen = f.banks.get("financial").and_then(|b| b.get("ccb")).and_then(|b| b.1.get("frozen")).cloned();
-            if counts == ["5", "4", "3", "3", "3"] && f.loss_states == losses && frozen.as_deref() == frozen_at_ccb {
+            // The counts are read before the funnel: e's production must show in both before they are compared.
+            let produced_at_ccb =
+                f.banks.get("physical").and_then(|b| b.get("ccb")).and_then(|b| b.1.get("produced")).cloned();
+            if counts == ["5", "4", "3", "3", "3"]
+                && f.loss_states == losses
+                && frozen.as_deref() == frozen_at_ccb
+                && produced_at_ccb.as_deref() == Some("1")
+            {
                 Ok(f)
             } else {
                 Err(format!("{f:?}"))
@@ -387,7 +394,8 @@ async fn the_dashboard_shows_what_the_ops_api_says() {
     assert_eq!(settled.tiles["dead-letters-total"], "0");
     let icbc = &settled.banks["social"]["icbc"];
     assert_eq!(icbc.1.get("active").map(String::as_str), Some("2"), "{icbc:?}");
-    assert_eq!(settled.banks["physical"]["ccb"].1.get("produced").map(String::as_str), Some("1"));
+    let ccb = &settled.banks["physical"]["ccb"];
+    assert_eq!(ccb.1.get("produced").map(String::as_str), Some("1"), "{ccb:?} in {settled:?}");
     assert!(settled.funnel[2].2.as_deref().is_some_and(|m| !m.is_empty()), "b met the courier: a delivery time");
     let districts = ops
         .get_card_counts(pb::GetCardCountsRequest {
