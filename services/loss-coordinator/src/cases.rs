@@ -148,6 +148,18 @@ impl Coordinator {
         row.map(|r| CaseRow::from_row(&r)).transpose()
     }
 
+    /// The case whose social side the Unlock with caller key `key` released (see `unlocked_by`'s table).
+    async fn unlocked_by(&self, key: &str) -> Result<Option<CaseRow>, ApiError> {
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {CASE_COLUMNS} FROM cases WHERE case_id = (SELECT case_id FROM unlocked_by WHERE unlock_key = $1)"
+        )))
+        .bind(key)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db)?;
+        row.map(|r| CaseRow::from_row(&r)).transpose()
+    }
+
     pub(crate) async fn case_by_report(&self, report_key: &str) -> Result<Option<CaseRow>, ApiError> {
         let row = sqlx::query(sqlx::AssertSqlSafe(format!("SELECT {CASE_COLUMNS} FROM cases WHERE report_key = $1")))
             .bind(report_key)
@@ -520,6 +532,19 @@ impl Coordinator {
             .ok_or_else(|| invalid("actor", "ACTOR_REQUIRED", "say who unlocks and through which channel"))?;
         let ctx = socialcard_registry_context(&actor, req.documents.as_ref())?;
         let side = unlock_side(ctx.channel)?;
+        if side == Side::Social
+            && let Some(case) = self.unlocked_by(&key).await?
+            && (req.case_id.trim().is_empty() || req.case_id.trim() == case.case_id)
+            && (req.card_id.trim().is_empty() || req.card_id.trim() == case.card_id)
+        {
+            // This very call's registry unlock committed, and its answer was lost (the coordinator died, or
+            // the reply did): the registry's event released the case's social side. Answer as it would have.
+            let response = pb::UnlockResponse { loss_case: Some(case.to_pb()) };
+            let mut tx = self.writer.begin().await.map_err(db)?;
+            store_answer(&mut tx, &key, op, &hash, &response, self.now()).await?;
+            tx.commit().await.map_err(db)?;
+            return Ok(response);
+        }
         let before = match (req.case_id.trim(), req.card_id.trim()) {
             (id, "") if !id.is_empty() => self.load_case(id).await?.ok_or_else(|| not_found("loss case"))?,
             ("", card) if !card.is_empty() => self.open_case_of(card).await?.ok_or_else(|| {

@@ -49,6 +49,11 @@ fn own_report_key(idempotency_key: &str) -> Option<&str> {
     idempotency_key.strip_prefix("loss:")?.strip_suffix(":social")
 }
 
+/// The Unlock key a coordinator-made social unlock carries (`unlock:<unlock key>:social`), if this is one.
+fn own_unlock_key(idempotency_key: &str) -> Option<&str> {
+    idempotency_key.strip_prefix("unlock:")?.strip_suffix(":social")
+}
+
 #[async_trait]
 impl Handler for CardEvents {
     async fn handle(&self, event: &Envelope) -> Result<Applied, HandlerError> {
@@ -133,6 +138,17 @@ impl Handler for CardEvents {
                 }
                 ev::card_event::Kind::SocialUnlocked(_) => {
                     if let Some(before) = open.filter(|o| o.sides.social_locked && o.sides.social_released.is_none()) {
+                        if let Some(unlock_key) = own_unlock_key(&e.idempotency_key) {
+                            // The Unlock call that made it may not live to store its answer: its retry finds the case.
+                            sqlx::query(
+                                "INSERT INTO unlocked_by (unlock_key, case_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+                            )
+                            .bind(unlock_key)
+                            .bind(&before.case_id)
+                            .execute(&mut *tx)
+                            .await
+                            .map_err(crate::store::db)?;
+                        }
                         let mut case = before.clone();
                         case.sides.social_released = Some(if e.idempotency_key.starts_with("timer:") {
                             Release::Expired

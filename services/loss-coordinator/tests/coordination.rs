@@ -509,6 +509,65 @@ async fn a_coordinator_killed_mid_case_completes_it_after_restart_with_each_side
 }
 
 #[tokio::test]
+async fn an_unlock_whose_answer_was_lost_after_the_registry_committed_is_answered_on_retry() {
+    let city = City::start().await;
+    let mut lc = city.coordinator().await.client;
+    let (card_id, number) = city.collected(63, "icbc").await;
+    let case = lc
+        .report_loss(report(&card_id, reg::LossKind::Temporary, reg::Channel::Hotline))
+        .await
+        .unwrap()
+        .into_inner()
+        .loss_case
+        .unwrap();
+    assert_eq!(case.state, loss::CaseState::Locked as i32);
+
+    // The coordinator's registry call for this Unlock committed (with the key it derives), and then the
+    // coordinator died before storing its answer: the registry's event releases the case's social side.
+    let call = unlock(&card_id, reg::Channel::BureauWindow, true);
+    city.registry
+        .clone()
+        .unlock_social_function(reg::UnlockSocialFunctionRequest {
+            idempotency_key: format!("unlock:{}:social", call.idempotency_key),
+            card_id: card_id.clone(),
+            actor: call.actor.clone(),
+            documents: call.documents.clone(),
+        })
+        .await
+        .unwrap();
+    eventually("the registry's unlock event releases the case's social side", || async {
+        let c = lc.clone().get_case(loss::GetCaseRequest { case_id: case.case_id.clone() }).await.unwrap().into_inner();
+        c.loss_case.unwrap().state == loss::CaseState::Unlocking as i32
+    })
+    .await;
+
+    // The caller's retry gets the answer, not SIDE_ALREADY_UNLOCKED; nothing is unlocked twice.
+    let retried = lc.unlock(call.clone()).await.unwrap().into_inner().loss_case.unwrap();
+    assert_eq!(retried.case_id, case.case_id);
+    assert!(!retried.social_locked && retried.financial_frozen, "{retried:?}");
+    assert_eq!(city.audited(&card_id, "unlock").await, 1);
+
+    // Once the bank's side is unlocked too the case is closed: the same retry still gets its answer.
+    city.bank("icbc")
+        .unlock_financial(bank::UnlockFinancialRequest {
+            idempotency_key: key(),
+            card_number: number,
+            teller_id: "teller-1".into(),
+            branch_id: "branch-9".into(),
+            holder_id_checked: true,
+            card_presented: false,
+        })
+        .await
+        .unwrap();
+    let again = lc.unlock(call.clone()).await.unwrap().into_inner().loss_case.unwrap();
+    assert_eq!(again, retried, "a replay is the first answer");
+    // Another caller's Unlock for the closed case is still refused.
+    let other = lc.unlock(unlock(&card_id, reg::Channel::BureauWindow, true)).await.unwrap_err();
+    assert_eq!(other.code(), Code::FailedPrecondition);
+    assert_eq!(reason_of(&other).as_deref(), Some("NO_OPEN_CASE"));
+}
+
+#[tokio::test]
 async fn a_pin_lock_reported_by_the_registry_becomes_a_case_closed_by_a_reset_at_the_window() {
     let city = City::start().await;
     let mut lc = city.coordinator().await.client;
