@@ -253,7 +253,8 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("socialcard-pki-{}", std::process::id()));
         let tls = TlsDir::new(&dir);
         let n = write_dev_pki(&tls, &["icbc", "ccb"]).unwrap();
-        assert_eq!(n, 2 + 2 + 12 + 2 * SERVICE_CLIENTS.len());
+        // The CA (cert, key), the registry and coordinator servers, 3 pairs per bank, the service clients.
+        assert_eq!(n, 2 + 2 * 2 + 2 * 6 + 2 * SERVICE_CLIENTS.len());
         assert!(tls.bank_client("ccb").cert.exists());
         assert!(tls.server("bank-adapter-icbc").key.exists());
         assert!(tls.service_client("bank-adapter-ccb").cert.exists());
