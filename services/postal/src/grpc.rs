@@ -33,6 +33,31 @@ impl PostalGrpc {
     pub fn into_server(self) -> PostalServiceServer<Self> {
         PostalServiceServer::new(self)
     }
+
+    /// Starts writing `batch` (taken, leaving it empty) in its own task.
+    fn write(&self, batch: &mut Vec<Update>) -> Write {
+        let postal = self.postal.clone();
+        let batch = std::mem::replace(batch, Vec::with_capacity(STREAM_BATCH));
+        tokio::spawn(async move { postal.ingest(&batch, Source::Stream).await })
+    }
+}
+
+/// A batch of a stream being written.
+type Write = tokio::task::JoinHandle<Result<IngestReport, ApiError>>;
+
+fn joined(done: Result<Result<IngestReport, ApiError>, tokio::task::JoinError>) -> Result<IngestReport, Status> {
+    match done {
+        Ok(written) => Ok(written?),
+        Err(e) => Err(Status::internal(format!("a batch write failed: {e}"))),
+    }
+}
+
+/// Waits for the running write, if any, and adds what it did to `report`.
+async fn finish(writing: &mut Option<Write>, report: &mut IngestReport) -> Result<(), Status> {
+    if let Some(running) = writing.take() {
+        report.add(joined(running.await)?);
+    }
+    Ok(())
 }
 
 pub fn status_from_pb(field: &'static str, value: i32) -> Result<ShipmentStatus, Rejection> {
@@ -200,6 +225,9 @@ impl PostalService for PostalGrpc {
         }))
     }
 
+    /// Pipelined: while one batch is being written, the next one is received and checked; batches are
+    /// written one at a time, in the order they arrived. A batch is written when it is full, or as soon
+    /// as the previous write is done (or, with none running, the sender pauses).
     async fn stream_status_updates(
         &self,
         request: Request<Streaming<pb::StatusUpdate>>,
@@ -207,30 +235,41 @@ impl PostalService for PostalGrpc {
         let mut stream = request.into_inner();
         let mut report = IngestReport::default();
         let mut batch: Vec<Update> = Vec::with_capacity(STREAM_BATCH);
+        let mut writing: Option<Write> = None;
         let mut received: u64 = 0;
         loop {
-            // Batch what has already arrived; write as soon as the sender pauses or the batch is full.
-            let next = if batch.is_empty() || batch.len() >= STREAM_BATCH {
-                if batch.len() >= STREAM_BATCH {
-                    report.add(self.postal.ingest(&batch, Source::Stream).await?);
-                    batch.clear();
-                }
-                stream.message().await
-            } else {
-                match tokio::time::timeout(Duration::ZERO, stream.message()).await {
-                    Ok(next) => next,
-                    Err(_) => {
-                        report.add(self.postal.ingest(&batch, Source::Stream).await?);
-                        batch.clear();
+            if batch.len() >= STREAM_BATCH {
+                finish(&mut writing, &mut report).await?;
+                writing = Some(self.write(&mut batch));
+            }
+            let next = match writing.as_mut() {
+                // Nothing waits to be written: wait for the sender.
+                _ if batch.is_empty() => stream.message().await,
+                // A write is running: take what arrives until it is done, then write what arrived.
+                Some(running) => tokio::select! {
+                    biased;
+                    done = running => {
+                        report.add(joined(done)?);
+                        writing = Some(self.write(&mut batch));
                         continue;
                     }
-                }
+                    next = stream.message() => next,
+                },
+                // No write running: write as soon as the sender pauses.
+                None => match tokio::time::timeout(Duration::ZERO, stream.message()).await {
+                    Ok(next) => next,
+                    Err(_) => {
+                        writing = Some(self.write(&mut batch));
+                        continue;
+                    }
+                },
             };
             let message = match next {
                 Ok(Some(m)) => m,
                 Ok(None) => break,
                 Err(status) => {
                     // The sender went away mid-stream: what arrived whole is kept.
+                    finish(&mut writing, &mut report).await?;
                     report.add(self.postal.ingest(&batch, Source::Stream).await?);
                     return Err(status);
                 }
@@ -239,6 +278,7 @@ impl PostalService for PostalGrpc {
             match update_from_pb(&message, self.postal.now()) {
                 Ok(u) => batch.push(u),
                 Err(rejection) => {
+                    finish(&mut writing, &mut report).await?;
                     report.add(self.postal.ingest(&batch, Source::Stream).await?);
                     let accepted = received - 1;
                     let mut status = Status::from(ApiError::Rejected(Rejection {
@@ -255,6 +295,7 @@ impl PostalService for PostalGrpc {
                 }
             }
         }
+        finish(&mut writing, &mut report).await?;
         report.add(self.postal.ingest(&batch, Source::Stream).await?);
         Ok(Response::new(report_to_pb(report)))
     }

@@ -4,7 +4,7 @@
 //! Every change commits with its history rows and outbox events in one transaction on the single
 //! writer connection, so writers queue in order instead of in SQLite's busy handler.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,8 +14,8 @@ use socialcard_events::outbox::SqliteOutbox;
 use socialcard_events::{Outbox, from_unix_micros, unix_micros};
 use socialcard_proto::events::v1 as ev;
 use socialcard_proto::postal::v1 as pb;
-use sqlx::Row;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow};
+use sqlx::{QueryBuilder, Row, Sqlite};
 use time::OffsetDateTime;
 
 use crate::feed::{Source, Update, Waybill};
@@ -218,7 +218,17 @@ struct MilestoneEvent<'a> {
     sub_reason: &'a str,
 }
 
-async fn append_event(tx: &mut sqlx::SqliteConnection, e: MilestoneEvent<'_>) -> Result<(), StoreError> {
+/// An outbox row, ready to be written.
+struct OutboxRow {
+    event_id: String,
+    event_key: String,
+    event_type: String,
+    payload: Vec<u8>,
+    occurred_at: i64,
+    bucket: i64,
+}
+
+fn milestone_row(e: MilestoneEvent<'_>) -> OutboxRow {
     let s = e.shipment;
     // The point matters from the failed attempt on: that is where the card goes (R15).
     let point_id = match e.milestone {
@@ -236,52 +246,92 @@ async fn append_event(tx: &mut sqlx::SqliteConnection, e: MilestoneEvent<'_>) ->
         courier_event_id: e.courier_event_id.to_string(),
         implied: e.implied,
     };
-    let event_type = format!("socialcard.shipment.v1.{}", e.milestone.as_str());
-    sqlx::query(
-        "INSERT INTO outbox (event_id, topic, event_key, event_type, payload, occurred_at, bucket, source)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, 'postal')",
-    )
-    .bind(uuid::Uuid::now_v7().to_string())
-    .bind(socialcard_events::topics::SHIPMENT)
-    .bind(&s.card_id)
-    .bind(event_type)
-    .bind(event.encode_to_vec())
-    .bind(unix_micros(e.occurred_at))
-    .bind(socialcard_events::bucket_of(&s.card_id))
-    .execute(tx)
-    .await?;
+    OutboxRow {
+        event_id: uuid::Uuid::now_v7().to_string(),
+        event_key: s.card_id.clone(),
+        event_type: format!("socialcard.shipment.v1.{}", e.milestone.as_str()),
+        payload: event.encode_to_vec(),
+        occurred_at: unix_micros(e.occurred_at),
+        bucket: i64::from(socialcard_events::bucket_of(&s.card_id)),
+    }
+}
+
+/// Rows per multi-row INSERT: well under SQLite's limit of bound parameters.
+const ROWS_PER_INSERT: usize = 256;
+
+async fn insert_outbox(tx: &mut sqlx::SqliteConnection, rows: &[OutboxRow]) -> Result<(), StoreError> {
+    for chunk in rows.chunks(ROWS_PER_INSERT) {
+        let mut q = QueryBuilder::<Sqlite>::new(
+            "INSERT INTO outbox (event_id, topic, event_key, event_type, payload, occurred_at, bucket, source) ",
+        );
+        q.push_values(chunk, |mut b, r| {
+            b.push_bind(&r.event_id)
+                .push_bind(socialcard_events::topics::SHIPMENT)
+                .push_bind(&r.event_key)
+                .push_bind(&r.event_type)
+                .push_bind(&r.payload)
+                .push_bind(r.occurred_at)
+                .push_bind(r.bucket)
+                .push_bind("postal");
+        });
+        q.build().execute(&mut *tx).await?;
+    }
     Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn insert_history(
-    tx: &mut sqlx::SqliteConnection,
-    waybill: &str,
-    courier_event_id: &str,
+/// One line of a shipment's history (or of the unknown waybills' list), ready to be written.
+struct HistoryRow<'a> {
+    waybill: &'a str,
+    courier_event_id: &'a str,
     status: Status,
-    sub_reason: &str,
-    point_id: Option<&str>,
-    occurred_at: OffsetDateTime,
-    now: OffsetDateTime,
-    source: &str,
+    sub_reason: &'a str,
+    point_id: Option<&'a str>,
+    occurred_at: i64,
+    received_at: i64,
+    source: &'a str,
     outcome: Outcome,
-) -> Result<(), StoreError> {
-    sqlx::query(
-        "INSERT INTO shipment_history (waybill, courier_event_id, status, sub_reason, point_id, occurred_at,
-             received_at, source, outcome)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
-    )
-    .bind(waybill)
-    .bind(courier_event_id)
-    .bind(status.as_str())
-    .bind(sub_reason)
-    .bind(point_id)
-    .bind(unix_micros(occurred_at))
-    .bind(unix_micros(now))
-    .bind(source)
-    .bind(outcome.as_str())
-    .execute(tx)
-    .await?;
+}
+
+async fn insert_history(tx: &mut sqlx::SqliteConnection, rows: &[HistoryRow<'_>]) -> Result<(), StoreError> {
+    for chunk in rows.chunks(ROWS_PER_INSERT) {
+        let mut q = QueryBuilder::<Sqlite>::new(
+            "INSERT INTO shipment_history (waybill, courier_event_id, status, sub_reason, point_id, occurred_at,
+                 received_at, source, outcome) ",
+        );
+        q.push_values(chunk, |mut b, r| {
+            b.push_bind(r.waybill)
+                .push_bind(r.courier_event_id)
+                .push_bind(r.status.as_str())
+                .push_bind(r.sub_reason)
+                .push_bind(r.point_id)
+                .push_bind(r.occurred_at)
+                .push_bind(r.received_at)
+                .push_bind(r.source)
+                .push_bind(r.outcome.as_str());
+        });
+        q.build().execute(&mut *tx).await?;
+    }
+    Ok(())
+}
+
+async fn insert_unknown(tx: &mut sqlx::SqliteConnection, rows: &[HistoryRow<'_>]) -> Result<(), StoreError> {
+    for chunk in rows.chunks(ROWS_PER_INSERT) {
+        let mut q = QueryBuilder::<Sqlite>::new(
+            "INSERT INTO unknown_waybill_updates (courier_event_id, waybill, status, sub_reason, point_id,
+                 occurred_at, received_at, source) ",
+        );
+        q.push_values(chunk, |mut b, r| {
+            b.push_bind(r.courier_event_id)
+                .push_bind(r.waybill)
+                .push_bind(r.status.as_str())
+                .push_bind(r.sub_reason)
+                .push_bind(r.point_id)
+                .push_bind(r.occurred_at)
+                .push_bind(r.received_at)
+                .push_bind(r.source);
+        });
+        q.build().execute(&mut *tx).await?;
+    }
     Ok(())
 }
 
@@ -301,6 +351,43 @@ async fn save_progress(tx: &mut sqlx::SqliteConnection, s: &ShipmentRecord) -> R
     .bind(&s.waybill)
     .execute(tx)
     .await?;
+    Ok(())
+}
+
+/// `save_progress` for many shipments in one statement per `ROWS_PER_INSERT`: their new states as one
+/// JSON array, joined to the table by waybill.
+async fn save_progresses<'a>(
+    tx: &mut sqlx::SqliteConnection,
+    shipments: impl Iterator<Item = &'a ShipmentRecord>,
+) -> Result<(), StoreError> {
+    let rows: Vec<serde_json::Value> = shipments
+        .map(|s| {
+            serde_json::json!([
+                s.waybill,
+                s.progress.status.as_str(),
+                s.progress.rank,
+                s.progress.milestone.as_str(),
+                s.sub_reason,
+                unix_micros(s.status_at),
+                s.progress.status.is_final().then(|| unix_micros(s.status_at)),
+            ])
+        })
+        .collect();
+    for chunk in rows.chunks(ROWS_PER_INSERT) {
+        let json = serde_json::to_string(chunk).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        sqlx::query(
+            "UPDATE shipments SET status = j.status, status_rank = j.status_rank, milestone = j.milestone,
+                 sub_reason = j.sub_reason, status_at = j.status_at, closed_at = j.closed_at
+             FROM (SELECT value ->> 0 AS waybill, value ->> 1 AS status, value ->> 2 AS status_rank,
+                          value ->> 3 AS milestone, value ->> 4 AS sub_reason, value ->> 5 AS status_at,
+                          value ->> 6 AS closed_at
+                   FROM json_each($1)) AS j
+             WHERE shipments.waybill = j.waybill",
+        )
+        .bind(json)
+        .execute(&mut *tx)
+        .await?;
+    }
     Ok(())
 }
 
@@ -382,32 +469,28 @@ impl PostalStore {
             status_at: now,
         };
         let entry_id = format!("postal:opened:{waybill}");
-        insert_history(
-            &mut tx,
-            waybill.as_str(),
-            &entry_id,
-            Status::Pending,
-            "",
-            None,
-            now,
-            now,
-            "postal",
-            Outcome::Applied,
-        )
-        .await?;
-        append_event(
-            &mut tx,
-            MilestoneEvent {
-                shipment: &record,
-                milestone: Milestone::Opened,
-                implied: false,
-                occurred_at: now,
-                courier_status: None,
-                courier_event_id: "",
-                sub_reason: "",
-            },
-        )
-        .await?;
+        let entry = HistoryRow {
+            waybill: waybill.as_str(),
+            courier_event_id: &entry_id,
+            status: Status::Pending,
+            sub_reason: "",
+            point_id: None,
+            occurred_at: unix_micros(now),
+            received_at: unix_micros(now),
+            source: "postal",
+            outcome: Outcome::Applied,
+        };
+        insert_history(&mut tx, &[entry]).await?;
+        let opened = milestone_row(MilestoneEvent {
+            shipment: &record,
+            milestone: Milestone::Opened,
+            implied: false,
+            occurred_at: now,
+            courier_status: None,
+            courier_event_id: "",
+            sub_reason: "",
+        });
+        insert_outbox(&mut tx, &[opened]).await?;
         tx.commit().await?;
         Ok(Some(record))
     }
@@ -442,19 +525,18 @@ impl PostalStore {
         s.status_at = now;
         save_progress(&mut tx, &s).await?;
         let entry_id = format!("postal:withdrawn:{}", s.waybill);
-        insert_history(
-            &mut tx,
-            &s.waybill,
-            &entry_id,
-            Status::Withdrawn,
-            reason,
-            None,
-            now,
-            now,
-            "postal",
-            Outcome::Applied,
-        )
-        .await?;
+        let entry = HistoryRow {
+            waybill: &s.waybill,
+            courier_event_id: &entry_id,
+            status: Status::Withdrawn,
+            sub_reason: reason,
+            point_id: None,
+            occurred_at: unix_micros(now),
+            received_at: unix_micros(now),
+            source: "postal",
+            outcome: Outcome::Applied,
+        };
+        insert_history(&mut tx, &[entry]).await?;
         tx.commit().await?;
         Ok(Some(s.waybill))
     }
@@ -462,6 +544,11 @@ impl PostalStore {
     /// Takes a batch of checked updates in one transaction: duplicates (by courier event id) skipped,
     /// unknown waybills kept aside, every other update appended to its shipment's history with what it
     /// did, the shipment moved forward and its new milestones written to the outbox.
+    ///
+    /// The updates are decided one after the other in memory, in the order given (so a batch holding
+    /// several updates of one shipment moves it step by step, and a courier event id repeated inside the
+    /// batch is a duplicate); the database sees a fixed number of statements per batch: two reads (the
+    /// event ids already taken, the batch's shipments) and multi-row writes, one UPDATE per shipment moved.
     pub async fn ingest(
         &self,
         updates: &[Update],
@@ -472,65 +559,64 @@ impl PostalStore {
         if updates.is_empty() {
             return Ok(report);
         }
+        let json = |items: Vec<&str>| serde_json::to_string(&items).map_err(|e| StoreError::Corrupt(e.to_string()));
+        let event_ids = json(updates.iter().map(|u| u.courier_event_id.as_str()).collect())?;
+        let waybills = json(updates.iter().map(|u| u.waybill.as_str()).collect())?;
         let mut tx = self.writer.begin().await?;
-        let mut shipments: HashMap<String, Option<ShipmentRecord>> = HashMap::new();
+        let mut seen: HashSet<String> = sqlx::query_scalar(
+            "SELECT courier_event_id FROM shipment_history WHERE courier_event_id IN (SELECT value FROM json_each($1))
+             UNION ALL
+             SELECT courier_event_id FROM unknown_waybill_updates
+             WHERE courier_event_id IN (SELECT value FROM json_each($1))",
+        )
+        .bind(&event_ids)
+        .fetch_all(&mut *tx)
+        .await?
+        .into_iter()
+        .collect();
+        let mut shipments: HashMap<String, ShipmentRecord> = HashMap::new();
+        for row in sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {SHIPMENT_COLUMNS} FROM shipments WHERE waybill IN (SELECT DISTINCT value FROM json_each($1))"
+        )))
+        .bind(&waybills)
+        .fetch_all(&mut *tx)
+        .await?
+        {
+            let s = shipment_of(&row)?;
+            shipments.insert(s.waybill.clone(), s);
+        }
+
+        let received_at = unix_micros(now);
+        let mut history = Vec::new();
+        let mut unknown = Vec::new();
+        let mut outbox = Vec::new();
+        // Shipments moved, in the order they first moved.
+        let mut moved: Vec<&str> = Vec::new();
         for u in updates {
-            let seen = sqlx::query(
-                "SELECT 1 AS x FROM shipment_history WHERE courier_event_id = $1
-                 UNION ALL SELECT 1 AS x FROM unknown_waybill_updates WHERE courier_event_id = $1 LIMIT 1",
-            )
-            .bind(&u.courier_event_id)
-            .fetch_optional(&mut *tx)
-            .await?
-            .is_some();
-            if seen {
+            if !seen.insert(u.courier_event_id.clone()) {
                 report.duplicates += 1;
                 continue;
             }
             let waybill = u.waybill.as_str();
-            if !shipments.contains_key(waybill) {
-                let row = sqlx::query(sqlx::AssertSqlSafe(format!(
-                    "SELECT {SHIPMENT_COLUMNS} FROM shipments WHERE waybill = $1"
-                )))
-                .bind(waybill)
-                .fetch_optional(&mut *tx)
-                .await?;
-                shipments.insert(waybill.to_string(), row.as_ref().map(shipment_of).transpose()?);
-            }
-            let Some(Some(shipment)) = shipments.get_mut(waybill) else {
-                sqlx::query(
-                    "INSERT INTO unknown_waybill_updates (courier_event_id, waybill, status, sub_reason, point_id,
-                         occurred_at, received_at, source)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-                )
-                .bind(&u.courier_event_id)
-                .bind(waybill)
-                .bind(u.status.as_str())
-                .bind(&u.sub_reason)
-                .bind(u.point_id.as_deref())
-                .bind(unix_micros(u.occurred_at))
-                .bind(unix_micros(now))
-                .bind(source.as_str())
-                .execute(&mut *tx)
-                .await?;
+            let row = HistoryRow {
+                waybill,
+                courier_event_id: &u.courier_event_id,
+                status: u.status,
+                sub_reason: &u.sub_reason,
+                point_id: u.point_id.as_deref(),
+                occurred_at: unix_micros(u.occurred_at),
+                received_at,
+                source: source.as_str(),
+                outcome: Outcome::Applied,
+            };
+            let Some(shipment) = shipments.get_mut(waybill) else {
+                unknown.push(row);
                 report.unknown_waybills += 1;
                 tracing::warn!(waybill = %waybill, "status update for an unknown waybill kept aside");
                 continue;
             };
             let decision = decide(shipment.progress, u.status);
-            insert_history(
-                &mut tx,
-                waybill,
-                &u.courier_event_id,
-                u.status,
-                &u.sub_reason,
-                u.point_id.as_deref(),
-                u.occurred_at,
-                now,
-                source.as_str(),
-                decision.outcome(),
-            )
-            .await?;
+            history.push(HistoryRow { outcome: decision.outcome(), ..row });
             report.applied += 1;
             match decision {
                 Decision::OutOfOrder => report.out_of_order += 1,
@@ -539,14 +625,16 @@ impl PostalStore {
                     tracing::warn!(waybill = %waybill, status = %u.status, "status update contradicts the shipment's path");
                 }
                 Decision::Applied { progress, milestones } => {
-                    let moved = progress.rank > shipment.progress.rank
+                    let moves = progress.rank > shipment.progress.rank
                         || progress.status != shipment.progress.status
                         || u.occurred_at > shipment.status_at;
-                    if moved {
+                    if moves {
                         shipment.progress = progress;
                         shipment.sub_reason = u.sub_reason.clone();
                         shipment.status_at = u.occurred_at.max(shipment.status_at);
-                        save_progress(&mut tx, shipment).await?;
+                        if !moved.contains(&waybill) {
+                            moved.push(waybill);
+                        }
                     }
                     // The registry refuses a collection date in the future or before the application
                     // (R17): a courier clock running ahead, or behind to before the card was even
@@ -556,23 +644,23 @@ impl PostalStore {
                         tracing::warn!(waybill = %waybill, "courier time outside the shipment's life; milestone dated within it");
                     }
                     for (milestone, implied) in milestones {
-                        append_event(
-                            &mut tx,
-                            MilestoneEvent {
-                                shipment,
-                                milestone,
-                                implied,
-                                occurred_at: at,
-                                courier_status: Some(u.status),
-                                courier_event_id: &u.courier_event_id,
-                                sub_reason: &u.sub_reason,
-                            },
-                        )
-                        .await?;
+                        outbox.push(milestone_row(MilestoneEvent {
+                            shipment,
+                            milestone,
+                            implied,
+                            occurred_at: at,
+                            courier_status: Some(u.status),
+                            courier_event_id: &u.courier_event_id,
+                            sub_reason: &u.sub_reason,
+                        }));
                     }
                 }
             }
         }
+        insert_history(&mut tx, &history).await?;
+        insert_unknown(&mut tx, &unknown).await?;
+        save_progresses(&mut tx, moved.iter().filter_map(|w| shipments.get(*w))).await?;
+        insert_outbox(&mut tx, &outbox).await?;
         tx.commit().await?;
         Ok(report)
     }

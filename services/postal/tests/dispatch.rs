@@ -681,3 +681,57 @@ async fn a_courier_clock_behind_never_dates_the_collection_before_the_shipment()
     let entry = s.timeline.iter().find(|e| e.update.as_ref().unwrap().courier_event_id == "skewed-1").unwrap();
     assert_eq!(seconds(&entry.update.as_ref().unwrap().occurred_at), (T0 - time::Duration::hours(3)).unix_timestamp());
 }
+
+#[tokio::test]
+async fn a_stream_of_many_batches_moves_every_shipment_step_by_step_and_a_replayed_feed_changes_nothing() {
+    let w = world().await;
+    let t = T0 + time::Duration::hours(1);
+    let mut waybills = Vec::new();
+    for i in 0..300 {
+        let new = socialcard_postal::storage::NewShipment {
+            card_id: format!("bulk-card-{i}"),
+            card_number: format!("B{i:08}"),
+            address: socialcard_postal::storage::Address { line: "1 Road".into(), ..Default::default() },
+            backup_point_id: "point-minhang-3".into(),
+        };
+        waybills.push(w.postal.open_shipment(&format!("bulk-{i}"), &new).await.unwrap().unwrap().waybill);
+    }
+    w.set_time(t + time::Duration::hours(10));
+    // Step after step over every shipment (900 updates): a shipment's three updates fall in different
+    // batches, written while the next ones are received; then the whole feed once more.
+    let steps = [pb::ShipmentStatus::InTransit, pb::ShipmentStatus::OutForDelivery, pb::ShipmentStatus::Delivered];
+    let mut updates = Vec::new();
+    for (step, status) in steps.iter().enumerate() {
+        for (i, wb) in waybills.iter().enumerate() {
+            let at = t + time::Duration::minutes(10 * step as i64);
+            updates.push(update(&format!("bulk-{step}-{i}"), wb, *status, at, ""));
+        }
+    }
+    updates.extend(updates.clone());
+    let mut client = w.client.clone();
+    let r = client.stream_status_updates(tokio_stream::iter(updates)).await.unwrap().into_inner();
+    assert_eq!((r.applied, r.duplicates, r.unknown_waybills, r.out_of_order), (900, 900, 0, 0));
+    for wb in &waybills {
+        let s = client
+            .get_shipment(pb::GetShipmentRequest {
+                lookup: Some(pb::get_shipment_request::Lookup::Waybill(wb.clone())),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .shipment
+            .unwrap();
+        assert_eq!(s.status(), pb::ShipmentStatus::Delivered, "{wb}");
+        let seen: Vec<_> = s.timeline.iter().map(|e| (e.update.as_ref().unwrap().status(), e.outcome())).collect();
+        assert_eq!(
+            seen,
+            [
+                (pb::ShipmentStatus::Pending, pb::UpdateOutcome::Applied),
+                (pb::ShipmentStatus::InTransit, pb::UpdateOutcome::Applied),
+                (pb::ShipmentStatus::OutForDelivery, pb::UpdateOutcome::Applied),
+                (pb::ShipmentStatus::Delivered, pb::UpdateOutcome::Applied),
+            ],
+            "{wb}"
+        );
+    }
+}
