@@ -1,7 +1,8 @@
 //! `cargo run --release -p socialcard-faults -- [--quick] [--seed N]`
 //!
-//! The fault suite: `socialcard up` as a real process under a mixed workload of bank activations,
-//! losses, unlocks and courier updates, while the harness SIGKILLs and restarts it on the same data,
+//! The fault suite: `socialcard up` as a real process (and, in the distributed phase, one `socialcard
+//! serve` process per service) under a mixed workload of bank activations, losses, unlocks and courier
+//! updates, while the harness SIGKILLs and restarts it (or one service) on the same data,
 //! cuts and slows the links to it (and, when the environment names them, to PostgreSQL and the Kafka
 //! broker) through TCP proxies of its own. After the faults heal it checks what the clients were told
 //! against what the services hold, prints the figures, and exits non-zero on any violation, with the
@@ -9,6 +10,7 @@
 
 mod audit_chain;
 mod checks;
+mod cluster;
 mod plan;
 mod proxy;
 mod system;
@@ -25,9 +27,14 @@ use socialcard_proto::registry::v1 as reg;
 use tokio::sync::{Mutex, Semaphore};
 
 use crate::checks::Figures;
+use crate::cluster::Cluster;
 use crate::plan::{Fault, Link, Phase, Plan, Size};
-use crate::system::{Broker, Postgres, Up};
+use crate::proxy::Proxy;
+use crate::system::{Broker, Links, Postgres, Up};
 use crate::workload::{CardRecord, Clients, Journal, SharedJournal, ShipmentRecord};
+
+/// Whether the distributed phase runs without `--distributed` (it needs PostgreSQL, as the second).
+const DISTRIBUTED_BY_DEFAULT: bool = true;
 
 const WEBHOOK_SECRET: &str = "faults-courier-secret-0123456789";
 
@@ -46,6 +53,12 @@ struct Args {
     /// Only the embedded phase, even when PostgreSQL and a broker are configured.
     #[arg(long)]
     embedded_only: bool,
+    /// Skip the distributed phase (one process per service), which otherwise runs with PostgreSQL.
+    #[arg(long, conflicts_with = "distributed")]
+    no_distributed: bool,
+    /// Run the distributed phase even where it is not on by default.
+    #[arg(long)]
+    distributed: bool,
     /// PostgreSQL for the second phase (a fresh database per run).
     #[arg(long, env = "SOCIALCARD_TEST_DATABASE_URL")]
     database_url: Option<String>,
@@ -93,14 +106,19 @@ async fn run(args: &Args, seed: u64) -> anyhow::Result<u64> {
     let started = Instant::now();
     let bin = system::socialcard_binary().await?;
     println!(
-        "fault suite: seed {seed}, {} run, {} build, system under test: {} (all services in one process)",
+        "fault suite: seed {seed}, {} run, {} build, system under test: {}",
         if args.quick { "quick" } else { "full" },
         if cfg!(debug_assertions) { "debug" } else { "release" },
         bin.display()
     );
     let mut phases = vec![Phase::Embedded];
     match (&args.database_url, args.embedded_only) {
-        (Some(_), false) => phases.push(Phase::PostgresKafka),
+        (Some(_), false) => {
+            phases.push(Phase::PostgresKafka);
+            if (DISTRIBUTED_BY_DEFAULT || args.distributed) && !args.no_distributed {
+                phases.push(Phase::Distributed);
+            }
+        }
         (None, false) => println!("(SOCIALCARD_TEST_DATABASE_URL not set: PostgreSQL + Kafka phase skipped)"),
         (_, true) => {}
     }
@@ -114,16 +132,97 @@ async fn run(args: &Args, seed: u64) -> anyhow::Result<u64> {
 
 #[derive(Debug, Default)]
 struct FaultCounts {
-    counts: BTreeMap<&'static str, u64>,
+    counts: BTreeMap<String, u64>,
 }
 
 impl FaultCounts {
-    fn add(&mut self, what: &'static str) {
-        *self.counts.entry(what).or_default() += 1;
+    fn add(&mut self, what: impl Into<String>) {
+        *self.counts.entry(what.into()).or_default() += 1;
+    }
+}
+
+/// The system under test: `up` (every service in one process), or one process per service.
+#[derive(Debug)]
+enum Sut {
+    One(Box<Up>),
+    Many(Box<Cluster>),
+}
+
+impl Sut {
+    fn links(&self) -> &Links {
+        match self {
+            Sut::One(up) => &up.links,
+            Sut::Many(c) => &c.links,
+        }
+    }
+
+    /// Every proxy of the run (with the distributed phase's links between the services).
+    fn proxies(&self) -> Vec<&Proxy> {
+        match self {
+            Sut::One(up) => up.links.all(),
+            Sut::Many(c) => c.proxies(),
+        }
+    }
+
+    fn proxy(&self, link: Link) -> Proxy {
+        match self {
+            Sut::Many(c) => c.proxy(link),
+            Sut::One(up) => match link {
+                Link::Registry | Link::RegistryFromServices => up.links.registry.clone(),
+                Link::Loss | Link::CoordinatorFromAdapters => up.links.loss.clone(),
+                Link::Postal => up.links.postal.clone(),
+                Link::Webhook => up.links.webhook.clone(),
+                Link::Bank(i) | Link::AdapterFromCoordinator(i) => {
+                    up.links.banks.get(plan::BANKS[i % plan::BANKS.len()]).cloned().unwrap_or(up.links.registry.clone())
+                }
+            },
+        }
+    }
+
+    /// What died on its own (a failure), started again.
+    async fn restart_exited(&mut self) -> anyhow::Result<Vec<String>> {
+        match self {
+            Sut::One(up) => match up.exited() {
+                Some(status) => {
+                    up.restart(Duration::from_secs(60)).await?;
+                    Ok(vec![format!("up exited on its own: {status}")])
+                }
+                None => Ok(Vec::new()),
+            },
+            Sut::Many(c) => c.restart_exited().await,
+        }
+    }
+
+    fn starts(&self) -> String {
+        match self {
+            Sut::One(up) => format!("{} starts of up, {} kills", up.starts, up.kills),
+            Sut::Many(c) => {
+                let (starts, kills) = c.starts_and_kills();
+                format!("{} processes, {starts} starts, {kills} kills", c.procs.len())
+            }
+        }
+    }
+
+    async fn event_metrics(&self) -> Vec<String> {
+        match self {
+            Sut::One(up) => up.event_metrics().await,
+            Sut::Many(c) => c.event_metrics().await,
+        }
+    }
+
+    async fn stop(&mut self) -> anyhow::Result<()> {
+        match self {
+            Sut::One(up) => up.stop().await,
+            Sut::Many(c) => {
+                c.stop().await;
+                Ok(())
+            }
+        }
     }
 }
 
 async fn run_phase(args: &Args, seed: u64, phase: Phase, bin: &std::path::Path) -> anyhow::Result<u64> {
+    let phase_started = Instant::now();
     let size = Size::new(args.quick);
     let plan = Plan::new(seed, size, phase);
     let work =
@@ -141,7 +240,7 @@ async fn run_phase(args: &Args, seed: u64, phase: Phase, bin: &std::path::Path) 
 
     let (pg, broker) = match phase {
         Phase::Embedded => (None, None),
-        Phase::PostgresKafka => {
+        Phase::PostgresKafka | Phase::Distributed => {
             let url = args.database_url.as_deref().context("no database URL")?;
             let pg = Postgres::create(url, seed).await?;
             let broker = Broker::start(&work).await?;
@@ -155,8 +254,16 @@ async fn run_phase(args: &Args, seed: u64, phase: Phase, bin: &std::path::Path) 
         extra.extend(["--kafka-brokers".to_string(), broker.bootstrap(), "--kafka-partitions".into(), "2".into()]);
     }
     let data = work.join("data");
-    let mut up = Up::start(bin, &data, WEBHOOK_SECRET, extra).await?;
-    let clients = Clients::new(&up.links, WEBHOOK_SECRET, args.sabotage_fresh_keys)?;
+    let mut up = match (phase, &pg, &broker) {
+        (Phase::Distributed, Some(pg), Some(broker)) => {
+            let cluster = Cluster::start(bin, &work, WEBHOOK_SECRET, &pg.url()?, &broker.bootstrap()).await?;
+            let names: Vec<&str> = cluster.procs.iter().map(|p| p.name.as_str()).collect();
+            println!("processes       {} ({})", names.len(), names.join(", "));
+            Sut::Many(Box::new(cluster))
+        }
+        _ => Sut::One(Box::new(Up::start(bin, &data, WEBHOOK_SECRET, extra).await?)),
+    };
+    let clients = Clients::new(up.links(), WEBHOOK_SECRET, args.sabotage_fresh_keys)?;
 
     let setup = Instant::now();
     let journal: SharedJournal = Arc::new(Mutex::new(setup_journal(&clients, &plan).await?));
@@ -202,21 +309,21 @@ async fn run_phase(args: &Args, seed: u64, phase: Phase, bin: &std::path::Path) 
     let mut crashed = Vec::new();
     for (at, fault) in &plan.faults {
         tokio::time::sleep((t0 + *at).saturating_duration_since(Instant::now())).await;
-        if let Some(status) = up.exited() {
-            crashed.push(format!("up exited on its own: {status}"));
-            up.restart(Duration::from_secs(60)).await?;
-        }
-        let proxy_of = |link: Link| match link {
-            Link::Registry => up.links.registry.clone(),
-            Link::Loss => up.links.loss.clone(),
-            Link::Postal => up.links.postal.clone(),
-            Link::Webhook => up.links.webhook.clone(),
-            Link::Bank(i) => {
-                up.links.banks.get(plan::BANKS[i % plan::BANKS.len()]).cloned().unwrap_or(up.links.registry.clone())
-            }
-        };
+        crashed.extend(up.restart_exited().await?);
+        let proxy_of = |link: Link| up.proxy(link);
         match *fault {
+            Fault::KillService { service, down } => match &mut up {
+                Sut::Many(cluster) => {
+                    let p = cluster.proc_mut(service);
+                    p.kill().await?;
+                    faults.add(format!("kill -9 + restart {}", p.name));
+                    tokio::time::sleep(down).await;
+                    p.restart(Duration::from_secs(60)).await?;
+                }
+                Sut::One(_) => anyhow::bail!("a service's kill in a phase with one process"),
+            },
             Fault::Kill { down } => {
+                let Sut::One(up) = &mut up else { anyhow::bail!("a kill of up in the distributed phase") };
                 up.kill().await?;
                 faults.add("kill -9 + restart");
                 if args.sabotage_lose_wal {
@@ -233,14 +340,14 @@ async fn run_phase(args: &Args, seed: u64, phase: Phase, bin: &std::path::Path) 
             Fault::CutLink { link, for_ } => {
                 let p = proxy_of(link);
                 p.cut();
-                faults.add("link cut");
+                faults.add(format!("link cut ({})", p.name));
                 tokio::time::sleep(for_).await;
                 p.heal();
             }
             Fault::DelayLink { link, delay, for_ } => {
                 let p = proxy_of(link);
                 p.delay(delay);
-                faults.add("link delay");
+                faults.add(format!("link delay ({})", p.name));
                 tokio::time::sleep(for_).await;
                 p.heal();
             }
@@ -274,12 +381,9 @@ async fn run_phase(args: &Args, seed: u64, phase: Phase, bin: &std::path::Path) 
         let _ = t.await;
     }
     let workload_time = t0.elapsed();
-    if let Some(status) = up.exited() {
-        crashed.push(format!("up exited on its own: {status}"));
-        up.restart(Duration::from_secs(60)).await?;
-    }
+    crashed.extend(up.restart_exited().await?);
     // Every fault healed; the system catches up by itself (events, the coordinator's retries).
-    for p in up.links.all() {
+    for p in up.proxies() {
         p.heal();
     }
     let settle = Instant::now();
@@ -287,7 +391,7 @@ async fn run_phase(args: &Args, seed: u64, phase: Phase, bin: &std::path::Path) 
     let settle_limit = match (phase, args.quick) {
         (Phase::Embedded, true) => Duration::from_secs(20),
         (Phase::Embedded, false) => Duration::from_secs(60),
-        (Phase::PostgresKafka, _) => Duration::from_secs(60),
+        (Phase::PostgresKafka | Phase::Distributed, _) => Duration::from_secs(60),
     };
     let journal = journal.lock().await;
     let figures = loop {
@@ -312,6 +416,7 @@ async fn run_phase(args: &Args, seed: u64, phase: Phase, bin: &std::path::Path) 
     if let Some(b) = broker {
         b.stop().await;
     }
+    println!("phase time      {:.1} s", phase_started.elapsed().as_secs_f64());
     if violations == 0 {
         let _ = std::fs::remove_dir_all(&work);
     } else {
@@ -324,13 +429,14 @@ fn phase_tag(phase: Phase) -> &'static str {
     match phase {
         Phase::Embedded => "embedded",
         Phase::PostgresKafka => "pg",
+        Phase::Distributed => "distributed",
     }
 }
 
 #[allow(clippy::too_many_arguments)]
 fn report(
     faults: &FaultCounts,
-    up: &Up,
+    up: &Sut,
     clients: &Clients,
     journal: &Journal,
     f: &Figures,
@@ -340,9 +446,9 @@ fn report(
     settled: Duration,
 ) -> u64 {
     let injected: Vec<String> = faults.counts.iter().map(|(k, v)| format!("{k} {v}")).collect();
-    println!("faults          {} ({} starts of up, {} kills)", injected.join(", "), up.starts, up.kills);
-    let (forwarded, refused) = up.links.all().iter().map(|p| p.counts()).fold((0, 0), |(a, b), (c, d)| (a + c, b + d));
-    let links: Vec<&str> = up.links.all().iter().map(|p| p.name.as_str()).collect();
+    println!("faults          {} ({})", injected.join(", "), up.starts());
+    let (forwarded, refused) = up.proxies().iter().map(|p| p.counts()).fold((0, 0), |(a, b), (c, d)| (a + c, b + d));
+    let links: Vec<&str> = up.proxies().iter().map(|p| p.name.as_str()).collect();
     println!(
         "proxies         {} links ({}); {forwarded} connections forwarded, {refused} refused while cut or down",
         links.len(),

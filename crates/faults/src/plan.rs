@@ -14,6 +14,9 @@ pub enum Phase {
     Embedded,
     /// The registry on PostgreSQL, events through a Kafka-protocol broker.
     PostgresKafka,
+    /// One `socialcard serve` process per service (registry, coordinator, postal, four adapters), the
+    /// registry on PostgreSQL, events between the processes through the broker only.
+    Distributed,
 }
 
 impl Phase {
@@ -21,6 +24,7 @@ impl Phase {
         match self {
             Phase::Embedded => "embedded (SQLite, embedded log)",
             Phase::PostgresKafka => "postgresql + kafka",
+            Phase::Distributed => "distributed (one process per service, PostgreSQL + Kafka)",
         }
     }
 
@@ -28,7 +32,13 @@ impl Phase {
         match self {
             Phase::Embedded => 0x5eed_0001,
             Phase::PostgresKafka => 0x5eed_0002,
+            Phase::Distributed => 0x5eed_0003,
         }
+    }
+
+    /// With PostgreSQL and a broker (their cuts are in the schedule).
+    pub fn has_backends(self) -> bool {
+        self != Phase::Embedded
     }
 }
 
@@ -110,12 +120,33 @@ pub enum Link {
     Postal,
     Webhook,
     Bank(usize),
+    /// Distributed phase only: the adapters' and the coordinator's link to the registry.
+    RegistryFromServices,
+    /// Distributed phase only: the adapters' link to the coordinator (branch losses, unlocks).
+    CoordinatorFromAdapters,
+    /// Distributed phase only: the coordinator's link to one bank's adapter.
+    AdapterFromCoordinator(usize),
+}
+
+/// One service of the distributed phase, its own process.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Service {
+    Registry,
+    Coordinator,
+    Postal,
+    /// The adapter of `BANKS[i]`.
+    Adapter(usize),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Fault {
     /// SIGKILL `up`; start it again on the same data after `down`.
     Kill {
+        down: Duration,
+    },
+    /// Distributed phase: SIGKILL one service's process; start it again on its data after `down`.
+    KillService {
+        service: Service,
         down: Duration,
     },
     /// Close the registry's database connections and refuse new ones.
@@ -167,6 +198,16 @@ impl Size {
         } else {
             Size { cards: 240, shipments: 80, workload: Duration::from_secs(150), concurrency: 24 }
         }
+    }
+}
+
+/// Which service a distributed kill takes down: the registry, the coordinator, postal or an adapter.
+fn pick_service(rng: &mut StdRng) -> Service {
+    match rng.random_range(0..4) {
+        0 => Service::Registry,
+        1 => Service::Coordinator,
+        2 => Service::Postal,
+        _ => Service::Adapter(rng.random_range(0..BANKS.len())),
     }
 }
 
@@ -266,12 +307,17 @@ impl Plan {
         let mut at = Duration::from_millis(rng.random_range(1500..3000));
         while at < size.workload {
             let roll = rng.random_range(0..100);
-            let link = match rng.random_range(0..6) {
+            // The inter-service links exist only in the distributed phase (the other phases draw as before).
+            let links = if phase == Phase::Distributed { 9 } else { 6 };
+            let link = match rng.random_range(0..links) {
                 0 => Link::Registry,
                 1 => Link::Loss,
                 2 => Link::Postal,
                 3 => Link::Webhook,
-                _ => Link::Bank(rng.random_range(0..BANKS.len())),
+                4 | 5 => Link::Bank(rng.random_range(0..BANKS.len())),
+                6 => Link::RegistryFromServices,
+                7 => Link::CoordinatorFromAdapters,
+                _ => Link::AdapterFromCoordinator(rng.random_range(0..BANKS.len())),
             };
             let fault = match (phase, roll) {
                 (_, 0..35) => Fault::Kill { down: ms(&mut rng, 200, 2500) },
@@ -280,15 +326,25 @@ impl Plan {
                     // Up to 4 s: past the clients' 3 s deadline, so some calls time out and are retried.
                     Fault::DelayLink { link, delay: ms(&mut rng, 20, 4000), for_: ms(&mut rng, 1000, 4000) }
                 }
-                (Phase::PostgresKafka, 75..88) => Fault::CutDatabase { for_: ms(&mut rng, 1000, 5000) },
-                (Phase::PostgresKafka, 88..95) => Fault::CutBroker { for_: ms(&mut rng, 1000, 5000) },
-                (Phase::PostgresKafka, _) => {
+                (Phase::PostgresKafka | Phase::Distributed, 75..88) => {
+                    Fault::CutDatabase { for_: ms(&mut rng, 1000, 5000) }
+                }
+                (Phase::PostgresKafka | Phase::Distributed, 88..95) => {
+                    Fault::CutBroker { for_: ms(&mut rng, 1000, 5000) }
+                }
+                (Phase::PostgresKafka | Phase::Distributed, _) => {
                     Fault::DelayDatabase { delay: ms(&mut rng, 20, 400), for_: ms(&mut rng, 1000, 4000) }
                 }
                 (Phase::Embedded, _) => Fault::Kill { down: ms(&mut rng, 200, 2500) },
             };
+            let fault = match fault {
+                Fault::Kill { down } if phase == Phase::Distributed => {
+                    Fault::KillService { service: pick_service(&mut rng), down }
+                }
+                f => f,
+            };
             let lasts = match fault {
-                Fault::Kill { down } => down + Duration::from_secs(2),
+                Fault::Kill { down } | Fault::KillService { down, .. } => down + Duration::from_secs(2),
                 Fault::CutDatabase { for_ }
                 | Fault::CutBroker { for_ }
                 | Fault::CutLink { for_, .. }
@@ -300,10 +356,15 @@ impl Plan {
         }
         // Every run kills the process at least once, and with the backends cuts each of them once.
         let mut must: Vec<Fault> = Vec::new();
-        if !faults.iter().any(|(_, f)| matches!(f, Fault::Kill { .. })) {
-            must.push(Fault::Kill { down: ms(&mut rng, 200, 2500) });
+        if !faults.iter().any(|(_, f)| matches!(f, Fault::Kill { .. } | Fault::KillService { .. })) {
+            let down = ms(&mut rng, 200, 2500);
+            must.push(if phase == Phase::Distributed {
+                Fault::KillService { service: pick_service(&mut rng), down }
+            } else {
+                Fault::Kill { down }
+            });
         }
-        if phase == Phase::PostgresKafka {
+        if phase.has_backends() {
             if !faults.iter().any(|(_, f)| matches!(f, Fault::CutDatabase { .. })) {
                 must.push(Fault::CutDatabase { for_: ms(&mut rng, 1000, 5000) });
             }
@@ -311,14 +372,42 @@ impl Plan {
                 must.push(Fault::CutBroker { for_: ms(&mut rng, 1000, 5000) });
             }
         }
-        // In place of the first faults that are neither (their slots keep the timing).
-        let mut slots = faults.iter_mut().filter(|(_, f)| {
-            matches!(f, Fault::CutLink { .. } | Fault::DelayLink { .. } | Fault::DelayDatabase { .. })
+        // The distributed phase also cuts a link between two services at least once.
+        let between_services = |l: &Link| {
+            matches!(l, Link::RegistryFromServices | Link::CoordinatorFromAdapters | Link::AdapterFromCoordinator(_))
+        };
+        if phase == Phase::Distributed
+            && !faults.iter().any(|(_, f)| {
+                matches!(f, Fault::CutLink { link, .. } | Fault::DelayLink { link, .. } if between_services(link))
+            })
+        {
+            must.push(Fault::CutLink { link: Link::RegistryFromServices, for_: ms(&mut rng, 500, 3000) });
+        }
+        // In place of the first faults that are neither (their slots keep the timing); in the distributed
+        // phase kills after the first are slots too, and what finds no slot comes after the last fault.
+        let mut kills = 0;
+        // Links between services are kept (they may be the run's only one).
+        let mut slots = faults.iter_mut().filter(|(_, f)| match f {
+            Fault::CutLink { link, .. } | Fault::DelayLink { link, .. } => !between_services(link),
+            Fault::DelayDatabase { .. } => true,
+            Fault::KillService { .. } => {
+                kills += 1;
+                kills > 1
+            }
+            _ => false,
         });
+        let mut left = Vec::new();
         for f in must {
             // Faults run one after another: a longer one only pushes the next ones back.
-            if let Some(slot) = slots.next() {
-                slot.1 = f;
+            match slots.next() {
+                Some(slot) => slot.1 = f,
+                None => left.push(f),
+            }
+        }
+        if phase == Phase::Distributed {
+            for f in left {
+                faults.push((at, f));
+                at += Duration::from_secs(6);
             }
         }
         Plan { cards, shipments, faults, workload: size.workload, concurrency: size.concurrency }
@@ -334,5 +423,46 @@ impl Plan {
             h = h.wrapping_mul(0x0100_0000_01b3);
         }
         format!("{h:016x}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn distributed_schedules_kill_one_service_and_cut_every_kind_of_link() {
+        for seed in 0..64 {
+            let plan = Plan::new(seed, Size::new(true), Phase::Distributed);
+            let f = &plan.faults;
+            assert!(f.iter().any(|(_, f)| matches!(f, Fault::KillService { .. })), "seed {seed}: {f:?}");
+            assert!(!f.iter().any(|(_, f)| matches!(f, Fault::Kill { .. })), "seed {seed}: {f:?}");
+            assert!(f.iter().any(|(_, f)| matches!(f, Fault::CutDatabase { .. })), "seed {seed}: {f:?}");
+            assert!(f.iter().any(|(_, f)| matches!(f, Fault::CutBroker { .. })), "seed {seed}: {f:?}");
+            assert!(
+                f.iter().any(|(_, f)| matches!(
+                    f,
+                    Fault::CutLink {
+                        link: Link::RegistryFromServices
+                            | Link::CoordinatorFromAdapters
+                            | Link::AdapterFromCoordinator(_),
+                        ..
+                    } | Fault::DelayLink {
+                        link: Link::RegistryFromServices
+                            | Link::CoordinatorFromAdapters
+                            | Link::AdapterFromCoordinator(_),
+                        ..
+                    }
+                )),
+                "seed {seed}: {f:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_other_phases_keep_their_schedules() {
+        // The digests of docs/reliability.md's seed 8 quick run.
+        assert_eq!(Plan::new(8, Size::new(true), Phase::Embedded).digest(), "8c800c756c1d4b34");
+        assert_eq!(Plan::new(8, Size::new(true), Phase::PostgresKafka).digest(), "44e204f1b40a9b24");
     }
 }

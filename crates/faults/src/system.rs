@@ -205,22 +205,10 @@ impl Up {
 
     /// The event backbone's lines of `/metrics` (backlogs, lags, dead letters), for a failure's report.
     pub async fn event_metrics(&self) -> Vec<String> {
-        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-        let Some(addr) = self.metrics else { return Vec::new() };
-        let fetch = async {
-            let mut s = tokio::net::TcpStream::connect(addr).await?;
-            s.write_all(b"GET /metrics HTTP/1.1\r\nHost: up\r\nConnection: close\r\n\r\n").await?;
-            let mut body = String::new();
-            s.read_to_string(&mut body).await?;
-            std::io::Result::Ok(body)
-        };
-        let Ok(Ok(body)) = tokio::time::timeout(Duration::from_secs(5), fetch).await else { return Vec::new() };
-        body.lines()
-            .filter(|l| !l.starts_with('#'))
-            .filter(|l| l.contains("backlog") || l.contains("lag") || l.contains("dead_letter"))
-            .filter(|l| !l.trim_end().ends_with(" 0"))
-            .map(str::to_string)
-            .collect()
+        match self.metrics {
+            Some(addr) => event_metrics(addr).await,
+            None => Vec::new(),
+        }
     }
 
     /// SIGKILL: no shutdown, no flush; whatever was not committed is gone.
@@ -251,6 +239,25 @@ impl Up {
         }
         Ok(())
     }
+}
+
+/// The event backbone's lines of one process's `/metrics` (backlogs, lags, dead letters).
+pub async fn event_metrics(addr: SocketAddr) -> Vec<String> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let fetch = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await?;
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: up\r\nConnection: close\r\n\r\n").await?;
+        let mut body = String::new();
+        s.read_to_string(&mut body).await?;
+        std::io::Result::Ok(body)
+    };
+    let Ok(Ok(body)) = tokio::time::timeout(Duration::from_secs(5), fetch).await else { return Vec::new() };
+    body.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.contains("backlog") || l.contains("lag") || l.contains("dead_letter"))
+        .filter(|l| !l.trim_end().ends_with(" 0"))
+        .map(str::to_string)
+        .collect()
 }
 
 /// The `socialcard` binary of the same profile as this harness: `SOCIALCARD_BIN`, or built by cargo.
