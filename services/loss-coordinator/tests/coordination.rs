@@ -531,7 +531,7 @@ async fn an_unlock_whose_answer_was_lost_after_the_registry_committed_is_answere
             idempotency_key: format!("unlock:{}:social", call.idempotency_key),
             card_id: card_id.clone(),
             actor: call.actor.clone(),
-            documents: call.documents.clone(),
+            documents: call.documents,
         })
         .await
         .unwrap();
