@@ -8,16 +8,14 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
 use crate::plan::{BANKS, Link, Service};
 use crate::proxy::Proxy;
-use crate::system::Links;
+use crate::system::{Links, spawn_logged};
 
 /// One service's process and how to start it again.
 #[derive(Debug)]
@@ -56,18 +54,7 @@ impl Proc {
     }
 
     async fn spawn_once(&mut self) -> anyhow::Result<()> {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log)?;
-        let mut child = Command::new(&self.bin)
-            .args(&self.args)
-            .env("RUST_LOG", std::env::var("SOCIALCARD_FAULTS_UP_LOG").unwrap_or_else(|_| "warn".into()))
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::from(log))
-            .kill_on_drop(true)
-            .spawn()
-            .with_context(|| format!("cannot run {}", self.bin.display()))?;
-        let stdout = child.stdout.take().context("no stdout")?;
-        let mut lines = BufReader::new(stdout).lines();
+        let (mut child, mut lines) = spawn_logged(&self.bin, &self.args, &self.log)?;
         let mut found: Vec<Option<SocketAddr>> = vec![None; self.listens.len()];
         let mut ready_seen = self.ready_line.is_none();
         let mut metrics = None;

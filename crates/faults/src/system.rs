@@ -126,18 +126,7 @@ impl Up {
     }
 
     async fn spawn_once(&mut self) -> anyhow::Result<()> {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log)?;
-        let mut child = Command::new(&self.bin)
-            .args(&self.args)
-            .env("RUST_LOG", std::env::var("SOCIALCARD_FAULTS_UP_LOG").unwrap_or_else(|_| "warn".into()))
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::from(log))
-            .kill_on_drop(true)
-            .spawn()
-            .with_context(|| format!("cannot run {}", self.bin.display()))?;
-        let stdout = child.stdout.take().context("no stdout")?;
-        let mut lines = BufReader::new(stdout).lines();
+        let (mut child, mut lines) = spawn_logged(&self.bin, &self.args, &self.log)?;
         let mut printed = Printed::default();
         let mut seen = Vec::new();
         let ready = tokio::time::timeout(Duration::from_secs(60), async {
@@ -242,6 +231,27 @@ impl Up {
 }
 
 /// The event backbone's lines of one process's `/metrics` (backlogs, lags, dead letters).
+/// Starts `bin args` with its stderr appended to `log` and its stdout (the `listening on` lines) piped;
+/// killed when dropped.
+pub fn spawn_logged(
+    bin: &Path,
+    args: &[String],
+    log: &Path,
+) -> anyhow::Result<(Child, tokio::io::Lines<BufReader<tokio::process::ChildStdout>>)> {
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
+    let mut child = Command::new(bin)
+        .args(args)
+        .env("RUST_LOG", std::env::var("SOCIALCARD_FAULTS_UP_LOG").unwrap_or_else(|_| "warn".into()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::from(log))
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("cannot run {}", bin.display()))?;
+    let stdout = child.stdout.take().context("no stdout")?;
+    Ok((child, BufReader::new(stdout).lines()))
+}
+
 pub async fn event_metrics(addr: SocketAddr) -> Vec<String> {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let fetch = async {
