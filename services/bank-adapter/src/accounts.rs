@@ -15,7 +15,7 @@ use socialcard_server::error::reason_of;
 use time::OffsetDateTime;
 use tonic::{Code, Request};
 
-use crate::{BankAdapter, DEFAULT_REGISTRY_TIMEOUT, reject, store_answer, text};
+use crate::{BankAdapter, Budget, reject, store_answer, text};
 
 /// The most results one batch may carry.
 pub const MAX_BATCH_RESULTS: usize = 10_000;
@@ -95,13 +95,13 @@ impl BankAdapter {
         }
         let batch = text("batch_id", &req.batch_id)?;
         let checked = check(&req.results)?;
-        let timeout = deadline.unwrap_or(DEFAULT_REGISTRY_TIMEOUT);
+        let budget = Budget::new(deadline);
         let mut outcomes = Vec::with_capacity(checked.len());
         for c in checked {
             let mut lookup = Request::new(reg::GetCardRequest {
                 lookup: Some(reg::get_card_request::Lookup::CardId(c.card_id.clone())),
             });
-            lookup.set_timeout(timeout);
+            lookup.set_timeout(budget.left());
             socialcard_telemetry::inject(&mut lookup);
             let card = match self.registry.clone().get_card(lookup).await {
                 Ok(r) => r.into_inner().card.unwrap_or_default(),
@@ -131,7 +131,7 @@ impl BankAdapter {
                 }),
                 result: Some(c.result),
             });
-            call.set_timeout(timeout);
+            call.set_timeout(budget.left());
             socialcard_telemetry::inject(&mut call);
             match self.registry.clone().record_production_result(call).await {
                 Ok(_) => outcomes.push(bank::AccountOpeningOutcome {

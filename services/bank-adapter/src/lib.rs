@@ -39,6 +39,26 @@ use tonic::{Code, Request, Response, Status};
 /// How long a call to the registry may take when the bank's call carries no deadline.
 pub(crate) const DEFAULT_REGISTRY_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// The time left of the bank's call: every onward call gets what remains, so a lookup followed by a
+/// write never takes longer in total than the bank allowed.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Budget(std::time::Instant);
+
+impl Budget {
+    pub(crate) fn new(deadline: Option<Duration>) -> Self {
+        Budget(std::time::Instant::now() + deadline.unwrap_or(DEFAULT_REGISTRY_TIMEOUT))
+    }
+
+    /// What remains for an onward call, less a tenth (at most 250 ms) kept back so that the adapter can
+    /// still record and answer before the bank's own deadline; at least a millisecond, so that a spent
+    /// budget makes the call fail fast with DEADLINE_EXCEEDED rather than wait.
+    pub(crate) fn left(&self) -> Duration {
+        let remaining = self.0.saturating_duration_since(std::time::Instant::now());
+        let reserve = (remaining / 10).min(Duration::from_millis(250));
+        (remaining - reserve).max(Duration::from_millis(1))
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct BankAdapter {
     bank: Arc<PartnerBank>,
@@ -168,8 +188,8 @@ impl BankAdapter {
         let teller = text("teller_id", &req.teller_id)?;
         let branch = text("branch_id", &req.branch_id)?;
         let face = text("face_verification_ref", &req.face_verification_ref)?;
-        let timeout = deadline.unwrap_or(DEFAULT_REGISTRY_TIMEOUT);
-        let card = self.own_card(&req.card_number, timeout).await?;
+        let budget = Budget::new(deadline);
+        let card = self.own_card(&req.card_number, budget.left()).await?;
         if self.current_freeze(&card.card_id).await?.is_some() {
             return Err(reject(
                 RejectionKind::FailedPrecondition,
@@ -194,7 +214,7 @@ impl BankAdapter {
             presenter: reg::Presenter::Holder as i32,
         };
         let mut call = Request::new(registry_request.clone());
-        call.set_timeout(timeout);
+        call.set_timeout(budget.left());
         socialcard_telemetry::inject(&mut call);
         let now = OffsetDateTime::now_utc();
         match self.registry.clone().record_financial_activation(call).await {
@@ -294,6 +314,7 @@ impl BankAdapter {
         key: &str,
         hash: &[u8],
     ) -> Result<bank::CancelActivationResponse, ApiError> {
+        let budget = Budget::new(deadline);
         let (key, hash) = (key.to_string(), hash.to_vec());
         if let Some(stored) = self.stored_answer(&key, &hash).await? {
             return Ok(stored);
@@ -346,7 +367,7 @@ impl BankAdapter {
             reason: reason.clone(),
         };
         let mut call = Request::new(registry_request.clone());
-        call.set_timeout(deadline.unwrap_or(DEFAULT_REGISTRY_TIMEOUT));
+        call.set_timeout(budget.left());
         socialcard_telemetry::inject(&mut call);
         let (confirmed, failure) = match self.registry.clone().cancel_financial_activation(call).await {
             Ok(_) => (true, None),

@@ -19,7 +19,8 @@ use time::OffsetDateTime;
 use tonic::{Code, Request, Response, Status};
 
 use crate::{
-    BankAdapter, DEFAULT_REGISTRY_TIMEOUT, db, micros, registry_error, reject, remaining_deadline, store_answer, text,
+    BankAdapter, Budget, DEFAULT_REGISTRY_TIMEOUT, db, micros, registry_error, reject, remaining_deadline,
+    store_answer, text,
 };
 
 fn loss_kind_name(kind: reg::LossKind) -> &'static str {
@@ -260,40 +261,54 @@ impl BankAdapter {
         let key = text("idempotency_key", &req.idempotency_key)?;
         let teller = text("teller_id", &req.teller_id)?;
         let branch = text("branch_id", &req.branch_id)?;
-        if req.loss_kind != reg::LossKind::Written as i32 {
-            return Err(reject(
-                RejectionKind::InvalidArgument,
-                "LOSS_KIND_NOT_AT_BRANCH",
-                "a branch takes written losses; a temporary loss is reported by phone (R25)",
-            ));
-        }
-        if !req.holder_id_checked {
-            return Err(reject(
-                RejectionKind::InvalidArgument,
-                "HOLDER_ID_REQUIRED",
-                "a written loss needs the holder in person with an ID card (R25, R31)",
-            ));
-        }
-        let timeout = deadline.unwrap_or(DEFAULT_REGISTRY_TIMEOUT);
-        let card = self.own_card(&req.card_number, timeout).await?;
+        // A written loss at the counter, the holder in person with an ID card; a temporary loss on the
+        // bank's phone line (R25), which the coordinator records as a phone report.
+        let (channel, documents) = match reg::LossKind::try_from(req.loss_kind) {
+            Ok(reg::LossKind::Written) => {
+                if !req.holder_id_checked {
+                    return Err(reject(
+                        RejectionKind::InvalidArgument,
+                        "HOLDER_ID_REQUIRED",
+                        "a written loss needs the holder in person with an ID card (R25, R31)",
+                    ));
+                }
+                (
+                    reg::Channel::BankBranch,
+                    reg::Documents {
+                        presenter: reg::Presenter::Holder as i32,
+                        holder_id_card: true,
+                        ..Default::default()
+                    },
+                )
+            }
+            Ok(reg::LossKind::Temporary) => (
+                reg::Channel::Hotline,
+                reg::Documents { presenter: reg::Presenter::Holder as i32, ..Default::default() },
+            ),
+            _ => {
+                return Err(reject(
+                    RejectionKind::InvalidArgument,
+                    "LOSS_KIND_UNKNOWN",
+                    "a bank takes a written loss at a branch or a temporary loss by phone (R25)",
+                ));
+            }
+        };
+        let budget = Budget::new(deadline);
+        let card = self.own_card(&req.card_number, budget.left()).await?;
         let mut call = Request::new(loss::ReportLossRequest {
             idempotency_key: format!("bank:{}:{key}", self.bank.code),
             card_id: card.card_id,
             card_number: String::new(),
             loss_kind: req.loss_kind,
             actor: Some(reg::Actor {
-                channel: reg::Channel::BankBranch as i32,
+                channel: channel as i32,
                 operator_id: teller,
                 site_id: branch,
                 ..Default::default()
             }),
-            documents: Some(reg::Documents {
-                presenter: reg::Presenter::Holder as i32,
-                holder_id_card: true,
-                ..Default::default()
-            }),
+            documents: Some(documents),
         });
-        call.set_timeout(timeout);
+        call.set_timeout(budget.left());
         socialcard_telemetry::inject(&mut call);
         let case = self
             .coordinator()?
@@ -334,8 +349,8 @@ impl BankAdapter {
                 "an unlock needs the holder in person with an ID card (R27)",
             ));
         }
-        let timeout = deadline.unwrap_or(DEFAULT_REGISTRY_TIMEOUT);
-        let card = self.own_card(&req.card_number, timeout).await?;
+        let budget = Budget::new(deadline);
+        let card = self.own_card(&req.card_number, budget.left()).await?;
         let mut call = Request::new(loss::UnlockRequest {
             idempotency_key: format!("bank:{}:{key}", self.bank.code),
             case_id: String::new(),
@@ -353,7 +368,7 @@ impl BankAdapter {
                 ..Default::default()
             }),
         });
-        call.set_timeout(timeout);
+        call.set_timeout(budget.left());
         socialcard_telemetry::inject(&mut call);
         let case = self
             .coordinator()?

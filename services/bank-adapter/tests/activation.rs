@@ -5,7 +5,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -26,11 +26,13 @@ use tokio::net::TcpListener;
 use tonic::Code;
 use tonic::transport::Channel;
 
-/// The registry's real store, whose writes can be cut off.
+/// The registry's real store, whose writes can be cut off or slowed down.
 #[derive(Debug)]
 struct Switchable {
     inner: Arc<dyn RegistryStore>,
     down: AtomicBool,
+    /// Each commit first waits this long (milliseconds).
+    slow_ms: AtomicU64,
 }
 
 #[async_trait]
@@ -59,6 +61,10 @@ impl RegistryStore for Switchable {
     async fn commit(&self, commit: Commit) -> Result<(), StoreError> {
         if self.down.load(Ordering::SeqCst) {
             return Err(StoreError::Unavailable("database down (test)".into()));
+        }
+        let slow = self.slow_ms.load(Ordering::SeqCst);
+        if slow > 0 {
+            tokio::time::sleep(Duration::from_millis(slow)).await;
         }
         self.inner.commit(commit).await
     }
@@ -99,7 +105,11 @@ async fn world_with_cancel_window(minutes: u32) -> World {
     let built = socialcard_registry::build(&url, Arc::new(SystemClock), RegistryConfig::shanghai(b"k".repeat(32)))
         .await
         .unwrap();
-    let store = Arc::new(Switchable { inner: built.registry.store().clone(), down: AtomicBool::new(false) });
+    let store = Arc::new(Switchable {
+        inner: built.registry.store().clone(),
+        down: AtomicBool::new(false),
+        slow_ms: AtomicU64::new(0),
+    });
     let registry = Registry::new(store.clone(), Arc::new(SystemClock), RegistryConfig::shanghai(b"k".repeat(32)));
     let (l, registry_addr) = listen().await;
     let routes =
@@ -211,14 +221,7 @@ async fn retries_with_one_key_have_one_effect() {
     }
     let answers: Vec<_> = calls.join_all().await.into_iter().map(|r| r.unwrap()).collect();
     assert!(answers.windows(2).all(|p| p[0] == p[1]), "same key, same answer");
-    let trail = w
-        .registry_client
-        .list_audit_trail(reg::ListAuditTrailRequest { card_id: cid })
-        .await
-        .unwrap()
-        .into_inner()
-        .entries;
-    assert_eq!(trail.iter().filter(|e| e.action == "financial_activation").count(), 1, "one effect");
+    assert_eq!(activations_in_trail(&mut w, &cid).await, 1, "one effect");
     assert_eq!(w.adapters[0].1.outbox().backlog().await.unwrap(), 1, "one FinancialActivated event");
     let mut other = req.clone();
     other.teller_id = "teller-10".into();
@@ -239,48 +242,119 @@ async fn registry_down_during_the_call_then_both_functions_on_once_it_is_back() 
     assert_eq!(card(&mut w, &cid).await.financial_state, reg::FinancialState::NotActivated as i32);
 
     // The registry consumes the adapter's events (embedded log); while its database is down it retries.
-    let offsets_db = w._dir.0.join("registry.db");
-    let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}", offsets_db.display())).await.unwrap();
+    let applying = apply_bank_events(&w, 0);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(card(&mut w, &cid).await.social_state, reg::SocialState::NotActivated as i32, "still down");
+
+    w.store.down.store(false, Ordering::SeqCst);
+    until_both_on(&mut w, &cid).await;
+    applying.stop().await;
+
+    // The bank's retry with the same key now gets OK, and nothing happened twice.
+    let ok = w.adapters[0].2.activate_financial(req).await.unwrap().into_inner();
+    assert_eq!(ok.social_state, reg::SocialState::Active as i32);
+    assert_eq!(w.adapters[0].1.unconfirmed().await.unwrap(), 0);
+    assert_eq!(activations_in_trail(&mut w, &cid).await, 1, "one effect across both paths");
+}
+
+/// The registry consuming adapter `i`'s events (the embedded log), retrying while its store refuses.
+struct Applying(tokio::sync::watch::Sender<bool>, tokio::task::JoinHandle<()>);
+
+impl Applying {
+    async fn stop(self) {
+        self.0.send(true).unwrap();
+        self.1.await.unwrap();
+    }
+}
+
+fn apply_bank_events(w: &World, i: usize) -> Applying {
+    let offsets = w._dir.0.join("registry.db");
+    let pool = sqlx::sqlite::SqlitePoolOptions::new().connect_lazy(&format!("sqlite://{}", offsets.display())).unwrap();
     let mut consumer = EmbeddedConsumer::new(
         "registry",
         socialcard_events::topics::FINANCIAL,
-        w.adapters[0].1.outbox(),
+        w.adapters[i].1.outbox(),
         SqliteOffsets::new(pool),
         Arc::new(socialcard_registry::events::FinancialEvents::new(w.registry.clone())),
     );
     consumer.max_attempts = 1_000;
     consumer.retry_backoff = Duration::from_millis(20);
     let (stop, stopped) = tokio::sync::watch::channel(false);
-    let task = tokio::spawn(consumer.run(stopped));
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(card(&mut w, &cid).await.social_state, reg::SocialState::NotActivated as i32, "still down");
+    Applying(stop, tokio::spawn(consumer.run(stopped)))
+}
 
-    w.store.down.store(false, Ordering::SeqCst);
+/// Waits until the registry shows both functions on.
+async fn until_both_on(w: &mut World, cid: &str) {
     let start = Instant::now();
     loop {
-        let c = card(&mut w, &cid).await;
+        let c = card(w, cid).await;
         if c.financial_state == reg::FinancialState::Active as i32 && c.social_state == reg::SocialState::Active as i32
         {
-            break;
+            return;
         }
         assert!(start.elapsed() < Duration::from_secs(20), "the event never switched the card on");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    stop.send(true).unwrap();
-    task.await.unwrap();
+}
 
-    // The bank's retry with the same key now gets OK, and nothing happened twice.
-    let ok = w.adapters[0].2.activate_financial(req).await.unwrap().into_inner();
-    assert_eq!(ok.social_state, reg::SocialState::Active as i32);
-    assert_eq!(w.adapters[0].1.unconfirmed().await.unwrap(), 0);
+async fn activations_in_trail(w: &mut World, cid: &str) -> usize {
     let trail = w
         .registry_client
-        .list_audit_trail(reg::ListAuditTrailRequest { card_id: cid })
+        .list_audit_trail(reg::ListAuditTrailRequest { card_id: cid.into() })
         .await
         .unwrap()
         .into_inner()
         .entries;
-    assert_eq!(trail.iter().filter(|e| e.action == "financial_activation").count(), 1, "one effect across both paths");
+    trail.iter().filter(|e| e.action == "financial_activation").count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_banks_deadline_bounds_the_registry_call_and_the_event_finishes_the_activation() {
+    let mut w = world().await;
+    let (cid, number) = collected_icbc_card(&mut w.registry_client, 6).await;
+    // The registry answers, but each write takes 20 s: far beyond the bank's 2 s. Had the adapter not
+    // passed the bank's deadline on, it would wait the registry out (its own default is 5 s) and the bank
+    // would see its own DEADLINE_EXCEEDED instead of the adapter's answer.
+    w.store.slow_ms.store(20_000, Ordering::SeqCst);
+    let req = activation(&number);
+    let mut call = tonic::Request::new(req.clone());
+    call.set_timeout(Duration::from_secs(2));
+    let pending = w.adapters[0].2.activate_financial(call).await.unwrap_err();
+    assert_eq!(pending.code(), Code::Unavailable, "{}", pending.message());
+    assert_eq!(reason_of(&pending).as_deref(), Some("SOCIAL_ACTIVATION_PENDING"));
+    assert_eq!(w.adapters[0].1.unconfirmed().await.unwrap(), 1);
+
+    // The registry back to speed: the adapter's event switches both functions on, once.
+    w.store.slow_ms.store(0, Ordering::SeqCst);
+    let applying = apply_bank_events(&w, 0);
+    until_both_on(&mut w, &cid).await;
+    applying.stop().await;
+    let ok = w.adapters[0].2.activate_financial(req).await.unwrap().into_inner();
+    assert_eq!(ok.social_state, reg::SocialState::Active as i32);
+    assert_eq!(activations_in_trail(&mut w, &cid).await, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answered_key_is_replayed_by_a_restarted_adapter_without_a_second_effect() {
+    let mut w = world().await;
+    let (cid, number) = collected_icbc_card(&mut w.registry_client, 7).await;
+    let req = activation(&number);
+    let first = w.adapters[0].2.activate_financial(req.clone()).await.unwrap().into_inner();
+
+    // What a restarted icbc adapter opens: the same database file, a fresh pool and no memory of the call.
+    let bank = BankDirectory::shanghai().get("icbc").unwrap().clone();
+    let channel = Channel::from_shared(format!("http://{}", "127.0.0.1:1")).unwrap().connect_lazy();
+    let restarted = BankAdapter::open(bank, &w._dir.0.join("bank-icbc.db"), channel).await.unwrap();
+    // Its registry link points nowhere: the replay must come from the adapter's own store.
+    let again = restarted.activate_financial(req.clone(), None).await.unwrap();
+    assert_eq!(again, first, "same key, same answer");
+    assert_eq!(activations_in_trail(&mut w, &cid).await, 1, "one effect");
+    assert_eq!(restarted.outbox().backlog().await.unwrap(), 1, "one FinancialActivated event");
+    let mut other = req;
+    other.branch_id = "branch-310106".into();
+    let reused = restarted.activate_financial(other, None).await.unwrap_err();
+    let reused = tonic::Status::from(reused);
+    assert_eq!((reused.code(), reason_of(&reused).as_deref()), (Code::AlreadyExists, Some("IDEMPOTENCY_KEY_REUSED")));
 }
 
 fn cancel(card_number: &str) -> bank::CancelActivationRequest {

@@ -209,6 +209,42 @@ async fn each_loss_channel_of_r25_follows_its_rules_and_a_refused_report_writes_
     assert_eq!(case_of(&lc, &at_branch).await.len(), 1);
     assert_eq!(city.audited(&at_branch, "loss_lock").await, 1);
     assert_eq!(city.bank_events("ccb", &at_branch, "socialcard.financial.v1.FinancialFrozen").await, 1);
+
+    // A temporary loss on the bank's phone line (R25): no ID card over the phone, both sides locked, and
+    // recorded as a phone report, so only a written unlock at the bureau brings the social side back (R27).
+    let (by_phone, number) = city.collected(15, "ccb").await;
+    let phoned = bank::ReportLossRequest {
+        idempotency_key: key(),
+        card_number: number,
+        loss_kind: reg::LossKind::Temporary as i32,
+        teller_id: "agent-7".into(),
+        branch_id: "ccb-call-centre".into(),
+        holder_id_checked: false,
+    };
+    let answer = city.bank("ccb").report_loss(phoned).await.unwrap().into_inner();
+    assert_eq!(answer.social_state, reg::SocialState::LossLocked as i32);
+    assert_eq!(answer.financial_state, reg::FinancialState::Frozen as i32);
+    let cases = case_of(&lc, &by_phone).await;
+    assert_eq!(cases.len(), 1);
+    assert_eq!(cases[0].loss_kind, reg::LossKind::Temporary as i32);
+    assert_eq!(cases[0].channel, reg::Channel::Hotline as i32);
+    // A kind that is neither is refused before anything is asked of anyone.
+    let (untouched, number) = city.collected(16, "ccb").await;
+    let e = city
+        .bank("ccb")
+        .report_loss(bank::ReportLossRequest {
+            idempotency_key: key(),
+            card_number: number,
+            loss_kind: reg::LossKind::Automatic as i32,
+            teller_id: "teller-2".into(),
+            branch_id: "branch-1".into(),
+            holder_id_checked: true,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert_eq!(reason_of(&e).as_deref(), Some("LOSS_KIND_UNKNOWN"));
+    assert!(case_of(&lc, &untouched).await.is_empty());
 }
 
 #[tokio::test]
