@@ -37,6 +37,11 @@ impl Handler for CardEvents {
     async fn handle(&self, event: &Envelope) -> Result<Applied, HandlerError> {
         let e = ev::CardEvent::decode(event.payload.as_slice()).map_err(|e| HandlerError::Permanent(e.to_string()))?;
         let done = match e.kind {
+            // No delivery address: the card is handed over at a counter (an instant replacement point
+            // prints it on the spot, R16), so there is nothing to mail.
+            Some(ev::card_event::Kind::CardProduced(p)) if p.delivery_address.is_none() => {
+                return Ok(Applied::Duplicate);
+            }
             Some(ev::card_event::Kind::CardProduced(p)) => {
                 let a = p.delivery_address.unwrap_or_default();
                 let new = NewShipment {

@@ -146,6 +146,11 @@ impl World {
     /// A card taken through the registry's public API from application to produced, with a delivery
     /// address and backup point `point`; postal has taken its CardProduced. Returns the card id.
     async fn produced_card(&mut self, point: &str) -> String {
+        self.produced(point, Some(home())).await
+    }
+
+    /// The same, with `delivery` as the application's delivery address (none: handed over at a counter).
+    async fn produced(&mut self, point: &str, delivery: Option<reg::Address>) -> String {
         let n = self.next_person;
         self.next_person += 1;
         let id = adult_citizen_id(n);
@@ -174,13 +179,7 @@ impl World {
                 bank_code: "icbc".into(),
                 photo: Some(reg::Photo { source: reg::PhotoSource::CommunityPoint as i32, ..Default::default() }),
                 backup_point_id: point.into(),
-                delivery_address: Some(reg::Address {
-                    recipient: "Li Hua".into(),
-                    phone: "13800000000".into(),
-                    line: "100 Tianyaoqiao Road".into(),
-                    district: "Xuhui".into(),
-                    postal_code: "200030".into(),
-                }),
+                delivery_address: delivery,
                 ..Default::default()
             })
             .await
@@ -283,6 +282,16 @@ impl World {
             ("X-Courier-Signature", feed::sign(SECRET, ts, body.as_bytes())),
         ];
         self.post(&headers, body.as_bytes()).await
+    }
+}
+
+fn home() -> reg::Address {
+    reg::Address {
+        recipient: "Li Hua".into(),
+        phone: "13800000000".into(),
+        line: "100 Tianyaoqiao Road".into(),
+        district: "Xuhui".into(),
+        postal_code: "200030".into(),
     }
 }
 
@@ -649,6 +658,56 @@ async fn a_card_collected_at_a_counter_before_dispatch_withdraws_its_shipment() 
     assert_eq!(w.shipment_of(&card_id).await.status(), pb::ShipmentStatus::Withdrawn);
     drain(&w.to_registry).await;
     assert_eq!(w.to_registry.offsets.dead_letter_count(&w.to_registry.group).await.unwrap(), 0);
+}
+
+/// R16 at an instant replacement point: `card_id` printed and handed over on the spot.
+async fn instant_issue(w: &mut World, card_id: &str) {
+    w.registry
+        .record_collection(reg::RecordCollectionRequest {
+            idempotency_key: key(),
+            card_id: card_id.into(),
+            actor: actor(reg::Channel::CommunityPoint),
+            method: reg::CollectionMethod::InstantIssue as i32,
+            collected_at: None,
+            documents: Some(reg::Documents {
+                presenter: reg::Presenter::Holder as i32,
+                holder_id_card: true,
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn an_instant_issue_involves_no_courier() {
+    let mut w = world().await;
+    // Applied for at an instant point without a delivery address: produced, nothing to mail.
+    let before = w.counts().await;
+    let card_id = w.produced("point-1", None).await;
+    assert_eq!(w.counts().await, before, "no shipment, no waybill, no event");
+    let missing = w
+        .client
+        .get_shipment(pb::GetShipmentRequest {
+            lookup: Some(pb::get_shipment_request::Lookup::CardId(card_id.clone())),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(missing.code(), tonic::Code::NotFound);
+    instant_issue(&mut w, &card_id).await;
+    drain(&w.to_postal).await;
+    assert_eq!(w.counts().await, before, "the hand-over needs no shipment either");
+    assert_eq!(w.to_postal.offsets.dead_letter_count(&w.to_postal.group).await.unwrap(), 0);
+    assert_eq!(w.card(&card_id).await.physical_state(), reg::PhysicalState::Collected);
+
+    // A card that had a delivery address but was printed and handed over at the point before the courier
+    // took it: its shipment is withdrawn, saying why.
+    let mailed = w.produced_card("point-1").await;
+    assert_eq!(w.shipment_of(&mailed).await.status(), pb::ShipmentStatus::Pending);
+    instant_issue(&mut w, &mailed).await;
+    drain(&w.to_postal).await;
+    let s = w.shipment_of(&mailed).await;
+    assert_eq!((s.status(), s.sub_reason.as_str()), (pb::ShipmentStatus::Withdrawn, "instant_issue"));
 }
 
 #[tokio::test]
