@@ -10,7 +10,7 @@ use socialcard_server::{ApiError, Clock};
 use time::OffsetDateTime;
 
 use crate::feed::{EmbeddedFeed, OpsEvents, Source};
-use crate::store::{Grouping, OpsStore, OverdueRow, StageTimes, StateCount, StoreError};
+use crate::store::{Grouping, OneSidedRow, OpsStore, OverdueRow, StageTimes, StateCount, StoreError};
 
 #[derive(Clone, Debug)]
 pub struct OpsConfig {
@@ -93,10 +93,16 @@ pub struct LossSummary {
     pub one_sided: u64,
     pub expired: u64,
     pub by_state: Vec<(String, u64)>,
+    /// The one-sided cases themselves, oldest first (at most `ONE_SIDED_LISTED`): the cards someone
+    /// should look at.
+    pub one_sided_cases: Vec<OneSidedRow>,
 }
 
 /// The loss case states that are not over (the coordinator's `cases` module names them).
-const OPEN_CASE_STATES: [&str; 3] = ["locking", "locked", "one_sided"];
+const OPEN_CASE_STATES: [&str; 4] = ["locking", "locked", "one_sided", "unlocking"];
+
+/// How many one-sided cases the summary lists (the count covers them all).
+pub const ONE_SIDED_LISTED: u32 = 50;
 
 #[derive(Clone)]
 pub struct Ops {
@@ -225,12 +231,15 @@ impl Ops {
     pub async fn loss_summary(&self, bank_code: &str) -> Result<LossSummary, ApiError> {
         let bank = group_name("bank_code", bank_code)?;
         let by_state = self.store.loss_states(bank.as_deref()).await.map_err(store_error)?;
+        let one_sided_cases =
+            self.store.one_sided_cases(bank.as_deref(), ONE_SIDED_LISTED).await.map_err(store_error)?;
         let count = |pred: &dyn Fn(&str) -> bool| by_state.iter().filter(|(s, _)| pred(s)).map(|(_, n)| n).sum();
         Ok(LossSummary {
             open: count(&|s| OPEN_CASE_STATES.contains(&s)),
             one_sided: count(&|s| s == "one_sided"),
             expired: count(&|s| s == "expired"),
             by_state,
+            one_sided_cases,
         })
     }
 

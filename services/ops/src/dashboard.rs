@@ -71,6 +71,15 @@ pub async fn overview(ops: &Ops) -> Result<Value, ApiError> {
             "one_sided": loss.one_sided,
             "expired": loss.expired,
             "by_state": loss.by_state.iter().map(|(s, n)| (s.clone(), json!(n))).collect::<Map<_, _>>(),
+            "one_sided_cases": loss.one_sided_cases.iter().map(|c| json!({
+                "case_id": c.case_id,
+                "card_id": c.card_id,
+                "bank_code": c.bank_code,
+                "loss_kind": c.loss_kind,
+                "locked": if c.social_locked { "social" } else if c.financial_frozen { "financial" } else { "neither" },
+                "opened_at": format(c.opened_at),
+                "updated_at": format(c.updated_at),
+            })).collect::<Vec<_>>(),
         },
         "overdue": {
             "days": ops.overdue_days(),

@@ -134,6 +134,20 @@ impl OpsService for OpsGrpc {
             one_sided: s.one_sided,
             expired: s.expired,
             by_state: s.by_state.into_iter().map(|(state, count)| pb::LossStateCount { state, count }).collect(),
+            one_sided_cases: s
+                .one_sided_cases
+                .into_iter()
+                .map(|c| pb::OneSidedCase {
+                    case_id: c.case_id,
+                    card_id: c.card_id,
+                    bank_code: c.bank_code,
+                    loss_kind: c.loss_kind,
+                    social_locked: c.social_locked,
+                    financial_frozen: c.financial_frozen,
+                    opened_at: Some(timestamp(c.opened_at)),
+                    updated_at: Some(timestamp(c.updated_at)),
+                })
+                .collect(),
         }))
     }
 

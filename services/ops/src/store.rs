@@ -68,6 +68,19 @@ pub struct StateCount {
     pub count: u64,
 }
 
+/// A card locked on one side only: which side holds, since when.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OneSidedRow {
+    pub case_id: String,
+    pub card_id: String,
+    pub bank_code: String,
+    pub loss_kind: String,
+    pub social_locked: bool,
+    pub financial_frozen: bool,
+    pub opened_at: OffsetDateTime,
+    pub updated_at: OffsetDateTime,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct OverdueRow {
     pub card_id: String,
@@ -245,6 +258,34 @@ impl OpsStore {
         .fetch_all(&self.pool)
         .await?;
         rows.iter().map(|r| Ok((r.try_get("state")?, r.try_get::<i64, _>("n")?.unsigned_abs()))).collect()
+    }
+
+    /// The cards of cases locked on one side only (state `one_sided`), oldest case first, at most `limit`.
+    pub async fn one_sided_cases(&self, bank: Option<&str>, limit: u32) -> Result<Vec<OneSidedRow>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT case_id, card_id, bank_code, loss_kind, social_locked, financial_frozen, opened_at, updated_at
+               FROM loss_cases WHERE state = 'one_sided' AND ($1 IS NULL OR bank_code = $1)
+              ORDER BY opened_at, case_id LIMIT $2",
+        )
+        .bind(bank)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        let time = |us: i64| from_unix_micros(us).ok_or_else(|| StoreError::Corrupt(format!("time {us}")));
+        rows.iter()
+            .map(|r| {
+                Ok(OneSidedRow {
+                    case_id: r.try_get("case_id")?,
+                    card_id: r.try_get("card_id")?,
+                    bank_code: r.try_get("bank_code")?,
+                    loss_kind: r.try_get("loss_kind")?,
+                    social_locked: r.try_get::<i64, _>("social_locked")? != 0,
+                    financial_frozen: r.try_get::<i64, _>("financial_frozen")? != 0,
+                    opened_at: time(r.try_get("opened_at")?)?,
+                    updated_at: time(r.try_get("updated_at")?)?,
+                })
+            })
+            .collect()
     }
 
     /// Open shipments opened before `before`, oldest first, and how many there are in all.

@@ -246,6 +246,8 @@ where
     p.loss("case-1", "c", "one_sided", h(60)).await;
     p.loss("case-2", "a", "locking", h(61)).await;
     p.loss("case-2", "a", "expired", h(70)).await;
+    // Card b: unlocked on one side, the other still to follow (open, not one-sided).
+    p.loss("case-3", "b", "unlocking", h(62)).await;
     // Card d rejected; an event the domain refuses (collect a card never produced) is kept aside, not folded.
     p.card("d", h(3), Kind::ApplicationRejected(ev::ApplicationRejected { reason: "photo".into() })).await;
     p.card("d", h(4), Kind::CardCollected(ev::CardCollected::default())).await;
@@ -302,7 +304,14 @@ async fn read_models_show_the_bureaus_morning_and_rebuild_to_the_same() {
     assert_eq!((hours(&funnel[4]), funnel[4].timed), (Some(2), 2), "a 10 h, c 2 h: the lower median");
 
     let loss = incremental.loss_summary("").await.unwrap();
-    assert_eq!((loss.open, loss.one_sided, loss.expired), (1, 1, 1));
+    assert_eq!((loss.open, loss.one_sided, loss.expired), (2, 1, 1));
+    // The dashboard names the one-sided card, which side holds and since when.
+    let listed: Vec<_> = loss
+        .one_sided_cases
+        .iter()
+        .map(|c| (c.case_id.as_str(), c.card_id.as_str(), c.social_locked, c.financial_frozen, c.opened_at))
+        .collect();
+    assert_eq!(listed, [("case-1", "c", true, false, T0 + time::Duration::hours(60))]);
     // b's shipment has been open 70 h: overdue only once the clock passes 7 days.
     assert_eq!(incremental.overdue_shipments(0, 10).await.unwrap().0, 0);
     let (total, overdue) = incremental.overdue_shipments(2, 10).await.unwrap();
