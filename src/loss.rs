@@ -55,6 +55,8 @@ impl Listening {
 #[derive(Debug)]
 pub struct Wiring<'a> {
     pub data_dir: &'a Path,
+    /// The city's policy, the registry's own (R22-R24 deadlines, R27 lapses).
+    pub policy: CityPolicy,
     pub banks: BankDirectory,
     pub registry: Channel,
     /// Each bank's adapter (its coordination service) by bank code.
@@ -73,7 +75,7 @@ pub async fn start(listening: Listening, w: Wiring<'_>) -> anyhow::Result<Starte
         w.registry,
         w.adapters,
         Arc::new(SystemClock),
-        CoordinatorConfig::new(CityPolicy::shanghai(), w.banks),
+        CoordinatorConfig::new(w.policy, w.banks),
     )
     .await
     .context("cannot open the loss coordinator's database")?;

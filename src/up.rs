@@ -30,6 +30,10 @@ pub struct UpArgs {
     /// Directory of bank files (`<code>.toml`); default: Shanghai's eleven, as in `deploy/banks/`.
     #[arg(long, env = "SOCIALCARD_BANKS_DIR")]
     banks_dir: Option<PathBuf>,
+    /// The city's policy file (as `deploy/city.toml`); default: Shanghai's. The registry and the loss
+    /// coordinator both follow it.
+    #[arg(long, env = "SOCIALCARD_CITY_POLICY")]
+    city_policy: Option<PathBuf>,
     /// Host the bank adapters listen on (each on the port of its bank file).
     #[arg(long, env = "SOCIALCARD_BANK_HOST", default_value = "127.0.0.1")]
     bank_host: String,
@@ -55,7 +59,8 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("cannot create data directory {}", args.data_dir.display()))?;
     let (directory, ports) = crate::serve::banks(args.banks_dir.as_deref())?;
-    let built = crate::serve::registry::open(&args.registry, &args.data_dir, directory.clone()).await?;
+    let policy = crate::serve::city_policy(args.city_policy.as_deref())?;
+    let built = crate::serve::registry::open(&args.registry, &args.data_dir, policy.clone(), directory.clone()).await?;
     let events = match &args.kafka_brokers {
         Some(brokers) => Events::Kafka(crate::serve::connect_kafka(brokers, args.kafka_partitions).await?),
         None => {
@@ -126,6 +131,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             loss,
             crate::loss::Wiring {
                 data_dir: &args.data_dir,
+                policy,
                 banks: directory.clone(),
                 registry: service_channel(tls.as_ref(), &registry_addr, crate::loss::SERVICE, "registry")?,
                 adapters: adapter_channels,

@@ -14,8 +14,9 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use clap::{Args, Subcommand};
-use socialcard_domain::BankDirectory;
 use socialcard_domain::bank::{AdapterPorts, SHANGHAI_BANK_FILES};
+use socialcard_domain::policy::SHANGHAI_CITY_FILE;
+use socialcard_domain::{BankDirectory, CityPolicy};
 use socialcard_events::embedded::SqliteOffsets;
 use socialcard_events::kafka::{KafkaConfig, KafkaPublisher};
 use socialcard_events::relay::RelayConfig;
@@ -111,6 +112,19 @@ pub fn banks(banks_dir: Option<&Path>) -> anyhow::Result<(BankDirectory, Adapter
     };
     let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
     BankDirectory::from_files(&refs).map_err(|r| anyhow::anyhow!("{r}"))
+}
+
+/// The city's policy: the file at `path`, or Shanghai's compiled in (`deploy/city.toml`). The registry and
+/// the loss coordinator must be given the same one.
+pub fn city_policy(path: Option<&Path>) -> anyhow::Result<CityPolicy> {
+    let text = match path {
+        Some(p) => std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?,
+        None => SHANGHAI_CITY_FILE.to_string(),
+    };
+    CityPolicy::from_toml(&text).map_err(|r| match path {
+        Some(p) => anyhow::anyhow!("{}: {r}", p.display()),
+        None => anyhow::anyhow!("{r}"),
+    })
 }
 
 /// A channel from one of our services (`client`) to another (`server`) at `target` (`host:port` or a
@@ -248,6 +262,10 @@ struct Common {
     /// Directory of bank files (`<code>.toml`); default: Shanghai's eleven, as in `deploy/banks/`.
     #[arg(long, global = true, env = "SOCIALCARD_BANKS_DIR")]
     banks_dir: Option<PathBuf>,
+    /// The city's policy file (as `deploy/city.toml`); default: Shanghai's. Give the registry and the loss
+    /// coordinator the same file.
+    #[arg(long, global = true, env = "SOCIALCARD_CITY_POLICY")]
+    city_policy: Option<PathBuf>,
     /// Prometheus metrics over HTTP (`GET /metrics`).
     #[arg(long, global = true, env = "SOCIALCARD_METRICS_LISTEN", default_value = "127.0.0.1:9464")]
     metrics_listen: String,
@@ -353,6 +371,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let common = args.common;
     std::fs::create_dir_all(&common.data_dir)
         .with_context(|| format!("cannot create data directory {}", common.data_dir.display()))?;
+    let policy = city_policy(common.city_policy.as_deref())?;
     let brokers = common
         .kafka_brokers
         .as_deref()
@@ -372,7 +391,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let main = match args.service {
         Service::Registry(a) => {
             let listener = registry::bind(&a.registry_listen).await?;
-            let built = registry::open(&a, data_dir, directory).await?;
+            let built = registry::open(&a, data_dir, policy, directory).await?;
             background.extend(registry::consume(&built, &events, &metrics, &stopped)?);
             let kafka = events.kafka().context("no Kafka")?;
             println!("registry events published to kafka at {}", kafka.brokers);
@@ -416,6 +435,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
                 listening,
                 crate::loss::Wiring {
                     data_dir,
+                    policy,
                     banks: directory,
                     registry: service_channel(tls.as_ref(), &a.registry_endpoint, client, "registry")?,
                     adapters,

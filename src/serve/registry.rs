@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use clap::Args;
-use socialcard_domain::BankDirectory;
+use socialcard_domain::{BankDirectory, CityPolicy};
 use socialcard_events::kafka::{ConsumerConfig, KafkaConsumer};
 use socialcard_events::{Handler, Metrics, topics};
 use socialcard_registry::events::FinancialEvents;
@@ -89,7 +89,12 @@ fn write_private(path: &Path, content: &str) -> anyhow::Result<()> {
 }
 
 /// Opens (and migrates) the registry's database.
-pub async fn open(args: &RegistryArgs, data_dir: &Path, banks: BankDirectory) -> anyhow::Result<Built> {
+pub async fn open(
+    args: &RegistryArgs,
+    data_dir: &Path,
+    policy: CityPolicy,
+    banks: BankDirectory,
+) -> anyhow::Result<Built> {
     let db_url = match &args.registry_database_url {
         Some(url) => url.clone(),
         None => format!("sqlite://{}?mode=rwc", data_dir.join("registry.db").display()),
@@ -98,6 +103,7 @@ pub async fn open(args: &RegistryArgs, data_dir: &Path, banks: BankDirectory) ->
         &db_url,
         Arc::new(SystemClock),
         RegistryConfig {
+            policy,
             banks,
             data_key: data_key(args, data_dir)?,
             ..RegistryConfig::shanghai(pin_key(args, data_dir)?)

@@ -82,6 +82,8 @@ pub struct City {
     pub dir: Dir,
     /// Where the coordinator listens (the adapters hand branch losses and unlocks to it there).
     coordinator_addr: String,
+    /// The city's policy, the registry's and the coordinator's alike.
+    pub policy: CityPolicy,
     stop: watch::Sender<bool>,
 }
 
@@ -92,14 +94,17 @@ pub fn monday_morning() -> time::OffsetDateTime {
 
 impl City {
     pub async fn start() -> City {
+        City::start_with(CityPolicy::shanghai()).await
+    }
+
+    /// A city under `policy` (e.g. a social-side lapse of temporary losses, R27).
+    pub async fn start_with(policy: CityPolicy) -> City {
         let dir = Dir(std::env::temp_dir().join(format!("socialcard-loss-{}", uuid::Uuid::new_v4().simple())));
         std::fs::create_dir_all(&dir.0).unwrap();
         let clock = ManualClock::new(monday_morning());
         let url = format!("sqlite://{}?mode=rwc", dir.0.join("registry.db").display());
-        let built =
-            socialcard_registry::build(&url, Arc::new(clock.clone()), RegistryConfig::shanghai(b"k".repeat(32)))
-                .await
-                .unwrap();
+        let config = RegistryConfig { policy: policy.clone(), ..RegistryConfig::shanghai(b"k".repeat(32)) };
+        let built = socialcard_registry::build(&url, Arc::new(clock.clone()), config).await.unwrap();
         let (stop, stopped) = watch::channel(false);
         let (l, registry_addr) = listen().await;
         let routes = tonic::service::Routes::new(
@@ -151,6 +156,7 @@ impl City {
             banks,
             dir,
             coordinator_addr,
+            policy,
             stop,
         }
     }
@@ -171,7 +177,7 @@ impl City {
             .iter()
             .map(|b| (b.code.clone(), Channel::from_shared(adapter_addr(&b.code, &b.addr)).unwrap().connect_lazy()))
             .collect();
-        let mut config = CoordinatorConfig::new(CityPolicy::shanghai(), BankDirectory::shanghai());
+        let mut config = CoordinatorConfig::new(self.policy.clone(), BankDirectory::shanghai());
         config.tick = Duration::from_millis(20);
         config.call_timeout = Duration::from_secs(2);
         config.max_backoff = Duration::from_millis(200);
