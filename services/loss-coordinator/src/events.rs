@@ -150,13 +150,13 @@ impl Handler for CardEvents {
                             .map_err(crate::store::db)?;
                         }
                         let mut case = before.clone();
-                        case.sides.social_released = Some(if e.idempotency_key.starts_with("timer:") {
-                            Release::Expired
-                        } else {
-                            Release::Unlocked
-                        });
+                        // A lapse made by the coordinator's own timer: that timer records its outcome.
+                        let lapsed = e.idempotency_key.starts_with("timer:");
+                        case.sides.social_released = Some(if lapsed { Release::Expired } else { Release::Unlocked });
                         case.update(&mut tx, &before, now).await?;
-                        c.settle_case_timers(&mut tx, &case, now).await?;
+                        if !lapsed {
+                            c.settle_case_timers(&mut tx, &case, now).await?;
+                        }
                     }
                 }
                 ev::card_event::Kind::SocialPinLocked(_) if open_pin.is_none() => {
@@ -178,7 +178,13 @@ impl Handler for CardEvents {
                     settle(&mut tx, &e.card_id, None, ALL_TIMERS, "card replaced", now).await?;
                 }
                 ev::card_event::Kind::CardCancelled(_) | ev::card_event::Kind::TemporaryCardExpired(_) => {
-                    settle(&mut tx, &e.card_id, None, ALL_TIMERS, "card ended", now).await?;
+                    // An expiry made by the coordinator's own R24 timer: that timer records its outcome.
+                    let others: Vec<TimerKind> = ALL_TIMERS
+                        .iter()
+                        .copied()
+                        .filter(|k| *k != TimerKind::TemporaryCardExpiry || !e.idempotency_key.starts_with("timer:"))
+                        .collect();
+                    settle(&mut tx, &e.card_id, None, &others, "card ended", now).await?;
                 }
                 _ => {}
             }

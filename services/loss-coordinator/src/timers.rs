@@ -387,22 +387,36 @@ impl Coordinator {
                 done => done,
             }
         };
-        let now = self.clock.now();
-        let mut case = before.clone();
-        if financial {
-            case.sides.financial_released = Some(Release::Expired);
-        } else {
-            case.sides.social_released = Some(Release::Expired);
+        // The lapse is done; record it on the case. The registry's SocialUnlocked event for this very call
+        // may have recorded it first (the case then changed under us): the lapse stays this timer's work.
+        let mut before = before;
+        for _ in 0..3 {
+            let now = self.clock.now();
+            let mut case = before.clone();
+            if financial {
+                case.sides.financial_released = Some(Release::Expired);
+            } else {
+                case.sides.social_released = Some(Release::Expired);
+            }
+            let mut tx = self.writer.begin().await.map_err(db)?;
+            if case.update(&mut tx, &before, now).await? {
+                tx.commit().await.map_err(db)?;
+                if case.state() == CaseState::Expired {
+                    tracing::info!(case = %case.case_id, "temporary loss lapsed on every side");
+                }
+                return Ok(fired);
+            }
+            drop(tx);
+            before = match self.load_case(case_id).await? {
+                Some(now) => now,
+                None => return Ok(fired),
+            };
+            let released = if financial { before.sides.financial_released } else { before.sides.social_released };
+            if released.is_some() || before.state().is_closed() {
+                return Ok(fired);
+            }
         }
-        let mut tx = self.writer.begin().await.map_err(db)?;
-        if !case.update(&mut tx, &before, now).await? {
-            return Err(ApiError::Unavailable("the case changed concurrently".into()));
-        }
-        tx.commit().await.map_err(db)?;
-        if case.state() == CaseState::Expired {
-            tracing::info!(case = %case.case_id, "temporary loss lapsed on every side");
-        }
-        Ok(fired)
+        Err(ApiError::Unavailable("the case changed concurrently".into()))
     }
 
     /// Timers of a card, or all pending ones (`pending_only`), soonest first.

@@ -69,6 +69,15 @@ async fn a_temporary_loss_by_phone_locks_both_sides_and_the_bank_refuses_activat
     let by_phone = lc.unlock(unlock(&card_id, reg::Channel::Hotline, true)).await.unwrap_err();
     assert_eq!(by_phone.code(), Code::InvalidArgument);
     assert_eq!(reason_of(&by_phone).as_deref(), Some("CHANNEL_NOT_ALLOWED"));
+    // Nor at a community point: the registry's rule (a written unlock at a bureau window) refuses it, and
+    // nothing changes on either side.
+    let at_point = lc.unlock(unlock(&card_id, reg::Channel::CommunityPoint, true)).await.unwrap_err();
+    assert_eq!(at_point.code(), Code::InvalidArgument, "{at_point:?}");
+    assert_eq!(reason_of(&at_point).as_deref(), Some("CHANNEL_NOT_ALLOWED"));
+    assert_eq!(city.card(&card_id).await.social_state, reg::SocialState::LossLocked as i32);
+    let still = &case_of(&lc, &card_id).await[0];
+    assert!(still.state == loss::CaseState::Locked as i32 && still.social_locked, "{still:?}");
+    assert_eq!(city.audited(&card_id, "unlock").await, 0);
     let at_bureau = lc.unlock(unlock(&card_id, reg::Channel::BureauWindow, true)).await.unwrap().into_inner();
     let case = at_bureau.loss_case.unwrap();
     assert_eq!(case.state, loss::CaseState::Unlocking as i32, "the bank side is still frozen: {case:?}");
@@ -718,4 +727,298 @@ async fn a_replacement_ordered_after_a_written_loss_closes_the_case_for_good() {
         .into_inner()
         .timers;
     assert!(timers.is_empty(), "a replaced card's deadlines are settled: {timers:?}");
+}
+
+async fn timers_of(
+    client: &loss::loss_coordinator_service_client::LossCoordinatorServiceClient<tonic::transport::Channel>,
+    card_id: &str,
+    kind: loss::TimerKind,
+) -> Vec<loss::Timer> {
+    let timers = client
+        .clone()
+        .list_timers(loss::ListTimersRequest { card_id: card_id.into(), pending_only: false, page_size: 0 })
+        .await
+        .unwrap()
+        .into_inner()
+        .timers;
+    timers.into_iter().filter(|t| t.kind == kind as i32).collect()
+}
+
+/// Waits until the card's `kind` timer has fired (its outcome is written just after its effect shows); returns it.
+async fn fired(
+    client: &loss::loss_coordinator_service_client::LossCoordinatorServiceClient<tonic::transport::Channel>,
+    card_id: &str,
+    kind: loss::TimerKind,
+) -> Vec<loss::Timer> {
+    eventually("the timer records how it ended", || async {
+        timers_of(client, card_id, kind).await.iter().all(|t| t.fired_at.is_some())
+    })
+    .await;
+    timers_of(client, card_id, kind).await
+}
+
+fn at(t: &prost_types::Timestamp) -> time::OffsetDateTime {
+    time::OffsetDateTime::from_unix_timestamp(t.seconds).unwrap()
+}
+
+/// Shanghai's city file with a social-side lapse of temporary losses (R27: Shenzhen's 10 days).
+fn lapsing_after(days: u32) -> socialcard_domain::CityPolicy {
+    let file = socialcard_domain::policy::SHANGHAI_CITY_FILE
+        .replace("# temporary_loss_expiry_days_social = 10", &format!("temporary_loss_expiry_days_social = {days}"));
+    socialcard_domain::CityPolicy::from_toml(&file).unwrap()
+}
+
+#[tokio::test]
+async fn a_temporary_loss_lapses_on_the_social_side_after_the_city_days_unless_made_written() {
+    let city = City::start_with(lapsing_after(10)).await;
+    let running = city.coordinator().await;
+    let mut lc = running.client.clone();
+    let (card_id, _) = city.collected(91, "icbc").await;
+    let (written_id, _) = city.collected(92, "icbc").await;
+    let reported_at = socialcard_server::Clock::now(&city.clock);
+
+    let case = lc
+        .report_loss(report(&card_id, reg::LossKind::Temporary, reg::Channel::Hotline))
+        .await
+        .unwrap()
+        .into_inner()
+        .loss_case
+        .unwrap();
+    assert_eq!(at(case.social_expires_at.as_ref().unwrap()), reported_at + time::Duration::days(10));
+    // The other holder's phone loss is made written at the bureau before it lapses.
+    lc.report_loss(report(&written_id, reg::LossKind::Temporary, reg::Channel::Hotline)).await.unwrap();
+    city.clock.advance(time::Duration::days(3));
+    let written = lc
+        .report_loss(report(&written_id, reg::LossKind::Written, reg::Channel::BureauWindow))
+        .await
+        .unwrap()
+        .into_inner()
+        .loss_case
+        .unwrap();
+    assert_eq!(written.loss_kind, reg::LossKind::Written as i32);
+
+    // One day before the lapse (the bank's 5 days are over): the social side is still locked.
+    city.clock.set(reported_at + time::Duration::days(9));
+    eventually("the bank side lapses after its own days", || async {
+        let c = lc.clone().get_case(loss::GetCaseRequest { case_id: case.case_id.clone() }).await.unwrap();
+        !c.into_inner().loss_case.unwrap().financial_frozen
+    })
+    .await;
+    running.coordinator.tick().await;
+    running.coordinator.tick().await;
+    assert_eq!(city.card(&card_id).await.social_state, reg::SocialState::LossLocked as i32, "not yet");
+    let pending = timers_of(&lc, &card_id, loss::TimerKind::SocialLossExpiry).await;
+    assert!(pending.len() == 1 && pending[0].fired_at.is_none(), "{pending:?}");
+
+    // After it: the coordinator's timer gives the social side back, and the case has lapsed on both sides.
+    city.clock.set(reported_at + time::Duration::days(10) + time::Duration::minutes(1));
+    eventually("the social side lapses", || async {
+        city.card(&card_id).await.social_state == reg::SocialState::NotActivated as i32
+    })
+    .await;
+    eventually("the case ends as expired", || async {
+        let c = lc.clone().get_case(loss::GetCaseRequest { case_id: case.case_id.clone() }).await.unwrap();
+        c.into_inner().loss_case.unwrap().state == loss::CaseState::Expired as i32
+    })
+    .await;
+    let lapse = fired(&lc, &card_id, loss::TimerKind::SocialLossExpiry).await;
+    assert!(lapse.len() == 1 && lapse[0].outcome.contains("R27"), "{lapse:?}");
+    assert_eq!(city.audited(&card_id, "deadline").await, 1);
+
+    // The written loss does not lapse: its timer ends moot, its social side stays locked and its case open.
+    let moot = fired(&lc, &written_id, loss::TimerKind::SocialLossExpiry).await;
+    assert!(moot.len() == 1 && moot[0].outcome.starts_with("moot"), "{moot:?}");
+    let card = city.card(&written_id).await;
+    assert_eq!(card.social_state, reg::SocialState::LossLocked as i32);
+    assert_eq!(card.social_loss_kind, reg::LossKind::Written as i32);
+    let still = &case_of(&lc, &written_id).await[0];
+    assert_eq!(still.state, loss::CaseState::Locked as i32, "{still:?}");
+    assert!(still.social_locked && still.financial_frozen);
+    assert_eq!(city.audited(&written_id, "deadline").await, 0);
+}
+
+/// Takes an application through approval, production (with `account`, empty for a temporary card) and
+/// collection; returns the collected card.
+async fn through_collection(
+    city: &City,
+    app: reg::SubmitApplicationRequest,
+    account: String,
+    documents: Option<reg::Documents>,
+) -> reg::Card {
+    let mut r = city.registry.clone();
+    r.register_person(reg::RegisterPersonRequest {
+        idempotency_key: key(),
+        citizen_id: app.citizen_id.clone(),
+        name: "Li Lei".into(),
+        phone: "13800000000".into(),
+    })
+    .await
+    .unwrap();
+    let card = r.submit_application(app).await.unwrap().into_inner().card.unwrap();
+    r.review_application(reg::ReviewApplicationRequest {
+        idempotency_key: key(),
+        card_id: card.card_id.clone(),
+        actor: actor(reg::Channel::BureauWindow),
+        decision: reg::ReviewDecision::Approve as i32,
+        reason: String::new(),
+    })
+    .await
+    .unwrap();
+    r.start_production(reg::StartProductionRequest {
+        idempotency_key: key(),
+        card_id: card.card_id.clone(),
+        actor: actor(reg::Channel::Production),
+        batch_id: "b1".into(),
+    })
+    .await
+    .unwrap();
+    r.record_production_result(reg::RecordProductionResultRequest {
+        idempotency_key: key(),
+        card_id: card.card_id.clone(),
+        actor: actor(reg::Channel::Production),
+        result: Some(reg::record_production_result_request::Result::AccountNumber(account)),
+    })
+    .await
+    .unwrap();
+    r.record_collection(reg::RecordCollectionRequest {
+        idempotency_key: key(),
+        card_id: card.card_id.clone(),
+        actor: actor(reg::Channel::CommunityPoint),
+        method: reg::CollectionMethod::PickedUpAtPoint as i32,
+        collected_at: None,
+        documents,
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .card
+    .unwrap()
+}
+
+fn application(citizen_id: &str, card_type: reg::CardType, bank: &str) -> reg::SubmitApplicationRequest {
+    reg::SubmitApplicationRequest {
+        idempotency_key: key(),
+        citizen_id: citizen_id.into(),
+        actor: actor(reg::Channel::CommunityPoint),
+        documents: holder(true),
+        card_type: card_type as i32,
+        holder_status: reg::HolderStatus::Unemployed as i32,
+        bank_code: bank.into(),
+        photo: Some(reg::Photo { source: reg::PhotoSource::CommunityPoint as i32, ..Default::default() }),
+        backup_point_id: "point-1".into(),
+        ..Default::default()
+    }
+}
+
+/// Waits for the coordinator to schedule the card's `kind` timer from CardCollected; returns its due time.
+async fn scheduled(
+    lc: &loss::loss_coordinator_service_client::LossCoordinatorServiceClient<tonic::transport::Channel>,
+    card_id: &str,
+    kind: loss::TimerKind,
+) -> time::OffsetDateTime {
+    eventually("the timer is scheduled at collection", || async { !timers_of(lc, card_id, kind).await.is_empty() })
+        .await;
+    at(timers_of(lc, card_id, kind).await[0].due_at.as_ref().unwrap())
+}
+
+#[tokio::test]
+async fn r23_and_r24_are_enforced_by_the_coordinators_own_timers() {
+    let city = City::start().await;
+    let running = city.coordinator().await;
+    let lc = running.client.clone();
+
+    // R23: a minor born 1 December 2010 turns 16 on 1 December 2026; unexchanged, the card is disabled
+    // from 1 December 2029 (Shanghai midnight).
+    let minor_id =
+        format!("31010520101201007{}", socialcard_domain::citizen_id::check_char(b"31010520101201007") as char);
+    let guardian = Some(reg::Documents {
+        presenter: reg::Presenter::Guardian as i32,
+        household_register: true,
+        guardianship_proof: true,
+        agent_id_card: true,
+        card_presented: true,
+        ..Default::default()
+    });
+    let mut app = application(&minor_id, reg::CardType::Minor, "icbc");
+    app.holder_status = reg::HolderStatus::Student as i32;
+    app.documents = guardian;
+    let bin = socialcard_domain::BankDirectory::shanghai().get("icbc").unwrap().bin_prefixes[0].clone();
+    let body = format!("{bin}{:0>width$}", 93, width = 18 - bin.len());
+    let account = format!("{body}{}", socialcard_domain::numbers::luhn_check_digit(&body));
+    let minor = through_collection(&city, app, account, guardian).await;
+    let due = scheduled(&lc, &minor.card_id, loss::TimerKind::MinorExchange).await;
+    assert_eq!(due, time::macros::datetime!(2029-12-01 00:00 +08:00));
+    // Financially activated, so R22 never locks it first (the R22 timer is settled).
+    city.bank("icbc").activate_financial(activation(&minor.card_number)).await.unwrap();
+    eventually("the R22 timer is settled by the activation", || async {
+        timers_of(&lc, &minor.card_id, loss::TimerKind::AutoLock).await.iter().all(|t| t.fired_at.is_some())
+    })
+    .await;
+
+    // R24: a temporary card, valid for the city's 180 days from collection.
+    let temp_id = socialcard_registry::fixtures::adult_citizen_id(93);
+    let temp =
+        through_collection(&city, application(&temp_id, reg::CardType::Temporary, ""), String::new(), holder(true))
+            .await;
+    let expires = scheduled(&lc, &temp.card_id, loss::TimerKind::TemporaryCardExpiry).await;
+    assert_eq!(expires, socialcard_server::Clock::now(&city.clock) + time::Duration::days(180));
+    assert!(timers_of(&lc, &temp.card_id, loss::TimerKind::AutoLock).await.is_empty(), "no financial function");
+
+    // A day before the card's validity ends nothing happens; past it, the coordinator's timer expires it.
+    city.clock.set(expires - time::Duration::days(1));
+    running.coordinator.tick().await;
+    assert_ne!(city.card(&temp.card_id).await.physical_state, reg::PhysicalState::Cancelled as i32);
+    assert_eq!(city.audited(&temp.card_id, "deadline").await, 0);
+    city.clock.set(expires + time::Duration::minutes(1));
+    eventually("the temporary card expires (R24)", || async {
+        city.card(&temp.card_id).await.physical_state == reg::PhysicalState::Cancelled as i32
+    })
+    .await;
+
+    // The same for the minor card, a day before its exchange deadline and then past it.
+    city.clock.set(due - time::Duration::days(1));
+    running.coordinator.tick().await;
+    assert_ne!(city.card(&minor.card_id).await.social_state, reg::SocialState::Disabled as i32);
+    assert_eq!(city.audited(&minor.card_id, "deadline").await, 0);
+    city.clock.set(due + time::Duration::minutes(1));
+    eventually("the unexchanged minor card is disabled (R23)", || async {
+        city.card(&minor.card_id).await.social_state == reg::SocialState::Disabled as i32
+    })
+    .await;
+    assert_eq!(city.card(&temp.card_id).await.status_code, "9");
+    let r23 = fired(&lc, &minor.card_id, loss::TimerKind::MinorExchange).await;
+    assert!(r23.len() == 1 && r23[0].outcome.contains("R23"), "{r23:?}");
+    let r24 = fired(&lc, &temp.card_id, loss::TimerKind::TemporaryCardExpiry).await;
+    assert!(r24.len() == 1 && r24[0].outcome.contains("R24"), "{r24:?}");
+    assert_eq!(city.audited(&minor.card_id, "deadline").await, 1);
+    assert_eq!(city.audited(&temp.card_id, "deadline").await, 1);
+}
+
+#[tokio::test]
+async fn a_pending_timer_survives_a_coordinator_restart_and_fires_once() {
+    let city = City::start().await;
+    let first = city.coordinator().await;
+    let (card_id, _) = city.collected(94, "icbc").await;
+    let due = scheduled(&first.client, &card_id, loss::TimerKind::AutoLock).await;
+    first.kill().await;
+
+    // A new coordinator on the same database: the R22 timer is still pending, and fires once due.
+    let second = city.coordinator().await;
+    let lc = second.client.clone();
+    let pending = timers_of(&lc, &card_id, loss::TimerKind::AutoLock).await;
+    assert!(pending.len() == 1 && pending[0].fired_at.is_none(), "{pending:?}");
+    city.clock.set(due + time::Duration::minutes(1));
+    eventually("R22 locks the social side after the restart", || async {
+        city.card(&card_id).await.social_loss_kind == reg::LossKind::Automatic as i32
+    })
+    .await;
+    let r22 = fired(&lc, &card_id, loss::TimerKind::AutoLock).await;
+    assert!(r22.len() == 1 && r22[0].outcome.contains("R22"), "{r22:?}");
+    for _ in 0..3 {
+        second.coordinator.tick().await;
+    }
+    assert_eq!(city.audited(&card_id, "loss_lock").await, 1);
+    let cases = case_of(&lc, &card_id).await;
+    assert_eq!(cases.len(), 1);
+    assert_eq!(cases[0].loss_kind, reg::LossKind::Automatic as i32);
 }
