@@ -18,7 +18,7 @@ use socialcard_registry::RegistryConfig;
 use socialcard_registry::fixtures::collected_card;
 use socialcard_server::SystemClock;
 use sqlx::SqlitePool;
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
 use tokio::net::TcpListener;
 use tonic::transport::Channel;
 
@@ -42,7 +42,7 @@ async fn sqlite(path: std::path::PathBuf) -> anyhow::Result<SqlitePool> {
         .journal_mode(SqliteJournalMode::Wal)
         .synchronous(SqliteSynchronous::Normal)
         .busy_timeout(Duration::from_secs(30));
-    Ok(SqlitePoolOptions::new().max_connections(8).connect_with(opts).await?)
+    Ok(socialcard_events::sqlite_pool(8).connect_with(opts).await?)
 }
 
 /// Runs `op(i)` for i in 0..n with `in_flight` workers; returns latencies and the elapsed time.

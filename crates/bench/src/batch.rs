@@ -227,7 +227,7 @@ async fn database(
 /// A pool of the bench's own on a database the registry has migrated.
 pub(crate) async fn connect(url: &str) -> anyhow::Result<Db> {
     if url.starts_with("sqlite:") {
-        Ok(Db::Sqlite(sqlx::sqlite::SqlitePoolOptions::new().max_connections(2).connect(url).await?))
+        Ok(Db::Sqlite(socialcard_events::sqlite_pool(2).connect(url).await?))
     } else {
         Ok(Db::Postgres(sqlx::postgres::PgPoolOptions::new().max_connections(2).connect(url).await?))
     }

@@ -13,7 +13,7 @@ use socialcard_postal::{PostalConfig, grpc::PostalGrpc};
 use socialcard_proto::postal::v1 as pb;
 use socialcard_proto::postal::v1::postal_service_client::PostalServiceClient;
 use socialcard_server::SystemClock;
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode};
 use time::OffsetDateTime;
 use tokio::net::TcpListener;
 
@@ -112,7 +112,7 @@ async fn baseline(rows: usize) -> anyhow::Result<f64> {
         .create_if_missing(true)
         .journal_mode(SqliteJournalMode::Wal)
         .busy_timeout(Duration::from_secs(30));
-    let pool = SqlitePoolOptions::new().max_connections(1).connect_with(opts).await?;
+    let pool = socialcard_events::sqlite_pool(1).connect_with(opts).await?;
     sqlx::query(
         "CREATE TABLE shipment_history (id INTEGER PRIMARY KEY AUTOINCREMENT, waybill TEXT NOT NULL,
              courier_event_id TEXT NOT NULL UNIQUE, status TEXT NOT NULL, sub_reason TEXT NOT NULL, point_id TEXT,

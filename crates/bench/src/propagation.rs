@@ -15,7 +15,7 @@ use socialcard_events::outbox::SqliteOutbox;
 use socialcard_events::relay::RelayConfig;
 use socialcard_events::{Applied, Envelope, Handler, HandlerError, Outbox};
 use sqlx::SqlitePool;
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
 use time::OffsetDateTime;
 use tokio::sync::watch;
 
@@ -35,7 +35,7 @@ async fn db(path: std::path::PathBuf) -> anyhow::Result<SqlitePool> {
         .journal_mode(SqliteJournalMode::Wal)
         .synchronous(SqliteSynchronous::Normal)
         .busy_timeout(Duration::from_secs(10));
-    Ok(SqlitePoolOptions::new().max_connections(4).connect_with(opts).await?)
+    Ok(socialcard_events::sqlite_pool(4).connect_with(opts).await?)
 }
 
 /// The consumer's effect, as a service would apply it: inbox row + effect row, one transaction;

@@ -45,7 +45,7 @@ use crate::batch::{Db, connect, load_persons, sealer};
 async fn bulk_connect(url: &str) -> anyhow::Result<Db> {
     if url.starts_with("sqlite:") {
         let options = url.parse::<sqlx::sqlite::SqliteConnectOptions>()?.pragma("cache_size", "-1048576");
-        Ok(Db::Sqlite(sqlx::sqlite::SqlitePoolOptions::new().max_connections(1).connect_with(options).await?))
+        Ok(Db::Sqlite(socialcard_events::sqlite_pool(1).connect_with(options).await?))
     } else {
         connect(url).await
     }

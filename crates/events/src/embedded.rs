@@ -82,8 +82,10 @@ pub struct EmbeddedConsumer {
     pub handler: Arc<dyn Handler>,
     pub max_attempts: u32,
     pub retry_backoff: Duration,
-    /// How often an idle consumer looks for new events.
+    /// The pause after the first empty poll.
     pub poll: Duration,
+    /// The longest pause between polls of a log that stays empty (the pause doubles up to it).
+    pub max_idle_poll: Duration,
     pub metrics: Option<Metrics>,
 }
 
@@ -110,6 +112,7 @@ impl EmbeddedConsumer {
             max_attempts: 5,
             retry_backoff: Duration::from_millis(100),
             poll: Duration::from_millis(2),
+            max_idle_poll: Duration::from_millis(50),
             metrics: None,
         }
     }
@@ -157,23 +160,48 @@ impl EmbeddedConsumer {
         Ok(rows.len())
     }
 
-    pub async fn run(self, mut stop: watch::Receiver<bool>) {
-        loop {
-            if *stop.borrow() {
-                return;
+    pub async fn run(self, stop: watch::Receiver<bool>) {
+        let group = self.group.clone();
+        poll_until_stopped(self.poll, self.max_idle_poll, stop, &group, || self.poll_once()).await;
+    }
+}
+
+/// Runs `poll` until `stop`: again at once after it moved events, after a pause after it found none
+/// (`first_pause`, doubling up to `max_pause` while the log stays empty), and after 200 ms after a
+/// failure. Without the growing pause, the thirty-odd pollers of an idle `up` kept a core busy.
+pub async fn poll_until_stopped<F, Fut>(
+    first_pause: Duration,
+    max_pause: Duration,
+    mut stop: watch::Receiver<bool>,
+    what: &str,
+    mut poll: F,
+) where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<usize, EventError>>,
+{
+    let mut idle = first_pause;
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        let pause = match poll().await {
+            Ok(0) => {
+                let pause = idle;
+                idle = (idle * 2).min(max_pause.max(first_pause));
+                pause
             }
-            let pause = match self.poll_once().await {
-                Ok(0) => self.poll,
-                Ok(_) => continue,
-                Err(e) => {
-                    tracing::warn!(group = %self.group, error = %e, "embedded consumer failed; retrying");
-                    Duration::from_millis(200)
-                }
-            };
-            tokio::select! {
-                _ = tokio::time::sleep(pause) => {}
-                _ = stop.changed() => {}
+            Ok(_) => {
+                idle = first_pause;
+                continue;
             }
+            Err(e) => {
+                tracing::warn!(poller = %what, error = %e, "polling the embedded log failed; retrying");
+                Duration::from_millis(200)
+            }
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(pause) => {}
+            _ = stop.changed() => {}
         }
     }
 }

@@ -31,7 +31,7 @@ use socialcard_proto::registry::v1::registry_service_client::RegistryServiceClie
 use socialcard_server::ApiError;
 use socialcard_server::error::reason_of;
 use sqlx::Row;
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool};
 use time::OffsetDateTime;
 use tonic::transport::Channel;
 use tonic::{Code, Request, Response, Status};
@@ -123,9 +123,9 @@ impl BankAdapter {
             .journal_mode(SqliteJournalMode::Wal)
             .busy_timeout(Duration::from_secs(10))
             .foreign_keys(true);
-        let pool = SqlitePoolOptions::new().max_connections(4).connect_with(options.clone()).await?;
+        let pool = socialcard_events::sqlite_pool(4).connect_with(options.clone()).await?;
         sqlx::migrate!("./migrations").run(&pool).await.map_err(|e| sqlx::Error::Migrate(Box::new(e)))?;
-        let writer = SqlitePoolOptions::new().max_connections(1).connect_with(options).await?;
+        let writer = socialcard_events::sqlite_pool(1).connect_with(options).await?;
         let limiter =
             Arc::new(socialcard_server::limit::RateLimiter::new(bank.policy.requests_per_second, bank.policy.burst));
         Ok(Self {

@@ -25,7 +25,7 @@ use socialcard_events::outbox::SqliteOutbox;
 use socialcard_proto::bank::v1::bank_coordination_service_client::BankCoordinationServiceClient;
 use socialcard_proto::registry::v1::registry_service_client::RegistryServiceClient;
 use socialcard_server::Clock;
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool};
 use tokio::sync::watch;
 use tonic::transport::Channel;
 
@@ -84,10 +84,10 @@ impl Coordinator {
             .journal_mode(SqliteJournalMode::Wal)
             .busy_timeout(Duration::from_secs(10))
             .foreign_keys(true);
-        let pool = SqlitePoolOptions::new().max_connections(4).connect_with(options.clone()).await?;
+        let pool = socialcard_events::sqlite_pool(4).connect_with(options.clone()).await?;
         sqlx::migrate!("./migrations").run(&pool).await.map_err(|e| sqlx::Error::Migrate(Box::new(e)))?;
         sqlx::raw_sql(socialcard_events::inbox::SQLITE_SCHEMA).execute(&pool).await?;
-        let writer = SqlitePoolOptions::new().max_connections(1).connect_with(options).await?;
+        let writer = socialcard_events::sqlite_pool(1).connect_with(options).await?;
         let adapters =
             adapters.into_iter().map(|(code, channel)| (code, BankCoordinationServiceClient::new(channel))).collect();
         Ok(Self {

@@ -12,7 +12,7 @@ use async_trait::async_trait;
 use socialcard_events::embedded::{EmbeddedConsumer, SqliteOffsets};
 use socialcard_events::outbox::SqliteOutbox;
 use socialcard_events::{Applied, Envelope, EventError, Handler, HandlerError, Metrics, Outbox};
-use sqlx::sqlite::{SqliteConnectOptions, SqlitePoolOptions};
+use sqlx::sqlite::SqliteConnectOptions;
 use tokio::sync::{Mutex, watch};
 
 use crate::store::{OpsStore, StoreError};
@@ -47,7 +47,7 @@ impl Handler for OpsEvents {
 pub async fn open_service_database(path: &Path) -> Result<(Arc<dyn Outbox>, SqliteOffsets), StoreError> {
     let options =
         SqliteConnectOptions::new().filename(path).create_if_missing(false).busy_timeout(Duration::from_secs(10));
-    let pool = SqlitePoolOptions::new().max_connections(2).connect_with(options).await?;
+    let pool = socialcard_events::sqlite_pool(2).connect_with(options).await?;
     Ok((Arc::new(SqliteOutbox::new(pool.clone())), SqliteOffsets::new(pool)))
 }
 
@@ -65,8 +65,10 @@ pub struct Source {
 pub struct EmbeddedFeed {
     consumers: Vec<EmbeddedConsumer>,
     gate: Mutex<()>,
-    /// How often an idle feed looks for new events.
+    /// The pause after the first empty poll of every source.
     pub poll: Duration,
+    /// The longest pause while every source stays empty (the dashboard is at most this stale).
+    pub max_idle_poll: Duration,
 }
 
 impl EmbeddedFeed {
@@ -83,7 +85,12 @@ impl EmbeddedFeed {
                 c
             })
             .collect();
-        Self { consumers, gate: Mutex::new(()), poll: Duration::from_millis(20) }
+        Self {
+            consumers,
+            gate: Mutex::new(()),
+            poll: Duration::from_millis(20),
+            max_idle_poll: Duration::from_millis(250),
+        }
     }
 
     async fn poll_all(&self) -> Result<usize, EventError> {
@@ -125,23 +132,10 @@ impl EmbeddedFeed {
         self.drain().await.map_err(|e| StoreError::Feed(e.to_string()))
     }
 
-    pub async fn run(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
-        loop {
-            if *stop.borrow() {
-                return;
-            }
-            let pause = match self.poll_once().await {
-                Ok(0) => self.poll,
-                Ok(_) => continue,
-                Err(e) => {
-                    tracing::warn!(error = %e, "ops feed failed; retrying");
-                    Duration::from_millis(200)
-                }
-            };
-            tokio::select! {
-                _ = tokio::time::sleep(pause) => {}
-                _ = stop.changed() => {}
-            }
-        }
+    pub async fn run(self: Arc<Self>, stop: watch::Receiver<bool>) {
+        socialcard_events::embedded::poll_until_stopped(self.poll, self.max_idle_poll, stop, "ops feed", || {
+            self.poll_once()
+        })
+        .await;
     }
 }

@@ -13,7 +13,7 @@ use prost::Message;
 use socialcard_events::{Envelope, from_unix_micros, topics, unix_micros};
 use socialcard_proto::events::v1 as ev;
 use sqlx::Row;
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool};
 use time::OffsetDateTime;
 
 use crate::projection::{self, CardStates, Stage};
@@ -111,9 +111,9 @@ impl OpsStore {
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
             .busy_timeout(Duration::from_secs(10));
-        let pool = SqlitePoolOptions::new().max_connections(4).connect_with(options.clone()).await?;
+        let pool = socialcard_events::sqlite_pool(4).connect_with(options.clone()).await?;
         sqlx::migrate!("./migrations").run(&pool).await.map_err(|e| sqlx::Error::Migrate(Box::new(e)))?;
-        let writer = SqlitePoolOptions::new().max_connections(1).connect_with(options).await?;
+        let writer = socialcard_events::sqlite_pool(1).connect_with(options).await?;
         Ok(Self { pool, writer })
     }
 

@@ -14,7 +14,7 @@ use socialcard_events::outbox::SqliteOutbox;
 use socialcard_events::{Outbox, from_unix_micros, unix_micros};
 use socialcard_proto::events::v1 as ev;
 use socialcard_proto::postal::v1 as pb;
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqliteRow};
 use sqlx::{QueryBuilder, Row, Sqlite};
 use time::OffsetDateTime;
 
@@ -400,9 +400,9 @@ impl PostalStore {
             .journal_mode(SqliteJournalMode::Wal)
             .busy_timeout(Duration::from_secs(10))
             .foreign_keys(true);
-        let pool = SqlitePoolOptions::new().max_connections(4).connect_with(options.clone()).await?;
+        let pool = socialcard_events::sqlite_pool(4).connect_with(options.clone()).await?;
         sqlx::migrate!("./migrations").run(&pool).await.map_err(|e| sqlx::Error::Migrate(Box::new(e)))?;
-        let writer = SqlitePoolOptions::new().max_connections(1).connect_with(options).await?;
+        let writer = socialcard_events::sqlite_pool(1).connect_with(options).await?;
         Ok(Self { outbox: Arc::new(SqliteOutbox::new(pool.clone())), pool, writer })
     }
 

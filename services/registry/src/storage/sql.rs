@@ -12,7 +12,7 @@ use socialcard_events::Outbox;
 use socialcard_events::outbox::{PgOutbox, SqliteOutbox};
 use sqlx::Row;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
 use time::OffsetDateTime;
 
 use super::{
@@ -482,8 +482,7 @@ impl SqliteStore {
             .foreign_keys(true);
         // An in-memory database lives in one connection.
         let memory = url.contains(":memory:");
-        let pool = SqlitePoolOptions::new()
-            .max_connections(if memory { 1 } else { 8 })
+        let pool = socialcard_events::sqlite_pool(if memory { 1 } else { 8 })
             .connect_with(options.clone())
             .await
             .map_err(db_error)?;
@@ -491,7 +490,7 @@ impl SqliteStore {
         let writer = if memory {
             pool.clone()
         } else {
-            SqlitePoolOptions::new().max_connections(1).connect_with(options).await.map_err(db_error)?
+            socialcard_events::sqlite_pool(1).connect_with(options).await.map_err(db_error)?
         };
         Ok(Self { pool, writer, sealer })
     }
