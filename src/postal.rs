@@ -171,6 +171,8 @@ pub async fn import(args: ImportArgs) -> anyhow::Result<()> {
     let total = updates.len();
     let (mut applied, mut duplicates, mut unknown, mut late) = (0, 0, 0, 0);
     let mut sent = 0;
+    let mut progress = Progress::new(total, std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    progress.show(0);
     for chunk in updates.chunks(args.batch.max(1)) {
         let messages: Vec<_> = chunk.iter().map(socialcard_postal::grpc::update_to_pb).collect();
         let r = client
@@ -184,11 +186,71 @@ pub async fn import(args: ImportArgs) -> anyhow::Result<()> {
         sent += chunk.len();
         (applied, duplicates, unknown, late) =
             (applied + r.applied, duplicates + r.duplicates, unknown + r.unknown_waybills, late + r.out_of_order);
-        eprint!("\rimported {sent}/{total} ({}%)", sent * 100 / total.max(1));
+        progress.show(sent);
     }
-    eprintln!();
+    progress.finish();
     println!(
         "{total} updates: {applied} applied ({late} out of order), {duplicates} duplicates, {unknown} for unknown waybills (kept aside)"
     );
     Ok(())
+}
+
+/// The import's progress bar on stderr: redrawn in place on a terminal; on a pipe or a log file, a
+/// new line at each tenth, so that logs stay readable.
+struct Progress {
+    total: usize,
+    terminal: bool,
+    last_tenth: Option<usize>,
+}
+
+impl Progress {
+    const WIDTH: usize = 30;
+
+    fn new(total: usize, terminal: bool) -> Self {
+        Progress { total, terminal, last_tenth: None }
+    }
+
+    /// `[=============>                ]  45%  900/2000`
+    fn bar(&self, done: usize) -> String {
+        let total = self.total.max(1);
+        let done = done.min(total);
+        let filled = done * Self::WIDTH / total;
+        let head = if filled < Self::WIDTH && done > 0 { ">" } else { "" };
+        let pad = Self::WIDTH - filled - head.len();
+        format!("[{}{head}{}] {:>3}%  {done}/{}", "=".repeat(filled), " ".repeat(pad), done * 100 / total, self.total)
+    }
+
+    fn show(&mut self, done: usize) {
+        if self.terminal {
+            eprint!("\r{}", self.bar(done));
+            return;
+        }
+        let tenth = done * 10 / self.total.max(1);
+        if self.last_tenth != Some(tenth) {
+            self.last_tenth = Some(tenth);
+            eprintln!("{}", self.bar(done));
+        }
+    }
+
+    fn finish(&self) {
+        if self.terminal {
+            eprintln!();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Progress;
+
+    #[test]
+    fn the_bar_fills_with_the_share_done() {
+        let p = Progress::new(2000, false);
+        assert_eq!(p.bar(0), format!("[{}]   0%  0/2000", " ".repeat(30)));
+        assert_eq!(p.bar(900), format!("[{}>{}]  45%  900/2000", "=".repeat(13), " ".repeat(16)));
+        assert_eq!(p.bar(2000), format!("[{}] 100%  2000/2000", "=".repeat(30)));
+        // An empty file is done at once, and more than the total never overflows the bar.
+        assert_eq!(Progress::new(0, false).bar(0), format!("[{}]   0%  0/0", " ".repeat(30)));
+        assert_eq!(p.bar(5000), p.bar(2000));
+    }
 }

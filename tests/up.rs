@@ -27,6 +27,7 @@ struct Up {
     child: Child,
     endpoint: String,
     loss: String,
+    postal: String,
     banks: std::collections::HashMap<String, String>,
 }
 
@@ -60,9 +61,13 @@ impl Up {
             .spawn()
             .unwrap();
         let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        // Every service says where it listens; the last line says where events go.
-        let mut printed = Vec::new();
-        while !printed.last().is_some_and(|l: &String| l.starts_with("registry events")) {
+        // Every service says where it listens, and the registry where its events go.
+        let ready =
+            ["registry listening on", "loss-coordinator listening on", "postal listening on", "ops listening on"];
+        let mut printed: Vec<String> = Vec::new();
+        while !(ready.iter().all(|r| printed.iter().any(|l| l.starts_with(r)))
+            && printed.iter().any(|l| l.starts_with("registry events")))
+        {
             printed.push(lines.next().expect("up stopped before it was ready").unwrap());
         }
         let endpoint = printed
@@ -75,6 +80,11 @@ impl Up {
             .find_map(|l| l.strip_prefix("loss-coordinator listening on "))
             .map(|a| format!("http://{a}"))
             .expect("no loss-coordinator line");
+        let postal = printed
+            .iter()
+            .find_map(|l| l.strip_prefix("postal listening on "))
+            .map(|a| format!("http://{a}"))
+            .expect("no postal line");
         let banks: std::collections::HashMap<String, String> = printed
             .iter()
             .filter_map(|l| l.strip_prefix("bank-adapter["))
@@ -87,7 +97,7 @@ impl Up {
             "without a broker, events stay in the embedded log"
         );
         std::thread::spawn(move || for _ in lines {});
-        Up { child, endpoint, loss, banks }
+        Up { child, endpoint, loss, postal, banks }
     }
 
     fn stop(mut self) {
@@ -97,9 +107,13 @@ impl Up {
     }
 
     fn cli(&self, args: &[&str]) -> String {
-        let out = Command::new(BIN).arg("--endpoint").arg(&self.endpoint).args(args).output().unwrap();
+        let out = self.run(args);
         assert!(out.status.success(), "{args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
         String::from_utf8(out.stdout).unwrap()
+    }
+
+    fn run(&self, args: &[&str]) -> std::process::Output {
+        Command::new(BIN).arg("--endpoint").arg(&self.endpoint).args(args).output().unwrap()
     }
 }
 
@@ -270,5 +284,107 @@ fn up_refuses_a_port_in_use_with_a_clear_error() {
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains(&format!("cannot listen on {addr}")), "{stderr}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The courier's batch file through `socialcard postal-import`: a bad file is refused whole, naming its
+/// bad lines; a good one is streamed with a progress bar, delivers the card (the registry shows it
+/// collected), keeps an unknown waybill's update aside, and importing it again changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postal_import_streams_a_courier_file_and_refuses_a_bad_one_whole() {
+    use socialcard_proto::postal::v1 as postal_pb;
+    use socialcard_proto::postal::v1::postal_service_client::PostalServiceClient;
+
+    let dir = temp_dir();
+    let up = Up::start(&dir);
+    let id = "110105198001010040";
+    up.cli(&["register", "--id", id, "--name", "Wang Fang", "--phone", "13900000000"]);
+    let applied = up.cli(&["apply", "--id", id, "--bank", "ccb", "--address", "8 Huaihai Road"]);
+    let card_id = applied.lines().next().unwrap().strip_prefix("card ").unwrap().to_string();
+    up.cli(&["approve", &card_id]);
+    up.cli(&["produce", &card_id]);
+
+    // Postal opens the shipment from the registry's CardProduced event.
+    let mut postal = PostalServiceClient::connect(up.postal.clone()).await.unwrap();
+    let by_card = postal_pb::GetShipmentRequest {
+        lookup: Some(postal_pb::get_shipment_request::Lookup::CardId(card_id.clone())),
+    };
+    let start = std::time::Instant::now();
+    let waybill = loop {
+        if let Ok(r) = postal.get_shipment(by_card.clone()).await {
+            break r.into_inner().shipment.unwrap().waybill;
+        }
+        assert!(start.elapsed() < std::time::Duration::from_secs(30), "postal never opened the shipment");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    let unknown = socialcard_postal::feed::Waybill::issue(99_999_999).to_string();
+    let unknown_total = |mut p: PostalServiceClient<tonic::transport::Channel>| async move {
+        p.list_unknown_waybill_updates(postal_pb::ListUnknownWaybillUpdatesRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .total
+    };
+    let header = "event_id,waybill,status,occurred_at\n";
+    let at = |m: i64| {
+        (time::OffsetDateTime::now_utc() - time::Duration::minutes(60 - m))
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap()
+    };
+
+    // One bad line refuses the whole file: nothing reaches postal.
+    let bad = dir.join("bad.csv");
+    std::fs::write(&bad, format!("{header}b1,{waybill},accepted,{}\nb2,{waybill},teleported,{}\n", at(1), at(2)))
+        .unwrap();
+    let refused = up.run(&["postal-import", bad.to_str().unwrap(), "--postal-endpoint", &up.postal]);
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("bad.csv:3: UNKNOWN_STATUS") && stderr.contains("nothing was imported"), "{stderr}");
+    let shipment = postal.get_shipment(by_card.clone()).await.unwrap().into_inner().shipment.unwrap();
+    assert_eq!(shipment.status(), postal_pb::ShipmentStatus::Pending, "the good line before it was not sent either");
+
+    let good = dir.join("good.csv");
+    std::fs::write(
+        &good,
+        format!(
+            "{header}e1,{waybill},accepted,{}\ne2,{waybill},with_courier,{}\ne3,{waybill},signed_by_holder,{}\ne4,{unknown},accepted,{}\n",
+            at(10),
+            at(20),
+            at(30),
+            at(31)
+        ),
+    )
+    .unwrap();
+    let imported = up.run(&["postal-import", good.to_str().unwrap(), "--postal-endpoint", &up.postal, "--batch", "2"]);
+    let (stdout, stderr) = (String::from_utf8_lossy(&imported.stdout), String::from_utf8_lossy(&imported.stderr));
+    assert!(imported.status.success(), "{stderr}");
+    assert!(stdout.contains("4 updates: 3 applied (0 out of order), 0 duplicates, 1 for unknown waybills"), "{stdout}");
+    assert!(stderr.contains(&format!("[{}] 100%  4/4", "=".repeat(30))), "the bar ends full: {stderr}");
+    assert!(stderr.contains("  50%  2/4"), "and passed half way: {stderr}");
+    assert_eq!(unknown_total(postal.clone()).await, 1, "the unknown waybill's update is kept aside");
+
+    // Delivered: the registry shows the card collected.
+    let mut registry = RegistryServiceClient::connect(up.endpoint.clone()).await.unwrap();
+    let start = std::time::Instant::now();
+    loop {
+        let card = registry
+            .get_card(pb::GetCardRequest { lookup: Some(pb::get_card_request::Lookup::CardId(card_id.clone())) })
+            .await
+            .unwrap()
+            .into_inner()
+            .card
+            .unwrap();
+        if card.physical_state() == pb::PhysicalState::Collected {
+            break;
+        }
+        assert!(start.elapsed() < std::time::Duration::from_secs(30), "the delivery never reached the registry");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+
+    // The same file again: postal has seen every event id.
+    let again = up.cli(&["postal-import", good.to_str().unwrap(), "--postal-endpoint", &up.postal]);
+    assert!(again.contains("4 updates: 0 applied"), "{again}");
+    assert_eq!(unknown_total(postal.clone()).await, 1);
+    up.stop();
     let _ = std::fs::remove_dir_all(&dir);
 }

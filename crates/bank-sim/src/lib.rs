@@ -22,7 +22,6 @@ use socialcard_proto::registry::v1::registry_service_client::RegistryServiceClie
 use socialcard_server::error::reason_of;
 use time::OffsetDateTime;
 use tokio::sync::Mutex;
-use tonic::Code;
 use tonic::transport::Channel;
 
 /// What to simulate.
@@ -80,8 +79,6 @@ pub enum Operation {
 #[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
 pub struct OperationFigures {
     pub ok: u64,
-    /// Answered UNIMPLEMENTED (an adapter not offering the operation yet).
-    pub unimplemented: u64,
     /// Refused or failed, by code and reason (e.g. `FailedPrecondition CARD_LOSS_LOCKED`).
     pub refused: BTreeMap<String, u64>,
     pub p50_ms: f64,
@@ -129,10 +126,9 @@ impl Summary {
         for (op, f) in &self.operations {
             let refused: Vec<String> = f.refused.iter().map(|(k, v)| format!("{k} x{v}")).collect();
             println!(
-                "  {:<11} ok {:>6}  unimplemented {:>4}  p50 {:>7.2} ms  p99 {:>7.2} ms  refused: {}",
+                "  {:<11} ok {:>6}  p50 {:>7.2} ms  p99 {:>7.2} ms  refused: {}",
                 format!("{op:?}").to_lowercase(),
                 f.ok,
-                f.unimplemented,
                 f.p50_ms,
                 f.p99_ms,
                 if refused.is_empty() { "none".to_string() } else { refused.join(", ") }
@@ -176,7 +172,6 @@ impl Shared {
         f.samples_us.push(u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX));
         match result {
             Ok(()) => f.ok += 1,
-            Err(s) if s.code() == Code::Unimplemented => f.unimplemented += 1,
             Err(s) => {
                 let key = format!("{:?} {}", s.code(), reason_of(s).unwrap_or_default()).trim_end().to_string();
                 *f.refused.entry(key).or_default() += 1;
