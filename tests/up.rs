@@ -381,6 +381,41 @@ async fn postal_import_streams_a_courier_file_and_refuses_a_bad_one_whole() {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 
+    // The loss coordinator heard of the collection too: R22's timer runs from the courier's delivery date.
+    let mut loss = socialcard_proto::loss::v1::loss_coordinator_service_client::LossCoordinatorServiceClient::connect(
+        up.loss.clone(),
+    )
+    .await
+    .unwrap();
+    let collected_at = registry
+        .get_card(pb::GetCardRequest { lookup: Some(pb::get_card_request::Lookup::CardId(card_id.clone())) })
+        .await
+        .unwrap()
+        .into_inner()
+        .card
+        .unwrap()
+        .collected_at
+        .unwrap();
+    let start = std::time::Instant::now();
+    let auto_lock = loop {
+        let timers = loss
+            .list_timers(socialcard_proto::loss::v1::ListTimersRequest {
+                card_id: card_id.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .timers;
+        if let Some(t) = timers.into_iter().find(|t| t.kind() == socialcard_proto::loss::v1::TimerKind::AutoLock) {
+            break t;
+        }
+        assert!(start.elapsed() < std::time::Duration::from_secs(30), "the coordinator never scheduled R22");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert_eq!(auto_lock.due_at.unwrap().seconds, collected_at.seconds + 300 * 86_400, "300 days (R22)");
+    assert!(auto_lock.fired_at.is_none());
+
     // The same file again: postal has seen every event id.
     let again = up.cli(&["postal-import", good.to_str().unwrap(), "--postal-endpoint", &up.postal]);
     assert!(again.contains("4 updates: 0 applied"), "{again}");

@@ -209,6 +209,41 @@ async fn another_banks_card_is_refused_and_nothing_is_written() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_card_not_collected_or_cancelled_is_refused_with_its_reason_and_nothing_is_written() {
+    let mut w = world().await;
+    let produced =
+        socialcard_registry::fixtures::produced_card(&mut w.registry_client, 8, "icbc", "621226").await.unwrap();
+    let (cancelled, cancelled_number) = collected_icbc_card(&mut w.registry_client, 9).await;
+    w.registry_client
+        .cancel_card(reg::CancelCardRequest {
+            idempotency_key: key(),
+            card_id: cancelled.clone(),
+            actor: Some(reg::Actor {
+                channel: reg::Channel::BureauWindow as i32,
+                operator_id: "clerk-1".into(),
+                site_id: "window-1".into(),
+                ..Default::default()
+            }),
+            documents: Some(reg::Documents {
+                presenter: reg::Presenter::Holder as i32,
+                holder_id_card: true,
+                ..Default::default()
+            }),
+            reason: "emigration".into(),
+        })
+        .await
+        .unwrap();
+    let before = w.store.counts().await.unwrap();
+    for (number, reason) in [(&produced.card_number, "NOT_COLLECTED"), (&cancelled_number, "CARD_CANCELLED")] {
+        let refused = w.adapters[0].2.activate_financial(activation(number)).await.unwrap_err();
+        assert_eq!((refused.code(), reason_of(&refused).as_deref()), (Code::FailedPrecondition, Some(reason)));
+    }
+    assert_eq!(w.store.counts().await.unwrap(), before, "the registry wrote nothing");
+    assert_eq!(w.adapters[0].1.outbox().backlog().await.unwrap(), 0, "the adapter wrote no event");
+    assert_eq!(card(&mut w, &produced.card_id).await.financial_state, reg::FinancialState::NotActivated as i32);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retries_with_one_key_have_one_effect() {
     let mut w = world().await;
     let (cid, number) = collected_icbc_card(&mut w.registry_client, 3).await;

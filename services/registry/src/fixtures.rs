@@ -54,6 +54,26 @@ pub async fn collected_card(
     bank: &str,
     bin: &str,
 ) -> Result<FixtureCard, tonic::Status> {
+    let card = produced_card(c, n, bank, bin).await?;
+    c.record_collection(pb::RecordCollectionRequest {
+        idempotency_key: key(),
+        card_id: card.card_id.clone(),
+        actor: actor(pb::Channel::CommunityPoint),
+        method: pb::CollectionMethod::PickedUpAtPoint as i32,
+        collected_at: None,
+        documents: in_person(),
+    })
+    .await?;
+    Ok(card)
+}
+
+/// The same card up to production (four card events), not yet collected.
+pub async fn produced_card(
+    c: &mut RegistryServiceClient<Channel>,
+    n: u64,
+    bank: &str,
+    bin: &str,
+) -> Result<FixtureCard, tonic::Status> {
     let id = adult_citizen_id(n);
     c.register_person(pb::RegisterPersonRequest {
         idempotency_key: key(),
@@ -108,15 +128,6 @@ pub async fn collected_card(
             "{body}{}",
             luhn_check_digit(&body)
         ))),
-    })
-    .await?;
-    c.record_collection(pb::RecordCollectionRequest {
-        idempotency_key: key(),
-        card_id: card_id.clone(),
-        actor: actor(pb::Channel::CommunityPoint),
-        method: pb::CollectionMethod::PickedUpAtPoint as i32,
-        collected_at: None,
-        documents: in_person(),
     })
     .await?;
     Ok(FixtureCard { card_id, card_number: started.card_number })
