@@ -366,7 +366,7 @@ async fn postal_import_streams_a_courier_file_and_refuses_a_bad_one_whole() {
     // Delivered: the registry shows the card collected.
     let mut registry = RegistryServiceClient::connect(up.endpoint.clone()).await.unwrap();
     let start = std::time::Instant::now();
-    loop {
+    let collected_at = loop {
         let card = registry
             .get_card(pb::GetCardRequest { lookup: Some(pb::get_card_request::Lookup::CardId(card_id.clone())) })
             .await
@@ -375,11 +375,11 @@ async fn postal_import_streams_a_courier_file_and_refuses_a_bad_one_whole() {
             .card
             .unwrap();
         if card.physical_state() == pb::PhysicalState::Collected {
-            break;
+            break card.collected_at.unwrap();
         }
         assert!(start.elapsed() < std::time::Duration::from_secs(30), "the delivery never reached the registry");
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    };
 
     // The loss coordinator heard of the collection too: R22's timer runs from the courier's delivery date.
     let mut loss = socialcard_proto::loss::v1::loss_coordinator_service_client::LossCoordinatorServiceClient::connect(
@@ -387,15 +387,6 @@ async fn postal_import_streams_a_courier_file_and_refuses_a_bad_one_whole() {
     )
     .await
     .unwrap();
-    let collected_at = registry
-        .get_card(pb::GetCardRequest { lookup: Some(pb::get_card_request::Lookup::CardId(card_id.clone())) })
-        .await
-        .unwrap()
-        .into_inner()
-        .card
-        .unwrap()
-        .collected_at
-        .unwrap();
     let start = std::time::Instant::now();
     let auto_lock = loop {
         let timers = loss

@@ -621,22 +621,8 @@ async fn shipments_by_state_by_point_and_overdue() {
 async fn a_card_collected_at_a_counter_before_dispatch_withdraws_its_shipment() {
     let mut w = world().await;
     let card_id = w.produced_card("point-1").await;
-    // R16: handed over at the point before the courier took it.
-    w.registry
-        .record_collection(reg::RecordCollectionRequest {
-            idempotency_key: key(),
-            card_id: card_id.clone(),
-            actor: actor(reg::Channel::CommunityPoint),
-            method: reg::CollectionMethod::PickedUpAtPoint as i32,
-            collected_at: None,
-            documents: Some(reg::Documents {
-                presenter: reg::Presenter::Holder as i32,
-                holder_id_card: true,
-                ..Default::default()
-            }),
-        })
-        .await
-        .unwrap();
+    // Handed over at the point before the courier took it.
+    at_counter(&mut w, &card_id, reg::CollectionMethod::PickedUpAtPoint).await;
     drain(&w.to_postal).await;
     let s = w.shipment_of(&card_id).await;
     assert_eq!((s.status(), s.sub_reason.as_str()), (pb::ShipmentStatus::Withdrawn, "collected_at_counter"));
@@ -660,14 +646,15 @@ async fn a_card_collected_at_a_counter_before_dispatch_withdraws_its_shipment() 
     assert_eq!(w.to_registry.offsets.dead_letter_count(&w.to_registry.group).await.unwrap(), 0);
 }
 
-/// R16 at an instant replacement point: `card_id` printed and handed over on the spot.
-async fn instant_issue(w: &mut World, card_id: &str) {
+/// `card_id` handed to its holder at a community point: picked up, or (R16, an instant replacement
+/// point) printed and handed over on the spot.
+async fn at_counter(w: &mut World, card_id: &str, method: reg::CollectionMethod) {
     w.registry
         .record_collection(reg::RecordCollectionRequest {
             idempotency_key: key(),
             card_id: card_id.into(),
             actor: actor(reg::Channel::CommunityPoint),
-            method: reg::CollectionMethod::InstantIssue as i32,
+            method: method as i32,
             collected_at: None,
             documents: Some(reg::Documents {
                 presenter: reg::Presenter::Holder as i32,
@@ -694,7 +681,7 @@ async fn an_instant_issue_involves_no_courier() {
         .await
         .unwrap_err();
     assert_eq!(missing.code(), tonic::Code::NotFound);
-    instant_issue(&mut w, &card_id).await;
+    at_counter(&mut w, &card_id, reg::CollectionMethod::InstantIssue).await;
     drain(&w.to_postal).await;
     assert_eq!(w.counts().await, before, "the hand-over needs no shipment either");
     assert_eq!(w.to_postal.offsets.dead_letter_count(&w.to_postal.group).await.unwrap(), 0);
@@ -704,7 +691,7 @@ async fn an_instant_issue_involves_no_courier() {
     // took it: its shipment is withdrawn, saying why.
     let mailed = w.produced_card("point-1").await;
     assert_eq!(w.shipment_of(&mailed).await.status(), pb::ShipmentStatus::Pending);
-    instant_issue(&mut w, &mailed).await;
+    at_counter(&mut w, &mailed, reg::CollectionMethod::InstantIssue).await;
     drain(&w.to_postal).await;
     let s = w.shipment_of(&mailed).await;
     assert_eq!((s.status(), s.sub_reason.as_str()), (pb::ShipmentStatus::Withdrawn, "instant_issue"));
