@@ -72,9 +72,15 @@ impl Sealer {
         self.aead
             .seal_in_place_append_tag(Nonce::assume_unique_for_key(nonce), Aad::from(row.as_bytes()), &mut buf)
             .map_err(|_| SealError::Open)?;
-        let mut out = nonce.to_vec();
-        out.extend_from_slice(&buf);
-        Ok(format!("{PREFIX}{}", hex::encode(out)))
+        // Hex straight into one buffer: `hex::encode` pushes a char at a time, and sealing card data
+        // was 6 % of a batch import's CPU.
+        let mut out = vec![0u8; PREFIX.len() + 2 * (NONCE_LEN + buf.len())];
+        let (prefix, rest) = out.split_at_mut(PREFIX.len());
+        prefix.copy_from_slice(PREFIX.as_bytes());
+        let (hex_nonce, hex_sealed) = rest.split_at_mut(2 * NONCE_LEN);
+        hex::encode_to_slice(nonce, hex_nonce).map_err(|_| SealError::Open)?;
+        hex::encode_to_slice(&buf, hex_sealed).map_err(|_| SealError::Open)?;
+        String::from_utf8(out).map_err(|_| SealError::Open)
     }
 
     /// Seals bytes for `row`: `0x01` + nonce + ciphertext + tag (a stored protobuf never starts with
@@ -133,6 +139,10 @@ mod tests {
         let s = Sealer::new(&[7; 32]).unwrap();
         let sealed = s.seal("{\"name\":\"Li Hua\"}", "card-1").unwrap();
         assert!(!sealed.contains("Li Hua"));
+        // The stored form: the prefix, then lowercase hex of nonce, ciphertext and tag.
+        let hexed = sealed.strip_prefix(PREFIX).unwrap();
+        assert_eq!(hexed.len(), 2 * (NONCE_LEN + "{\"name\":\"Li Hua\"}".len() + 16));
+        assert!(hexed.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)), "{hexed}");
         assert_eq!(s.open(&sealed, "card-1").unwrap(), "{\"name\":\"Li Hua\"}");
         assert!(s.open(&sealed, "card-2").is_err(), "moved to another row");
         assert!(Sealer::new(&[8; 32]).unwrap().open(&sealed, "card-1").is_err(), "another key");
