@@ -178,6 +178,13 @@ pub trait RegistryStore: Send + Sync + std::fmt::Debug {
     async fn commit_batch(&self, _commit: BatchCommit) -> Result<(), StoreError> {
         Err(StoreError::Unavailable("this store does not import batches".into()))
     }
+    /// The key a holder's rows are stored under in place of the citizen ID (the SQL stores' keyed blind
+    /// index); batch imports key their rows' idempotency by it and import in its order. A store that
+    /// keeps no data key hashes the ID.
+    fn holder_key(&self, citizen_id: &str) -> String {
+        use sha2::{Digest, Sha256};
+        hex::encode(Sha256::digest(citizen_id.as_bytes()))
+    }
 }
 
 /// A connected store and the outbox of the same database.

@@ -458,6 +458,10 @@ macro_rules! sql_store {
             async fn commit_batch(&self, commit: BatchCommit) -> Result<(), StoreError> {
                 self.commit_rows(commit).await
             }
+
+            fn holder_key(&self, citizen_id: &str) -> String {
+                self.sealer.blind_index(citizen_id)
+            }
         }
     };
 }
