@@ -21,6 +21,9 @@ IMAGE = "socialcard:latest"
 METRICS_PORT = 9464
 PKI = "/etc/socialcard/pki"
 BANKS_DIR = "/etc/socialcard/banks"
+# The city's policy (deploy/city.toml): the registry and the loss coordinator must read the same file.
+CITY_DIR = "/etc/socialcard/city"
+CITY_FILE = f"{CITY_DIR}/city.toml"
 DATA_DIR = "/var/lib/socialcard"
 KAFKA = "kafka:9092"
 OTLP = "http://otel-collector:4317"
@@ -57,15 +60,17 @@ def health_command(port: int, service: str, tls_server: str | None) -> list[str]
 # What each socialcard service is: (name, command, listen env, ports, gRPC service, TLS server name).
 def services(bank_list: list[tuple[str, int]]) -> list[dict]:
     common_banks = {"SOCIALCARD_BANKS_DIR": BANKS_DIR}
+    city = {"SOCIALCARD_CITY_POLICY": CITY_FILE}
     out = [
         {
             "name": "registry",
             "args": ["serve", "registry"],
-            "env": {"SOCIALCARD_REGISTRY_LISTEN": f"0.0.0.0:{REGISTRY_PORT}", **common_banks},
+            "env": {"SOCIALCARD_REGISTRY_LISTEN": f"0.0.0.0:{REGISTRY_PORT}", **common_banks, **city},
             "ports": {"grpc": REGISTRY_PORT},
             "grpc_service": "socialcard.registry.v1.RegistryService",
             "tls": "registry",
             "stateful": False,
+            "city": True,
         }
     ]
     for code, port in bank_list:
@@ -94,11 +99,13 @@ def services(bank_list: list[tuple[str, int]]) -> list[dict]:
                 "SOCIALCARD_REGISTRY_ENDPOINT": f"https://registry:{REGISTRY_PORT}",
                 "SOCIALCARD_ADAPTER_ENDPOINT_TEMPLATE": "https://bank-adapter-{code}:{port}",
                 **common_banks,
+                **city,
             },
             "ports": {"grpc": LOSS_PORT},
             "grpc_service": "socialcard.loss.v1.LossCoordinatorService",
             "tls": "loss-coordinator",
             "stateful": True,
+            "city": True,
         },
         {
             "name": "postal",
@@ -224,6 +231,8 @@ def compose(bank_list: list[tuple[str, int]]) -> dict:
         if s["name"] == "registry":
             depends["postgres"] = {"condition": "service_healthy"}
         volumes = [f"{s['name']}-data:{DATA_DIR}", f"./deploy/banks:{BANKS_DIR}:ro"]
+        if s.get("city"):
+            volumes.append(f"./deploy/city.toml:{CITY_FILE}:ro")
         if s["tls"]:
             volumes.append(f"pki:{PKI}:ro")
         svc[s["name"]] = {
@@ -319,6 +328,8 @@ def container(s: dict) -> dict:
             {"name": "SOCIALCARD_DATA_KEY", "valueFrom": {"secretKeyRef": {"name": "socialcard-registry", "key": "data-key"}}},
         ]
     mounts = [{"name": "data", "mountPath": DATA_DIR}, {"name": "banks", "mountPath": BANKS_DIR, "readOnly": True}]
+    if s.get("city"):
+        mounts.append({"name": "city", "mountPath": CITY_DIR, "readOnly": True})
     if s["tls"]:
         mounts.append({"name": "pki", "mountPath": PKI, "readOnly": True})
     ports = [{"name": n, "containerPort": p} for n, p in s["ports"].items()]
@@ -338,6 +349,8 @@ def container(s: dict) -> dict:
 
 def workload(s: dict) -> dict:
     volumes = [{"name": "banks", "configMap": {"name": "socialcard-banks"}}]
+    if s.get("city"):
+        volumes.append({"name": "city", "configMap": {"name": "socialcard-city"}})
     if s["tls"]:
         volumes.append(tls_secret(s))
     if not s["stateful"]:
@@ -432,10 +445,17 @@ def banks_configmap() -> dict:
             "data": data}
 
 
+def city_configmap() -> dict:
+    data = {"city.toml": (ROOT / "deploy" / "city.toml").read_text()}
+    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "socialcard-city", "labels": LABELS},
+            "data": data}
+
+
 def k8s(bank_list: list[tuple[str, int]]) -> dict[str, list[dict]]:
     by_name = {s["name"]: s for s in services(bank_list)}
     files: dict[str, list[dict]] = {
         "banks.yaml": [banks_configmap()],
+        "city.yaml": [city_configmap()],
         "infrastructure.yaml": infrastructure(),
     }
     for name in ["registry", "loss-coordinator", "postal", "ops"]:
@@ -489,6 +509,8 @@ def outputs() -> dict[pathlib.Path, str]:
     }
     notes = {
         "banks.yaml": "# The bank files (deploy/banks/*.toml), mounted by every service at " + BANKS_DIR + ".\n",
+        "city.yaml": ("# The city's policy (deploy/city.toml), mounted by the registry and the loss coordinator at\n"
+                      "# " + CITY_DIR + ": both must apply the same rules.\n"),
         "infrastructure.yaml": "# Development Kafka (KRaft, one node), OpenTelemetry collector and Jaeger.\n",
         "registry.yaml": ("# The registry: stateless over PostgreSQL, so replicated. Its Secret socialcard-registry holds\n"
                           "# database-url, pin-key and data-key; socialcard-tls-registry its certificates (create-secrets.sh).\n"),
