@@ -208,7 +208,7 @@ impl Registry {
         // at a million rows, each chunk otherwise rewrote about a page per row in each of those indexes.
         let holder_keys: Vec<String> = batch.rows.iter().map(|r| self.store.holder_key(&r.citizen_id)).collect();
         let mut order: Vec<usize> = (0..batch.rows.len()).collect();
-        order.sort_unstable_by(|&a, &b| holder_keys[a].cmp(&holder_keys[b]).then(a.cmp(&b)));
+        order.sort_by(|&a, &b| holder_keys[a].cmp(&holder_keys[b]));
         let rows: Vec<&EmployerBatchRow> = order.iter().map(|&i| &batch.rows[i]).collect();
         let repeated: Vec<bool> = order.iter().map(|&i| repeated[i]).collect();
         let keys: Vec<String> = order.iter().map(|&i| row_key(&batch.batch_id, &holder_keys[i])).collect();
@@ -281,17 +281,16 @@ impl Registry {
     ) -> Result<(), ApiError> {
         let committed = commit.await.map_err(|e| ApiError::Internal(format!("chunk commit task: {e}")))?;
         let outcomes = match committed {
-            Ok(()) => outcomes,
+            Ok(()) => Ok(outcomes),
             Err(StoreError::VersionConflict | StoreError::IdempotencyConflict) => {
                 tracing::debug!(batch = %batch.batch_id, chunk = n, "employer batch chunk raced, deciding again");
                 self.import_chunk(batch, chunk, contexts).await
             }
-            .inspect_err(|_| tracing::warn!(batch = %batch.batch_id, chunk = n, "employer batch chunk failed"))?,
-            Err(e) => {
-                tracing::warn!(batch = %batch.batch_id, chunk = n, error = %e, "employer batch chunk failed");
-                return Err(store_error(e));
-            }
-        };
+            Err(e) => Err(store_error(e)),
+        }
+        .inspect_err(
+            |e| tracing::warn!(batch = %batch.batch_id, chunk = n, error = %e, "employer batch chunk failed"),
+        )?;
         report.outcomes.extend(outcomes);
         Ok(())
     }
