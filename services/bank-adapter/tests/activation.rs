@@ -16,9 +16,8 @@ use socialcard_proto::bank::v1 as bank;
 use socialcard_proto::bank::v1::bank_card_service_client::BankCardServiceClient;
 use socialcard_proto::registry::v1 as reg;
 use socialcard_proto::registry::v1::registry_service_client::RegistryServiceClient;
-use socialcard_registry::storage::{
-    AuditRecord, CardRecord, Commit, IdempotencyRecord, PersonRecord, RegistryStore, StoreError, TableCounts,
-};
+use socialcard_registry::fixtures::{HookedStore, WriteHook};
+use socialcard_registry::storage::{Commit, RegistryStore, StoreError};
 use socialcard_registry::{Registry, RegistryConfig};
 use socialcard_server::SystemClock;
 use socialcard_server::error::reason_of;
@@ -27,38 +26,17 @@ use tonic::Code;
 use tonic::transport::Channel;
 
 /// The registry's real store, whose writes can be cut off or slowed down.
+/// What the registry's real store does to its writes: cut them off or slow them down.
 #[derive(Debug)]
 struct Switchable {
-    inner: Arc<dyn RegistryStore>,
     down: AtomicBool,
     /// Each commit first waits this long (milliseconds).
     slow_ms: AtomicU64,
 }
 
 #[async_trait]
-impl RegistryStore for Switchable {
-    async fn person(&self, id: &str) -> Result<Option<PersonRecord>, StoreError> {
-        self.inner.person(id).await
-    }
-    async fn card(&self, id: &str) -> Result<Option<CardRecord>, StoreError> {
-        self.inner.card(id).await
-    }
-    async fn card_id_by_number(&self, n: &str) -> Result<Option<String>, StoreError> {
-        self.inner.card_id_by_number(n).await
-    }
-    async fn cards_of(&self, id: &str) -> Result<Vec<CardRecord>, StoreError> {
-        self.inner.cards_of(id).await
-    }
-    async fn idempotency(&self, key: &str) -> Result<Option<IdempotencyRecord>, StoreError> {
-        self.inner.idempotency(key).await
-    }
-    async fn audit_trail(&self, id: &str) -> Result<Vec<(i64, AuditRecord)>, StoreError> {
-        self.inner.audit_trail(id).await
-    }
-    async fn next_sequence(&self, name: &str) -> Result<i64, StoreError> {
-        self.inner.next_sequence(name).await
-    }
-    async fn commit(&self, commit: Commit) -> Result<(), StoreError> {
+impl WriteHook for Switchable {
+    async fn before_commit(&self, _inner: &dyn RegistryStore, _commit: &Commit) -> Result<(), StoreError> {
         if self.down.load(Ordering::SeqCst) {
             return Err(StoreError::Unavailable("database down (test)".into()));
         }
@@ -66,16 +44,13 @@ impl RegistryStore for Switchable {
         if slow > 0 {
             tokio::time::sleep(Duration::from_millis(slow)).await;
         }
-        self.inner.commit(commit).await
-    }
-    async fn counts(&self) -> Result<TableCounts, StoreError> {
-        self.inner.counts().await
+        Ok(())
     }
 }
 
 struct World {
     registry: Registry,
-    store: Arc<Switchable>,
+    store: Arc<HookedStore<Switchable>>,
     registry_client: RegistryServiceClient<Channel>,
     adapters: Vec<(String, BankAdapter, BankCardServiceClient<Channel>)>,
     _dir: Dir,
@@ -105,10 +80,9 @@ async fn world_with_cancel_window(minutes: u32) -> World {
     let built = socialcard_registry::build(&url, Arc::new(SystemClock), RegistryConfig::shanghai(b"k".repeat(32)))
         .await
         .unwrap();
-    let store = Arc::new(Switchable {
+    let store = Arc::new(HookedStore {
         inner: built.registry.store().clone(),
-        down: AtomicBool::new(false),
-        slow_ms: AtomicU64::new(0),
+        hook: Switchable { down: AtomicBool::new(false), slow_ms: AtomicU64::new(0) },
     });
     let registry = Registry::new(store.clone(), Arc::new(SystemClock), RegistryConfig::shanghai(b"k".repeat(32)));
     let (l, registry_addr) = listen().await;
@@ -268,7 +242,7 @@ async fn retries_with_one_key_have_one_effect() {
 async fn registry_down_during_the_call_then_both_functions_on_once_it_is_back() {
     let mut w = world().await;
     let (cid, number) = collected_icbc_card(&mut w.registry_client, 4).await;
-    w.store.down.store(true, Ordering::SeqCst);
+    w.store.hook.down.store(true, Ordering::SeqCst);
     let req = activation(&number);
     let pending = w.adapters[0].2.activate_financial(req.clone()).await.unwrap_err();
     assert_eq!(pending.code(), Code::Unavailable, "{}", pending.message());
@@ -281,7 +255,7 @@ async fn registry_down_during_the_call_then_both_functions_on_once_it_is_back() 
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(card(&mut w, &cid).await.social_state, reg::SocialState::NotActivated as i32, "still down");
 
-    w.store.down.store(false, Ordering::SeqCst);
+    w.store.hook.down.store(false, Ordering::SeqCst);
     until_both_on(&mut w, &cid).await;
     applying.stop().await;
 
@@ -350,7 +324,7 @@ async fn the_banks_deadline_bounds_the_registry_call_and_the_event_finishes_the_
     // The registry answers, but each write takes 20 s: far beyond the bank's 2 s. Had the adapter not
     // passed the bank's deadline on, it would wait the registry out (its own default is 5 s) and the bank
     // would see its own DEADLINE_EXCEEDED instead of the adapter's answer.
-    w.store.slow_ms.store(20_000, Ordering::SeqCst);
+    w.store.hook.slow_ms.store(20_000, Ordering::SeqCst);
     let req = activation(&number);
     let mut call = tonic::Request::new(req.clone());
     call.set_timeout(Duration::from_secs(2));
@@ -360,7 +334,7 @@ async fn the_banks_deadline_bounds_the_registry_call_and_the_event_finishes_the_
     assert_eq!(w.adapters[0].1.unconfirmed().await.unwrap(), 1);
 
     // The registry back to speed: the adapter's event switches both functions on, once.
-    w.store.slow_ms.store(0, Ordering::SeqCst);
+    w.store.hook.slow_ms.store(0, Ordering::SeqCst);
     let applying = apply_bank_events(&w, 0);
     until_both_on(&mut w, &cid).await;
     applying.stop().await;

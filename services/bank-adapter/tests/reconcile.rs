@@ -16,9 +16,8 @@ use socialcard_domain::{BankDirectory, CardNumber};
 use socialcard_proto::bank::v1 as bank;
 use socialcard_proto::registry::v1 as reg;
 use socialcard_proto::registry::v1::registry_service_client::RegistryServiceClient;
-use socialcard_registry::storage::{
-    AuditRecord, CardRecord, Commit, IdempotencyRecord, PersonRecord, RegistryStore, StoreError, TableCounts,
-};
+use socialcard_registry::fixtures::{HookedStore, WriteHook};
+use socialcard_registry::storage::{Commit, RegistryStore, StoreError};
 use socialcard_registry::{Registry, RegistryConfig};
 use socialcard_server::SystemClock;
 use time::{Date, OffsetDateTime};
@@ -33,48 +32,24 @@ impl Drop for Dir {
 }
 
 /// The registry's real store, whose writes can be cut off (its database down mid-call).
+/// What the registry's real store does to its writes: cut them off (its database down mid-call).
 #[derive(Debug)]
 struct Switchable {
-    inner: Arc<dyn RegistryStore>,
     down: AtomicBool,
 }
 
 #[async_trait]
-impl RegistryStore for Switchable {
-    async fn person(&self, id: &str) -> Result<Option<PersonRecord>, StoreError> {
-        self.inner.person(id).await
-    }
-    async fn card(&self, id: &str) -> Result<Option<CardRecord>, StoreError> {
-        self.inner.card(id).await
-    }
-    async fn card_id_by_number(&self, n: &str) -> Result<Option<String>, StoreError> {
-        self.inner.card_id_by_number(n).await
-    }
-    async fn cards_of(&self, id: &str) -> Result<Vec<CardRecord>, StoreError> {
-        self.inner.cards_of(id).await
-    }
-    async fn idempotency(&self, key: &str) -> Result<Option<IdempotencyRecord>, StoreError> {
-        self.inner.idempotency(key).await
-    }
-    async fn audit_trail(&self, id: &str) -> Result<Vec<(i64, AuditRecord)>, StoreError> {
-        self.inner.audit_trail(id).await
-    }
-    async fn next_sequence(&self, name: &str) -> Result<i64, StoreError> {
-        self.inner.next_sequence(name).await
-    }
-    async fn commit(&self, commit: Commit) -> Result<(), StoreError> {
+impl WriteHook for Switchable {
+    async fn before_commit(&self, _inner: &dyn RegistryStore, _commit: &Commit) -> Result<(), StoreError> {
         if self.down.load(Ordering::SeqCst) {
             return Err(StoreError::Unavailable("database down (test)".into()));
         }
-        self.inner.commit(commit).await
-    }
-    async fn counts(&self) -> Result<TableCounts, StoreError> {
-        self.inner.counts().await
+        Ok(())
     }
 }
 
 struct World {
-    store: Arc<Switchable>,
+    store: Arc<HookedStore<Switchable>>,
     registry: RegistryServiceClient<Channel>,
     registry_addr: String,
     dir: Dir,
@@ -87,7 +62,10 @@ async fn world() -> World {
     let built = socialcard_registry::build(&url, Arc::new(SystemClock), RegistryConfig::shanghai(b"k".repeat(32)))
         .await
         .unwrap();
-    let store = Arc::new(Switchable { inner: built.registry.store().clone(), down: AtomicBool::new(false) });
+    let store = Arc::new(HookedStore {
+        inner: built.registry.store().clone(),
+        hook: Switchable { down: AtomicBool::new(false) },
+    });
     let registry = Registry::new(store.clone(), Arc::new(SystemClock), RegistryConfig::shanghai(b"k".repeat(32)));
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let registry_addr = format!("http://{}", l.local_addr().unwrap());
@@ -189,9 +167,9 @@ async fn every_mismatch_is_found_repaired_once_and_a_second_run_changes_nothing(
     let (a_id, a) = w.collected(1, "icbc").await;
     // B: activated here while the registry was out of reach; its event has not reached the registry.
     let (b_id, b) = w.collected(2, "icbc").await;
-    w.store.down.store(true, Ordering::SeqCst);
+    w.store.hook.down.store(true, Ordering::SeqCst);
     let pending = adapter.activate_financial(activation(&b), None).await.unwrap_err();
-    w.store.down.store(false, Ordering::SeqCst);
+    w.store.hook.down.store(false, Ordering::SeqCst);
     assert_eq!(tonic::Status::from(pending).code(), tonic::Code::Unavailable);
     // C: activated here and at the registry, but the bank core has no such activation.
     let (c_id, c) = w.collected(3, "icbc").await;

@@ -8,6 +8,11 @@ use socialcard_proto::registry::v1 as pb;
 use socialcard_proto::registry::v1::registry_service_client::RegistryServiceClient;
 use tonic::transport::Channel;
 
+use crate::storage::{
+    AuditRecord, BatchCommit, BatchSnapshot, CardRecord, Commit, IdempotencyRecord, PersonRecord, RegistryStore,
+    StoreError, TableCounts,
+};
+
 fn key() -> String {
     uuid::Uuid::now_v7().to_string()
 }
@@ -131,4 +136,82 @@ pub async fn produced_card(
     })
     .await?;
     Ok(FixtureCard { card_id, card_number: started.card_number })
+}
+
+/// A test's hook on the writes of the registry's real store (see [`HookedStore`]).
+#[async_trait::async_trait]
+pub trait WriteHook: Send + Sync + std::fmt::Debug {
+    /// Runs before `commit`; an error is the commit's answer, and nothing is written.
+    async fn before_commit(&self, _inner: &dyn RegistryStore, _commit: &Commit) -> Result<(), StoreError> {
+        Ok(())
+    }
+    /// Runs before `commit_batch`; an error is the commit's answer, and nothing is written.
+    async fn before_commit_batch(&self, _inner: &dyn RegistryStore, _commit: &BatchCommit) -> Result<(), StoreError> {
+        Ok(())
+    }
+    /// Sees what `commit_batch` answered.
+    fn after_commit_batch(&self, _result: &Result<(), StoreError>) {}
+}
+
+/// The registry's real store with a test's [`WriteHook`] on its writes: a database going down, a slow
+/// commit, a concurrent writer getting in first. Everything else goes to the store as it is.
+#[derive(Debug)]
+pub struct HookedStore<H> {
+    pub inner: std::sync::Arc<dyn RegistryStore>,
+    pub hook: H,
+}
+
+#[async_trait::async_trait]
+impl<H: WriteHook> RegistryStore for HookedStore<H> {
+    async fn person(&self, citizen_id: &str) -> Result<Option<PersonRecord>, StoreError> {
+        self.inner.person(citizen_id).await
+    }
+    async fn card(&self, card_id: &str) -> Result<Option<CardRecord>, StoreError> {
+        self.inner.card(card_id).await
+    }
+    async fn card_id_by_number(&self, card_number: &str) -> Result<Option<String>, StoreError> {
+        self.inner.card_id_by_number(card_number).await
+    }
+    async fn cards_of(&self, citizen_id: &str) -> Result<Vec<CardRecord>, StoreError> {
+        self.inner.cards_of(citizen_id).await
+    }
+    async fn idempotency(&self, key: &str) -> Result<Option<IdempotencyRecord>, StoreError> {
+        self.inner.idempotency(key).await
+    }
+    async fn audit_trail(&self, card_id: &str) -> Result<Vec<(i64, AuditRecord)>, StoreError> {
+        self.inner.audit_trail(card_id).await
+    }
+    async fn audit_chain(
+        &self,
+        card_id: Option<&str>,
+        after: Option<(String, i64)>,
+        limit: i64,
+    ) -> Result<Vec<crate::audit_chain::ChainedAudit>, StoreError> {
+        self.inner.audit_chain(card_id, after, limit).await
+    }
+    async fn next_sequence(&self, name: &str) -> Result<i64, StoreError> {
+        self.inner.next_sequence(name).await
+    }
+    async fn commit(&self, commit: Commit) -> Result<(), StoreError> {
+        self.hook.before_commit(self.inner.as_ref(), &commit).await?;
+        self.inner.commit(commit).await
+    }
+    async fn counts(&self) -> Result<TableCounts, StoreError> {
+        self.inner.counts().await
+    }
+    async fn batch_snapshot(&self, citizen_ids: &[String], keys: &[String]) -> Result<BatchSnapshot, StoreError> {
+        self.inner.batch_snapshot(citizen_ids, keys).await
+    }
+    async fn reserve_sequence(&self, name: &str, count: i64) -> Result<i64, StoreError> {
+        self.inner.reserve_sequence(name, count).await
+    }
+    async fn commit_batch(&self, commit: BatchCommit) -> Result<(), StoreError> {
+        self.hook.before_commit_batch(self.inner.as_ref(), &commit).await?;
+        let result = self.inner.commit_batch(commit).await;
+        self.hook.after_commit_batch(&result);
+        result
+    }
+    fn holder_key(&self, citizen_id: &str) -> String {
+        self.inner.holder_key(citizen_id)
+    }
 }

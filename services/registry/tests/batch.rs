@@ -13,10 +13,8 @@ use socialcard_domain::photo::PhotoSource;
 use socialcard_domain::{CardType, PhysicalState};
 use socialcard_proto::registry::v1 as pb;
 use socialcard_registry::batch::{EmployerBatch, EmployerBatchRow, RowOutcome};
-use socialcard_registry::storage::{
-    AuditRecord, BatchCommit, BatchSnapshot, CardRecord, Commit, IdempotencyRecord, PersonRecord, PersonWrite,
-    RegistryStore, StoreError, TableCounts,
-};
+use socialcard_registry::fixtures::{HookedStore, WriteHook};
+use socialcard_registry::storage::{BatchCommit, Commit, PersonWrite, RegistryStore, StoreError};
 use socialcard_registry::{Registry, RegistryConfig};
 use socialcard_server::SystemClock;
 
@@ -174,74 +172,30 @@ async fn employer_batch_on_postgres() {
     sqlx::query(sqlx::AssertSqlSafe(format!("DROP SCHEMA {schema} CASCADE"))).execute(&admin).await.unwrap();
 }
 
-/// A real store that, once, lets a concurrent writer in just before a chunk commits: the holder's
-/// version is bumped as a one-card `SubmitApplication` for that holder would bump it (R2).
+/// A hook that, once, lets a concurrent writer in just before a chunk commits: the holder's version is
+/// bumped as a one-card `SubmitApplication` for that holder would bump it (R2).
 #[derive(Debug)]
-struct RacingStore {
-    inner: Arc<dyn RegistryStore>,
+struct RaceOnce {
     commits: AtomicUsize,
     race_on: usize,
     raced: AtomicUsize,
 }
 
 #[async_trait::async_trait]
-impl RegistryStore for RacingStore {
-    async fn person(&self, citizen_id: &str) -> Result<Option<PersonRecord>, StoreError> {
-        self.inner.person(citizen_id).await
-    }
-    async fn card(&self, card_id: &str) -> Result<Option<CardRecord>, StoreError> {
-        self.inner.card(card_id).await
-    }
-    async fn card_id_by_number(&self, card_number: &str) -> Result<Option<String>, StoreError> {
-        self.inner.card_id_by_number(card_number).await
-    }
-    async fn cards_of(&self, citizen_id: &str) -> Result<Vec<CardRecord>, StoreError> {
-        self.inner.cards_of(citizen_id).await
-    }
-    async fn idempotency(&self, key: &str) -> Result<Option<IdempotencyRecord>, StoreError> {
-        self.inner.idempotency(key).await
-    }
-    async fn audit_trail(&self, card_id: &str) -> Result<Vec<(i64, AuditRecord)>, StoreError> {
-        self.inner.audit_trail(card_id).await
-    }
-    async fn audit_chain(
-        &self,
-        card_id: Option<&str>,
-        after: Option<(String, i64)>,
-        limit: i64,
-    ) -> Result<Vec<socialcard_registry::audit_chain::ChainedAudit>, StoreError> {
-        self.inner.audit_chain(card_id, after, limit).await
-    }
-    async fn next_sequence(&self, name: &str) -> Result<i64, StoreError> {
-        self.inner.next_sequence(name).await
-    }
-    async fn commit(&self, commit: Commit) -> Result<(), StoreError> {
-        self.inner.commit(commit).await
-    }
-    async fn counts(&self) -> Result<TableCounts, StoreError> {
-        self.inner.counts().await
-    }
-    async fn batch_snapshot(&self, citizen_ids: &[String], keys: &[String]) -> Result<BatchSnapshot, StoreError> {
-        self.inner.batch_snapshot(citizen_ids, keys).await
-    }
-    async fn reserve_sequence(&self, name: &str, count: i64) -> Result<i64, StoreError> {
-        self.inner.reserve_sequence(name, count).await
-    }
-    async fn commit_batch(&self, commit: BatchCommit) -> Result<(), StoreError> {
+impl WriteHook for RaceOnce {
+    async fn before_commit_batch(&self, inner: &dyn RegistryStore, commit: &BatchCommit) -> Result<(), StoreError> {
         if self.commits.fetch_add(1, Ordering::SeqCst) == self.race_on
             && let Some((citizen_id, version)) = commit.touch_persons.first()
         {
             let touch = PersonWrite::Touch { citizen_id: citizen_id.clone(), expected_version: *version };
-            self.inner.commit(Commit { person: Some(touch), ..Commit::default() }).await?;
+            inner.commit(Commit { person: Some(touch), ..Commit::default() }).await?;
         }
-        let result = self.inner.commit_batch(commit).await;
+        Ok(())
+    }
+    fn after_commit_batch(&self, result: &Result<(), StoreError>) {
         if matches!(result, Err(StoreError::VersionConflict)) {
             self.raced.fetch_add(1, Ordering::SeqCst);
         }
-        result
-    }
-    fn holder_key(&self, citizen_id: &str) -> String {
-        self.inner.holder_key(citizen_id)
     }
 }
 
@@ -254,7 +208,8 @@ async fn a_chunk_that_raced_a_concurrent_writer_is_decided_again() {
     let url = format!("sqlite://{}?mode=rwc", dir.join("registry.db").display());
     let config = RegistryConfig::shanghai(vec![7; 32]);
     let inner = socialcard_registry::storage::connect(&url, &config.data_key).await.unwrap().store;
-    let store = Arc::new(RacingStore { inner, commits: AtomicUsize::new(0), race_on: 1, raced: AtomicUsize::new(0) });
+    let hook = RaceOnce { commits: AtomicUsize::new(0), race_on: 1, raced: AtomicUsize::new(0) };
+    let store = Arc::new(HookedStore { inner, hook });
     let r = Registry::new(store.clone(), Arc::new(SystemClock), config);
     for n in 0..6 {
         register(&r, &citizen_id(n)).await;
@@ -269,7 +224,7 @@ async fn a_chunk_that_raced_a_concurrent_writer_is_decided_again() {
     };
     let before = r.store().counts().await.unwrap();
     let report = r.import_employer_batch(&batch, 2).await.unwrap();
-    assert_eq!(store.raced.load(Ordering::SeqCst), 1, "the second chunk's commit met the concurrent change");
+    assert_eq!(store.hook.raced.load(Ordering::SeqCst), 1, "the second chunk's commit met the concurrent change");
     assert_eq!((report.applied, report.already_applied, report.rejected), (6, 0, 0), "{:?}", report.outcomes);
     let after = r.store().counts().await.unwrap();
     assert_eq!((after.cards - before.cards, after.audit - before.audit), (6, 18));
