@@ -9,12 +9,14 @@
 //! - [`embedded`]: the same consumer semantics served straight from a SQLite outbox, so the embedded
 //!   default needs no broker.
 //! - [`inbox`]: the "seen this event id" table that turns at-least-once delivery into exactly-once effect.
+//! - [`group`]: group commit of the writes queued on one SQLite database.
 //!
 //! It must never rely on Kafka transactions (librdkafka lacks KIP-890 and the test brokers lack them):
 //! exactly-once effect comes from the outbox on the way in and the inbox on the way out.
 
 pub mod embedded;
 pub mod envelope;
+pub mod group;
 pub mod handler;
 pub mod inbox;
 pub mod kafka;

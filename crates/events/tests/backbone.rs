@@ -17,6 +17,7 @@ use rdkafka::message::{Headers, Message};
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use socialcard_events::embedded::{EmbeddedConsumer, SqliteOffsets};
+use socialcard_events::group::{GroupError, GroupWriter};
 use socialcard_events::kafka::{ConsumerConfig, KafkaConfig, KafkaConsumer, KafkaPublisher};
 use socialcard_events::outbox::SqliteOutbox;
 use socialcard_events::{Applied, Envelope, EventError, Handler, HandlerError, Outbox, OutboxRow, Publish};
@@ -632,4 +633,120 @@ async fn several_relays_on_postgres_keep_each_cards_order() {
     assert_eq!(ledger.count("violations").await, 0, "a card's events were reordered across relays");
     pool.close().await;
     sqlx::query(sqlx::AssertSqlSafe(format!("DROP SCHEMA {schema} CASCADE"))).execute(&admin).await.unwrap();
+}
+
+// ---------- group commit ----------
+
+/// A writer whose loop is held inside a first write until `release` is notified, so the writes queued
+/// meanwhile form the next group together.
+async fn held_writer(pool: &SqlitePool) -> (GroupWriter, Arc<tokio::sync::Notify>, tokio::task::JoinHandle<()>) {
+    let group = GroupWriter::spawn(pool.clone(), 64);
+    let release = Arc::new(tokio::sync::Notify::new());
+    let (entered_tx, entered) = tokio::sync::oneshot::channel();
+    let (g, r) = (group.clone(), release.clone());
+    let blocker = tokio::spawn(async move {
+        g.run(move |_conn| {
+            Box::pin(async move {
+                let _ = entered_tx.send(());
+                r.notified().await;
+                Ok::<_, sqlx::Error>(())
+            })
+        })
+        .await
+        .unwrap()
+        .unwrap();
+    });
+    entered.await.unwrap();
+    (group, release, blocker)
+}
+
+fn insert(
+    group: &GroupWriter,
+    sql: &'static str,
+    id: i64,
+) -> tokio::task::JoinHandle<Result<Result<(), sqlx::Error>, GroupError>> {
+    let group = group.clone();
+    tokio::spawn(async move {
+        group.run(move |conn| Box::pin(async move { sqlx::query(sql).bind(id).execute(conn).await.map(|_| ()) })).await
+    })
+}
+
+async fn queued(group: &GroupWriter, n: usize) {
+    let start = Instant::now();
+    while group.queued() < n {
+        assert!(start.elapsed() < Duration::from_secs(10), "the writes were not queued");
+        tokio::task::yield_now().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_write_rolls_back_alone_and_its_group_commits() {
+    let dir = TempDir::new();
+    let pool = sqlite(&dir, "group.db").await;
+    sqlx::query("CREATE TABLE t (id INTEGER PRIMARY KEY)").execute(&pool).await.unwrap();
+    sqlx::query("INSERT INTO t (id) VALUES (2)").execute(&pool).await.unwrap();
+    let (group, release, blocker) = held_writer(&pool).await;
+    let first = insert(&group, "INSERT INTO t (id) VALUES ($1)", 1);
+    queued(&group, 1).await;
+    // Writes a row, then trips on a taken id: both of its rows must go, none of the others'.
+    let g = group.clone();
+    let taken = tokio::spawn(async move {
+        g.run(|conn| {
+            Box::pin(async move {
+                sqlx::query("INSERT INTO t (id) VALUES (10)").execute(&mut *conn).await?;
+                sqlx::query("INSERT INTO t (id) VALUES (2)").execute(&mut *conn).await.map(|_| ())
+            })
+        })
+        .await
+    });
+    queued(&group, 2).await;
+    let last = insert(&group, "INSERT INTO t (id) VALUES ($1)", 3);
+    queued(&group, 3).await;
+    // The writes wait their turn: nothing of them is visible yet.
+    let count = || async { sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM t").fetch_one(&pool).await.unwrap() };
+    assert_eq!(count().await, 1);
+    release.notify_one();
+    blocker.await.unwrap();
+    assert!(matches!(first.await.unwrap(), Ok(Ok(()))));
+    match taken.await.unwrap() {
+        Ok(Err(sqlx::Error::Database(d))) => assert!(d.is_unique_violation()),
+        other => panic!("the duplicate must be refused alone, got {other:?}"),
+    }
+    assert!(matches!(last.await.unwrap(), Ok(Ok(()))));
+    let ids: Vec<i64> = sqlx::query_scalar("SELECT id FROM t ORDER BY id").fetch_all(&pool).await.unwrap();
+    assert_eq!(ids, vec![1, 2, 3]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_that_cannot_commit_stores_none_of_its_writes_and_says_so() {
+    let dir = TempDir::new();
+    let pool = sqlite(&dir, "group.db").await;
+    sqlx::query("CREATE TABLE parent (id INTEGER PRIMARY KEY)").execute(&pool).await.unwrap();
+    // A deferred foreign key is checked at COMMIT: the bad write passes its own savepoint and sinks
+    // the group's COMMIT, which proves the three shared one transaction.
+    sqlx::query(
+        "CREATE TABLE child (id INTEGER PRIMARY KEY, parent INTEGER REFERENCES parent (id) DEFERRABLE INITIALLY DEFERRED)",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let (group, release, blocker) = held_writer(&pool).await;
+    let good = insert(&group, "INSERT INTO parent (id) VALUES ($1)", 1);
+    queued(&group, 1).await;
+    let orphan = insert(&group, "INSERT INTO child (id, parent) VALUES (1, $1)", 99);
+    queued(&group, 2).await;
+    let also_good = insert(&group, "INSERT INTO parent (id) VALUES ($1)", 2);
+    queued(&group, 3).await;
+    release.notify_one();
+    blocker.await.unwrap();
+    for write in [good, orphan, also_good] {
+        let outcome = write.await.unwrap();
+        assert!(outcome.is_err(), "no write of an uncommitted group may report success: {outcome:?}");
+    }
+    let parents: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM parent").fetch_one(&pool).await.unwrap();
+    let children: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM child").fetch_one(&pool).await.unwrap();
+    assert_eq!((parents, children), (0, 0));
+    // The writer goes on: the next write commits.
+    let after = insert(&group, "INSERT INTO parent (id) VALUES ($1)", 3);
+    assert!(matches!(after.await.unwrap(), Ok(Ok(()))));
 }

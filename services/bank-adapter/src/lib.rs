@@ -66,6 +66,8 @@ pub struct BankAdapter {
     pool: SqlitePool,
     /// One connection for writes: writers queue here in order rather than in SQLite's busy handler.
     writer: SqlitePool,
+    /// Activations are committed through `writer` in groups (`socialcard_events::group`).
+    group: socialcard_events::group::GroupWriter,
     outbox: Arc<dyn Outbox>,
     /// Where branch losses and unlocks go (the loss coordinator owns the cases).
     coordinator: Option<LossCoordinatorServiceClient<Channel>>,
@@ -125,7 +127,10 @@ impl BankAdapter {
             .foreign_keys(true);
         let pool = socialcard_events::sqlite_pool(4).connect_with(options.clone()).await?;
         sqlx::migrate!("./migrations").run(&pool).await.map_err(|e| sqlx::Error::Migrate(Box::new(e)))?;
-        let writer = socialcard_events::sqlite_pool(1).connect_with(options).await?;
+        // Checkpoints run beside the writer, not inside its commits (`socialcard_events::group`).
+        let writer = socialcard_events::sqlite_pool(1).connect_with(options.pragma("wal_autocheckpoint", "0")).await?;
+        let group = socialcard_events::group::GroupWriter::spawn(writer.clone(), 64);
+        group.checkpoint_beside(pool.clone(), Duration::from_millis(100));
         let limiter =
             Arc::new(socialcard_server::limit::RateLimiter::new(bank.policy.requests_per_second, bank.policy.burst));
         Ok(Self {
@@ -133,6 +138,7 @@ impl BankAdapter {
             registry: RegistryServiceClient::new(registry),
             outbox: Arc::new(SqliteOutbox::new(pool.clone())),
             pool,
+            group,
             writer,
             coordinator: None,
             limiter,
@@ -227,7 +233,11 @@ impl BankAdapter {
                     social_awaits_bureau_unlock: answer.social_awaits_bureau_unlock,
                     activated_at: Some(prost_types::Timestamp { seconds: now.unix_timestamp(), nanos: 0 }),
                 };
-                self.record(&card, &teller, &branch, &key, &hash, registry_request, Some(&response), now).await?;
+                let stored =
+                    self.record(&card, &teller, &branch, &key, &hash, registry_request, Some(&response), now).await?;
+                if stored {
+                    return Ok(response);
+                }
                 // Concurrent retries with this key all return the answer stored first.
                 Ok(self.stored_answer::<bank::ActivateFinancialResponse>(&key, &hash).await?.unwrap_or(response))
             }
@@ -425,32 +435,38 @@ impl BankAdapter {
         &self,
         tx: &mut sqlx::SqliteConnection,
         card_id: &str,
-        event_type: &str,
+        event_type: &'static str,
         event: &ev::FinancialEvent,
         now: OffsetDateTime,
     ) -> Result<(), ApiError> {
-        sqlx::query(
-            "INSERT INTO outbox (event_id, topic, event_key, event_type, payload, occurred_at, bucket, source,
-                 traceparent)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
-        )
-        .bind(uuid::Uuid::now_v7().to_string())
-        .bind(socialcard_events::topics::FINANCIAL)
-        .bind(card_id)
-        .bind(event_type)
-        .bind(event.encode_to_vec())
-        .bind(micros(now))
-        .bind(socialcard_events::bucket_of(card_id))
-        .bind(format!("bank-adapter.{}", self.bank.code))
-        .bind(socialcard_telemetry::current_traceparent())
-        .execute(tx)
-        .await
-        .map_err(db)?;
-        Ok(())
+        self.event_row(card_id, event_type, event, now).insert(tx).await.map_err(db)
+    }
+
+    /// The outbox row of one financial event, built in the request's context (its trace) so it can be
+    /// written later, by the group writer.
+    pub(crate) fn event_row(
+        &self,
+        card_id: &str,
+        event_type: &'static str,
+        event: &ev::FinancialEvent,
+        now: OffsetDateTime,
+    ) -> EventRow {
+        EventRow {
+            event_id: uuid::Uuid::now_v7().to_string(),
+            card_id: card_id.to_string(),
+            event_type,
+            payload: event.encode_to_vec(),
+            occurred_at: micros(now),
+            source: format!("bank-adapter.{}", self.bank.code),
+            traceparent: socialcard_telemetry::current_traceparent(),
+        }
     }
 
     /// Records the activation, its event and (when the registry confirmed) the bank's answer, in one
-    /// transaction. A second recording of the same card keeps the first.
+    /// transaction shared with the other activations queued at the same moment (group commit; the
+    /// adapter's database syncs every commit to disk, so this is where concurrent activations win).
+    /// A second recording of the same card keeps the first. Returns whether `response` became the
+    /// stored answer to `key` (false: a concurrent twin stored its answer first).
     #[allow(clippy::too_many_arguments)]
     async fn record(
         &self,
@@ -462,57 +478,66 @@ impl BankAdapter {
         registry_request: reg::RecordFinancialActivationRequest,
         response: Option<&bank::ActivateFinancialResponse>,
         now: OffsetDateTime,
-    ) -> Result<(), ApiError> {
+    ) -> Result<bool, ApiError> {
         let confirmed = response.is_some();
-        let mut tx = self.writer.begin().await.map_err(db)?;
-        let inserted = sqlx::query(
-            "INSERT INTO financial_cards (card_id, card_number, state, teller_id, branch_id, activated_at, social_confirmed)
-             VALUES ($1, $2, 'active', $3, $4, $5, $6)
-             ON CONFLICT (card_id) DO UPDATE SET state = 'active', teller_id = excluded.teller_id,
-                 branch_id = excluded.branch_id, activated_at = excluded.activated_at,
-                 social_confirmed = excluded.social_confirmed
-             WHERE financial_cards.state <> 'active'",
-        )
-        .bind(&card.card_id)
-        .bind(&card.card_number)
-        .bind(teller)
-        .bind(branch)
-        .bind(micros(now))
-        .bind(i64::from(confirmed))
-        .execute(&mut *tx)
-        .await
-        .map_err(db)?
-        .rows_affected()
-            == 1;
-        if confirmed {
-            sqlx::query("UPDATE financial_cards SET social_confirmed = 1 WHERE card_id = $1")
-                .bind(&card.card_id)
-                .execute(&mut *tx)
-                .await
-                .map_err(db)?;
-        }
-        if let Some(response) = response {
-            store_answer(&mut *tx, key, hash, response, now).await?;
-        }
         // One event per activation (a re-activation after a rollback is a new one); a retry after a
         // pending one adds none.
-        if inserted {
-            let event = ev::FinancialEvent {
-                card_id: card.card_id.clone(),
-                bank_code: self.bank.code.clone(),
-                occurred_at: Some(prost_types::Timestamp { seconds: now.unix_timestamp(), nanos: 0 }),
-                kind: Some(ev::financial_event::Kind::FinancialActivated(ev::FinancialActivated {
-                    teller_id: teller.to_string(),
-                    branch_id: branch.to_string(),
-                    idempotency_key: registry_request.idempotency_key.clone(),
-                    registry_request: Some(registry_request),
-                    registry_confirmed: confirmed,
-                })),
-            };
-            self.append_event(&mut tx, &card.card_id, "socialcard.financial.v1.FinancialActivated", &event, now)
-                .await?;
-        }
-        tx.commit().await.map_err(db)
+        let event = ev::FinancialEvent {
+            card_id: card.card_id.clone(),
+            bank_code: self.bank.code.clone(),
+            occurred_at: Some(prost_types::Timestamp { seconds: now.unix_timestamp(), nanos: 0 }),
+            kind: Some(ev::financial_event::Kind::FinancialActivated(ev::FinancialActivated {
+                teller_id: teller.to_string(),
+                branch_id: branch.to_string(),
+                idempotency_key: registry_request.idempotency_key.clone(),
+                registry_request: Some(registry_request),
+                registry_confirmed: confirmed,
+            })),
+        };
+        let event = self.event_row(&card.card_id, "socialcard.financial.v1.FinancialActivated", &event, now);
+        let answer = response.map(|r| (key.to_string(), hash.to_vec(), r.encode_to_vec()));
+        let (card_id, card_number) = (card.card_id.clone(), card.card_number.clone());
+        let (teller, branch, at) = (teller.to_string(), branch.to_string(), micros(now));
+        self.group
+            .run(move |conn| {
+                Box::pin(async move {
+                    let inserted = sqlx::query(
+                        "INSERT INTO financial_cards (card_id, card_number, state, teller_id, branch_id, activated_at, social_confirmed)
+                         VALUES ($1, $2, 'active', $3, $4, $5, $6)
+                         ON CONFLICT (card_id) DO UPDATE SET state = 'active', teller_id = excluded.teller_id,
+                             branch_id = excluded.branch_id, activated_at = excluded.activated_at,
+                             social_confirmed = excluded.social_confirmed
+                         WHERE financial_cards.state <> 'active'",
+                    )
+                    .bind(&card_id)
+                    .bind(&card_number)
+                    .bind(&teller)
+                    .bind(&branch)
+                    .bind(at)
+                    .bind(i64::from(confirmed))
+                    .execute(&mut *conn)
+                    .await?
+                    .rows_affected()
+                        == 1;
+                    if confirmed {
+                        sqlx::query("UPDATE financial_cards SET social_confirmed = 1 WHERE card_id = $1")
+                            .bind(&card_id)
+                            .execute(&mut *conn)
+                            .await?;
+                    }
+                    let mut stored = false;
+                    if let Some((key, hash, response)) = &answer {
+                        stored = store_encoded_answer(&mut *conn, key, hash, response, at).await? == 1;
+                    }
+                    if inserted {
+                        event.insert(&mut *conn).await?;
+                    }
+                    Ok::<_, sqlx::Error>(stored)
+                })
+            })
+            .await
+            .map_err(|e| ApiError::Unavailable(e.to_string()))?
+            .map_err(db)
     }
 
     pub async fn query_card(
@@ -547,18 +572,63 @@ pub(crate) async fn store_answer<'c>(
     response: &impl Message,
     now: OffsetDateTime,
 ) -> Result<(), ApiError> {
-    sqlx::query(
+    store_encoded_answer(executor, key, hash, &response.encode_to_vec(), micros(now)).await.map_err(db)?;
+    Ok(())
+}
+
+/// Stores an encoded answer under `key` unless one is stored already; returns the rows written (0 or 1).
+async fn store_encoded_answer<'c>(
+    executor: impl sqlx::SqliteExecutor<'c>,
+    key: &str,
+    hash: &[u8],
+    response: &[u8],
+    at: i64,
+) -> Result<u64, sqlx::Error> {
+    Ok(sqlx::query(
         "INSERT INTO idempotency (idempotency_key, request_hash, response, created_at) VALUES ($1, $2, $3, $4)
          ON CONFLICT (idempotency_key) DO NOTHING",
     )
     .bind(key)
     .bind(hash)
-    .bind(response.encode_to_vec())
-    .bind(micros(now))
+    .bind(response)
+    .bind(at)
     .execute(executor)
-    .await
-    .map_err(db)?;
-    Ok(())
+    .await?
+    .rows_affected())
+}
+
+/// One outbox row of the adapter's financial events, ready to insert.
+#[derive(Debug)]
+pub(crate) struct EventRow {
+    event_id: String,
+    card_id: String,
+    event_type: &'static str,
+    payload: Vec<u8>,
+    occurred_at: i64,
+    source: String,
+    traceparent: Option<String>,
+}
+
+impl EventRow {
+    async fn insert(&self, conn: &mut sqlx::SqliteConnection) -> Result<(), sqlx::Error> {
+        sqlx::query(
+            "INSERT INTO outbox (event_id, topic, event_key, event_type, payload, occurred_at, bucket, source,
+                 traceparent)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+        )
+        .bind(&self.event_id)
+        .bind(socialcard_events::topics::FINANCIAL)
+        .bind(&self.card_id)
+        .bind(self.event_type)
+        .bind(&self.payload)
+        .bind(self.occurred_at)
+        .bind(socialcard_events::bucket_of(&self.card_id))
+        .bind(&self.source)
+        .bind(&self.traceparent)
+        .execute(conn)
+        .await?;
+        Ok(())
+    }
 }
 
 /// A registry refusal passes through to the bank with its code and reason; transport failures say the

@@ -50,7 +50,7 @@ pub(super) fn social_label(card: &socialcard_domain::Card) -> &'static str {
 }
 
 macro_rules! sql_store {
-    ($store:ident, $db:ty, $pool:ty) => {
+    ($store:ident, $db:ty, $pool:ty, $group:ty) => {
         #[derive(Clone, Debug)]
         pub struct $store {
             pool: $pool,
@@ -59,6 +59,9 @@ macro_rules! sql_store {
             writer: $pool,
             /// Personal data is sealed at rest and citizen IDs are stored as blind indexes.
             sealer: Arc<crate::seal::Sealer>,
+            /// SQLite: commits `writer`'s queued commits in groups; PostgreSQL: `()`, never read.
+            #[allow(dead_code)]
+            group: $group,
         }
 
         impl $store {
@@ -88,7 +91,7 @@ macro_rules! sql_store {
             }
 
             async fn write_card(
-                tx: &mut sqlx::Transaction<'_, $db>,
+                conn: &mut <$db as sqlx::Database>::Connection,
                 sealer: &crate::seal::Sealer,
                 write: &CardWrite,
                 now: i64,
@@ -118,7 +121,7 @@ macro_rules! sql_store {
                     .bind(data)
                     .bind(&rec.pin_digest)
                     .bind(now)
-                    .execute(&mut **tx)
+                    .execute(&mut *conn)
                     .await
                 } else {
                     sqlx::query(
@@ -135,7 +138,7 @@ macro_rules! sql_store {
                     .bind(now)
                     .bind(&c.id)
                     .bind(c.version - 1)
-                    .execute(&mut **tx)
+                    .execute(&mut *conn)
                     .await
                 };
                 match result {
@@ -146,8 +149,9 @@ macro_rules! sql_store {
                 }
             }
 
+            /// Writes one commit on `conn`, inside a transaction (or savepoint) the caller owns.
             async fn commit_in(
-                tx: &mut sqlx::Transaction<'_, $db>,
+                conn: &mut <$db as sqlx::Database>::Connection,
                 sealer: &crate::seal::Sealer,
                 commit: &Commit,
             ) -> Result<(), StoreError> {
@@ -163,7 +167,7 @@ macro_rules! sql_store {
                     // A stored answer may carry a person's name and phone.
                     .bind(sealer.seal_bytes(&i.response, &i.key).map_err(seal_error)?)
                     .bind(now)
-                    .execute(&mut **tx)
+                    .execute(&mut *conn)
                     .await;
                     match r {
                         Err(sqlx::Error::Database(d)) if d.is_unique_violation() => return Err(StoreError::IdempotencyConflict),
@@ -180,7 +184,7 @@ macro_rules! sql_store {
                             .bind(sealer.seal(&p.phone, &index).map_err(seal_error)?)
                             .bind(micros(p.registered_at))
                             .bind(p.version)
-                            .execute(&mut **tx)
+                            .execute(&mut *conn)
                             .await;
                         match r {
                             Err(sqlx::Error::Database(d)) if d.is_unique_violation() => return Err(StoreError::Duplicate("person")),
@@ -192,7 +196,7 @@ macro_rules! sql_store {
                         let r = sqlx::query("UPDATE persons SET version = version + 1 WHERE citizen_id = $1 AND version = $2")
                             .bind(sealer.blind_index(citizen_id))
                             .bind(expected_version)
-                            .execute(&mut **tx)
+                            .execute(&mut *conn)
                             .await
                             .map_err(db_error)?;
                         if r.rows_affected() != 1 {
@@ -202,7 +206,7 @@ macro_rules! sql_store {
                     None => {}
                 }
                 for w in &commit.cards {
-                    Self::write_card(tx, sealer, w, now).await?;
+                    Self::write_card(conn, sealer, w, now).await?;
                 }
                 // Each card's trail is a hash chain: link every entry to the card's last one (the card's
                 // version check serialises writers of one card, so the last entry read here stays last).
@@ -212,7 +216,7 @@ macro_rules! sql_store {
                         Some(h) => h.clone(),
                         None => sqlx::query("SELECT hash FROM audit_log WHERE card_id = $1 ORDER BY seq DESC LIMIT 1")
                             .bind(&a.card_id)
-                            .fetch_optional(&mut **tx)
+                            .fetch_optional(&mut *conn)
                             .await
                             .map_err(db_error)?
                             .map(|r| r.try_get::<Option<Vec<u8>>, _>("hash"))
@@ -239,7 +243,7 @@ macro_rules! sql_store {
                     .bind(&a.idempotency_key)
                     .bind(&prev)
                     .bind(&hash)
-                    .execute(&mut **tx)
+                    .execute(&mut *conn)
                     .await
                     .map_err(db_error)?;
                     heads.insert(a.card_id.as_str(), hash);
@@ -258,7 +262,7 @@ macro_rules! sql_store {
                     .bind(socialcard_events::bucket_of(&o.key))
                     .bind(&o.source)
                     .bind(&o.traceparent)
-                    .execute(&mut **tx)
+                    .execute(&mut *conn)
                     .await
                     .map_err(db_error)?;
                 }
@@ -418,15 +422,7 @@ macro_rules! sql_store {
             }
 
             async fn commit(&self, commit: Commit) -> Result<(), StoreError> {
-                let mut tx = self.writer.begin().await.map_err(db_error)?;
-                match Self::commit_in(&mut tx, &self.sealer, &commit).await {
-                    Ok(()) => tx.commit().await.map_err(db_error),
-                    Err(e) => {
-                        // Dropping the transaction would roll back too; say so explicitly.
-                        let _ = tx.rollback().await;
-                        Err(e)
-                    }
-                }
+                self.commit_one(commit).await
             }
 
             async fn counts(&self) -> Result<TableCounts, StoreError> {
@@ -466,10 +462,28 @@ macro_rules! sql_store {
     };
 }
 
-sql_store!(SqliteStore, sqlx::Sqlite, sqlx::SqlitePool);
-sql_store!(PgStore, sqlx::Postgres, sqlx::PgPool);
+sql_store!(SqliteStore, sqlx::Sqlite, sqlx::SqlitePool, socialcard_events::group::GroupWriter);
+sql_store!(PgStore, sqlx::Postgres, sqlx::PgPool, ());
+
+/// The most commits one SQLite transaction takes: enough to absorb a burst of concurrent requests, few
+/// enough that the group holds the write lock for milliseconds, not seconds.
+const GROUP_MAX: usize = 64;
+
+/// How often the WAL is checkpointed beside the writer: at the writer's pace (a few thousand small
+/// commits a second) the WAL stays within a few megabytes.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
 
 impl SqliteStore {
+    /// A commit goes to the group writer: it shares a transaction with the commits queued beside it,
+    /// in a savepoint of its own, so a refused one rolls back alone (`socialcard_events::group`).
+    async fn commit_one(&self, commit: Commit) -> Result<(), StoreError> {
+        let sealer = self.sealer.clone();
+        self.group
+            .run(move |conn| Box::pin(async move { Self::commit_in(conn, &sealer, &commit).await }))
+            .await
+            .map_err(|e| StoreError::Unavailable(e.to_string()))?
+    }
+
     /// The outbox of this database: what the relay publishes and the embedded log serves.
     pub fn outbox(&self) -> Arc<dyn Outbox> {
         Arc::new(SqliteOutbox::new(self.pool.clone()))
@@ -494,13 +508,34 @@ impl SqliteStore {
         let writer = if memory {
             pool.clone()
         } else {
-            socialcard_events::sqlite_pool(1).connect_with(options).await.map_err(db_error)?
+            // Checkpoints run beside the writer, not inside its commits (`socialcard_events::group`).
+            socialcard_events::sqlite_pool(1)
+                .connect_with(options.pragma("wal_autocheckpoint", "0"))
+                .await
+                .map_err(db_error)?
         };
-        Ok(Self { pool, writer, sealer })
+        let group = socialcard_events::group::GroupWriter::spawn(writer.clone(), GROUP_MAX);
+        if !memory {
+            group.checkpoint_beside(pool.clone(), CHECKPOINT_EVERY);
+        }
+        Ok(Self { pool, writer, sealer, group })
     }
 }
 
 impl PgStore {
+    /// PostgreSQL admits concurrent writers and groups their WAL flushes itself: a transaction each.
+    async fn commit_one(&self, commit: Commit) -> Result<(), StoreError> {
+        let mut tx = self.writer.begin().await.map_err(db_error)?;
+        match Self::commit_in(&mut tx, &self.sealer, &commit).await {
+            Ok(()) => tx.commit().await.map_err(db_error),
+            Err(e) => {
+                // Dropping the transaction would roll back too; say so explicitly.
+                let _ = tx.rollback().await;
+                Err(e)
+            }
+        }
+    }
+
     pub fn outbox(&self) -> Arc<dyn Outbox> {
         Arc::new(PgOutbox::new(self.pool.clone()))
     }
@@ -514,6 +549,6 @@ impl PgStore {
             .await
             .map_err(db_error)?;
         sqlx::migrate!("./migrations/postgres").run(&pool).await.map_err(|e| StoreError::Unavailable(e.to_string()))?;
-        Ok(Self { writer: pool.clone(), pool, sealer })
+        Ok(Self { writer: pool.clone(), pool, sealer, group: () })
     }
 }

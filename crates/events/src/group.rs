@@ -1,0 +1,168 @@
+//! Group commit for a SQLite writer.
+//!
+//! SQLite admits one writer at a time, so a service's writes already queue on one connection. Each
+//! still paid for a transaction of its own: its `BEGIN` and `COMMIT`, the WAL frames of every page it
+//! touched (the outbox's and audit log's last pages, the same index pages, written again by the next
+//! transaction) and a share of the checkpoints those frames cause. A [`GroupWriter`] takes the writes
+//! that are waiting when the connection frees up and commits them together: one transaction, each
+//! write inside a savepoint of its own, so a write that fails (a version conflict, a taken key) rolls
+//! back alone and the others commit. Nobody waits for a group to fill: a write that finds the writer
+//! idle runs at once, alone; under load the group is whatever queued meanwhile.
+//!
+//! A writer's connection should not checkpoint the WAL itself (`wal_autocheckpoint=0` in its options):
+//! SQLite runs an automatic checkpoint inside the `COMMIT` that crosses the threshold, syncing the
+//! database file while every queued write waits. [`GroupWriter::checkpoint_beside`] runs them on another connection
+//! instead, where they do not hold the writer up (a passive checkpoint takes no write lock).
+//!
+//! A write's caller learns its outcome only after the group's `COMMIT`, so an answer never reports a
+//! write that could still be lost. If the `COMMIT` fails, every write of the group gets the error (none
+//! of them is stored). A write that was queued runs even if its caller stopped waiting, like a commit
+//! whose answer was lost on the way; the operations put through here are idempotent for that reason.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
+
+use sqlx::{Acquire, SqliteConnection, SqlitePool};
+use tokio::sync::{mpsc, oneshot};
+
+/// The future a write returns; it borrows the group's connection.
+pub type WriteFuture<'c, T> = Pin<Box<dyn Future<Output = T> + Send + 'c>>;
+
+/// Hands a write's outcome to its caller once the group's fate is known.
+type Deliver = Box<dyn FnOnce(Result<(), GroupError>) + Send>;
+/// A queued write: runs on the group's connection, says whether it succeeded and how to answer.
+type Job = Box<dyn for<'c> FnOnce(&'c mut SqliteConnection) -> WriteFuture<'c, (bool, Deliver)> + Send>;
+
+/// The group a write belonged to could not be committed (or the writer is gone); nothing of the write
+/// was stored.
+#[derive(Clone, Debug, thiserror::Error)]
+#[error("write not committed: {0}")]
+pub struct GroupError(pub String);
+
+impl From<sqlx::Error> for GroupError {
+    fn from(e: sqlx::Error) -> Self {
+        Self(e.to_string())
+    }
+}
+
+/// Commits the writes queued on one SQLite database in groups (see the module docs).
+#[derive(Clone, Debug)]
+pub struct GroupWriter {
+    jobs: mpsc::Sender<Job>,
+}
+
+impl GroupWriter {
+    /// Starts the writer task on the current runtime. It takes a connection from `pool` for each group
+    /// and gives it back after the group, so other users of `pool` take their turn between groups.
+    /// A group holds at most `max_group` writes (at least one).
+    pub fn spawn(pool: SqlitePool, max_group: usize) -> Self {
+        let (jobs, queue) = mpsc::channel(4 * max_group.max(1));
+        tokio::spawn(write_loop(pool, queue, max_group.max(1)));
+        Self { jobs }
+    }
+
+    /// Checkpoints the WAL of the writer's database every `every` on a connection of `pool` (not the
+    /// writer's), passively: never waiting for, or blocking, readers and the writer. Stops when the
+    /// last handle to this writer is dropped. For writers whose connection has `wal_autocheckpoint=0`.
+    pub fn checkpoint_beside(&self, pool: SqlitePool, every: Duration) {
+        let writer = self.jobs.downgrade();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                if writer.upgrade().is_none() || pool.is_closed() {
+                    return;
+                }
+                if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)").execute(&pool).await {
+                    tracing::warn!(error = %e, "WAL checkpoint failed; trying again");
+                }
+            }
+        });
+    }
+
+    /// Writes queued and not yet taken into a group (a load gauge).
+    pub fn queued(&self) -> usize {
+        self.jobs.max_capacity() - self.jobs.capacity()
+    }
+
+    /// Runs `write` on the writer's connection inside the next group and returns its result once the
+    /// group committed. `Ok(Err(e))`: the write failed and was rolled back alone. `Err`: the write
+    /// succeeded but its group was not committed, so nothing of it was stored.
+    ///
+    /// `write` must not begin or end transactions of its own (it runs inside a savepoint) and must not
+    /// wait for anything that itself waits for this writer.
+    pub async fn run<T, E, F>(&self, write: F) -> Result<Result<T, E>, GroupError>
+    where
+        T: Send + 'static,
+        E: Send + 'static,
+        F: for<'c> FnOnce(&'c mut SqliteConnection) -> WriteFuture<'c, Result<T, E>> + Send + 'static,
+    {
+        let (answer, outcome) = oneshot::channel();
+        let job: Job = Box::new(move |conn| {
+            Box::pin(async move {
+                let result = write(conn).await;
+                let ok = result.is_ok();
+                let deliver: Deliver = Box::new(move |group| {
+                    let _ = answer.send(match (ok, group) {
+                        (true, Err(e)) => Err(e),
+                        _ => Ok(result),
+                    });
+                });
+                (ok, deliver)
+            })
+        });
+        self.jobs.send(job).await.map_err(|_| GroupError("the writer has stopped".into()))?;
+        outcome.await.map_err(|_| GroupError("the writer stopped before the write committed".into()))?
+    }
+}
+
+async fn write_loop(pool: SqlitePool, mut queue: mpsc::Receiver<Job>, max_group: usize) {
+    let mut group = Vec::with_capacity(max_group);
+    while queue.recv_many(&mut group, max_group).await > 0 {
+        let mut delivers = Vec::with_capacity(group.len());
+        let outcome = commit_group(&pool, group.drain(..), &mut delivers).await;
+        if let Err(e) = &outcome {
+            tracing::warn!(error = %e, writes = delivers.len(), "a group of writes was not committed");
+        }
+        for deliver in delivers {
+            deliver(outcome.clone());
+        }
+    }
+}
+
+/// Runs the group's writes in one transaction; a write that ran is in `delivers` whatever happens next.
+/// Writes not reached (the group failed first) are dropped, which tells their callers so.
+async fn commit_group(
+    pool: &SqlitePool,
+    group: impl ExactSizeIterator<Item = Job>,
+    delivers: &mut Vec<Deliver>,
+) -> Result<(), GroupError> {
+    let mut conn = pool.acquire().await?;
+    let mut tx = conn.begin().await?;
+    if group.len() == 1 {
+        // Alone: the transaction is the write's own, no savepoint needed.
+        for job in group {
+            let (ok, deliver) = job(&mut tx).await;
+            delivers.push(deliver);
+            if !ok {
+                tx.rollback().await?;
+                return Ok(());
+            }
+        }
+    } else {
+        for job in group {
+            let mut savepoint = (&mut tx).begin().await?;
+            let (ok, deliver) = job(&mut savepoint).await;
+            delivers.push(deliver);
+            if ok {
+                savepoint.commit().await?;
+            } else {
+                savepoint.rollback().await?;
+            }
+        }
+    }
+    tx.commit().await?;
+    Ok(())
+}
