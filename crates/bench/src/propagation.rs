@@ -1,8 +1,8 @@
-//! `propagation`: from the commit of a state change (a business row and its outbox row in one SQLite
-//! transaction, as the registry writes them) to the moment a consumer in another database has applied
-//! it (effect + inbox row committed), at a fixed offered rate, through the embedded log and through
-//! Kafka (relay + consumer group). Baseline: the commit itself, measured in the same run: the floor
-//! no propagation can beat.
+//! `propagation`: from the commit of a state change (a business row and its outbox row, committed as
+//! the registry commits: through a group writer, concurrent changes sharing a SQLite transaction) to
+//! the moment a consumer in another database has applied it (effect + inbox row committed), at a fixed
+//! offered rate, through the embedded log and through Kafka (relay + consumer group). Baseline: the
+//! commit itself, measured in the same run: the floor no propagation can beat.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use rdkafka::mocking::MockCluster;
 use socialcard_events::embedded::{EmbeddedConsumer, SqliteOffsets};
+use socialcard_events::group::GroupWriter;
 use socialcard_events::kafka::{ConsumerConfig, KafkaConfig, KafkaConsumer, KafkaPublisher};
 use socialcard_events::outbox::SqliteOutbox;
 use socialcard_events::relay::RelayConfig;
@@ -28,14 +29,14 @@ impl Drop for Dir {
     }
 }
 
-async fn db(path: std::path::PathBuf) -> anyhow::Result<SqlitePool> {
+async fn db(path: std::path::PathBuf, connections: u32) -> anyhow::Result<SqlitePool> {
     let opts = SqliteConnectOptions::new()
         .filename(path)
         .create_if_missing(true)
         .journal_mode(SqliteJournalMode::Wal)
         .synchronous(SqliteSynchronous::Normal)
         .busy_timeout(Duration::from_secs(10));
-    Ok(socialcard_events::sqlite_pool(4).connect_with(opts).await?)
+    Ok(socialcard_events::sqlite_pool(connections).connect_with(opts).await?)
 }
 
 /// The consumer's effect, as a service would apply it: inbox row + effect row, one transaction;
@@ -91,7 +92,7 @@ type Mock = MockCluster<'static, rdkafka::producer::DefaultProducerContext>;
 async fn one_run(path: Path, rate: u32, seconds: f64, brokers: &str, mock: Option<&Mock>) -> anyhow::Result<Run> {
     let dir = Dir(std::env::temp_dir().join(format!("socialcard-bench-{}", uuid::Uuid::new_v4().simple())));
     std::fs::create_dir_all(&dir.0)?;
-    let source = db(dir.0.join("source.db")).await?;
+    let source = db(dir.0.join("source.db"), 4).await?;
     sqlx::raw_sql(
         "CREATE TABLE cards (card_id TEXT PRIMARY KEY, version INTEGER NOT NULL);
          CREATE TABLE outbox (seq INTEGER PRIMARY KEY AUTOINCREMENT, event_id TEXT NOT NULL UNIQUE, topic TEXT NOT NULL,
@@ -102,7 +103,12 @@ async fn one_run(path: Path, rate: u32, seconds: f64, brokers: &str, mock: Optio
     )
     .execute(&source)
     .await?;
-    let target = db(dir.0.join("target.db")).await?;
+    // Writes go through one connection, in groups, with WAL checkpoints beside it, as the registry's do.
+    let writer = db(dir.0.join("source.db"), 1).await?;
+    sqlx::query("PRAGMA wal_autocheckpoint=0").execute(&writer).await?;
+    let group = GroupWriter::spawn(writer, 64);
+    group.checkpoint_beside(source.clone(), Duration::from_millis(100));
+    let target = db(dir.0.join("target.db"), 4).await?;
     sqlx::raw_sql(socialcard_events::inbox::SQLITE_SCHEMA).execute(&target).await?;
     sqlx::raw_sql("CREATE TABLE effects (event_id TEXT PRIMARY KEY, card_id TEXT NOT NULL)").execute(&target).await?;
     let applier = Arc::new(Applier { pool: target.clone(), latencies: Mutex::new(Samples::default()) });
@@ -150,7 +156,7 @@ async fn one_run(path: Path, rate: u32, seconds: f64, brokers: &str, mock: Optio
         }
     }
     // Warm up: one change must come through (the Kafka consumer has joined its group) before the clock starts.
-    commit_change(&source, &topic, "warm-up").await?;
+    commit_change(&group, &topic, "warm-up".into()).await?;
     let warm = Instant::now();
     while applier.latencies.lock().unwrap_or_else(|p| p.into_inner()).len() == 0 {
         anyhow::ensure!(warm.elapsed() < Duration::from_secs(60), "the warm-up event never arrived");
@@ -158,9 +164,11 @@ async fn one_run(path: Path, rate: u32, seconds: f64, brokers: &str, mock: Optio
     }
     *applier.latencies.lock().unwrap_or_else(|p| p.into_inner()) = Samples::default();
 
-    // Offer `rate` state changes per second, each its own transaction, paced on a 1 ms tick.
+    // Offer `rate` state changes per second, paced on a 1 ms tick, each as its own request would make
+    // it: concurrently, through the group writer.
     let total = (f64::from(rate) * seconds) as usize;
     let mut commit = Samples::default();
+    let mut commits = tokio::task::JoinSet::new();
     let start = Instant::now();
     let mut sent = 0usize;
     let mut tick = tokio::time::interval(Duration::from_millis(1));
@@ -169,10 +177,16 @@ async fn one_run(path: Path, rate: u32, seconds: f64, brokers: &str, mock: Optio
         tick.tick().await;
         let due = ((start.elapsed().as_secs_f64() * f64::from(rate)) as usize).min(total);
         while sent < due {
-            let card = format!("card-{}", sent % 1000);
-            commit.push(commit_change(&source, &topic, &card).await?);
+            let (group, topic, card) = (group.clone(), topic.clone(), format!("card-{}", sent % 1000));
+            commits.spawn(async move { commit_change(&group, &topic, card).await });
             sent += 1;
         }
+        while let Some(done) = commits.try_join_next() {
+            commit.push(done??);
+        }
+    }
+    while let Some(done) = commits.join_next().await {
+        commit.push(done??);
     }
     let written = start.elapsed();
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -188,31 +202,39 @@ async fn one_run(path: Path, rate: u32, seconds: f64, brokers: &str, mock: Optio
     Ok(Run { path, rate, offered: total, written, applied: latency.len(), elapsed, latency, commit })
 }
 
-/// One state change as a service commits it: its row and its outbox row in one transaction. Returns
-/// how long the commit took.
-async fn commit_change(source: &SqlitePool, topic: &str, card: &str) -> anyhow::Result<Duration> {
+/// One state change as a service commits it: its row and its outbox row, committed through a group
+/// writer as the registry commits (concurrent changes share a transaction, each in a savepoint).
+/// Returns how long the commit took, queueing included.
+async fn commit_change(group: &GroupWriter, topic: &str, card: String) -> anyhow::Result<Duration> {
     let began = Instant::now();
-    let mut tx = source.begin().await?;
-    sqlx::query(
-        "INSERT INTO cards (card_id, version) VALUES ($1, 1) ON CONFLICT (card_id) DO UPDATE SET version = version + 1",
-    )
-    .bind(card)
-    .execute(&mut *tx)
-    .await?;
-    let now = OffsetDateTime::now_utc();
-    sqlx::query(
-        "INSERT INTO outbox (event_id, topic, event_key, event_type, payload, occurred_at, bucket, source)
-         VALUES ($1, $2, $3, 'bench.v1.Changed', $4, $5, $6, 'bench')",
-    )
-    .bind(uuid::Uuid::now_v7().to_string())
-    .bind(topic)
-    .bind(card)
-    .bind(vec![0u8; 64])
-    .bind(socialcard_events::unix_micros(now))
-    .bind(socialcard_events::bucket_of(card))
-    .execute(&mut *tx)
-    .await?;
-    tx.commit().await?;
+    let topic = topic.to_string();
+    group
+        .run(move |conn| {
+            Box::pin(async move {
+                sqlx::query(
+                    "INSERT INTO cards (card_id, version) VALUES ($1, 1)
+                     ON CONFLICT (card_id) DO UPDATE SET version = version + 1",
+                )
+                .bind(&card)
+                .execute(&mut *conn)
+                .await?;
+                let now = OffsetDateTime::now_utc();
+                sqlx::query(
+                    "INSERT INTO outbox (event_id, topic, event_key, event_type, payload, occurred_at, bucket, source)
+                     VALUES ($1, $2, $3, 'bench.v1.Changed', $4, $5, $6, 'bench')",
+                )
+                .bind(uuid::Uuid::now_v7().to_string())
+                .bind(&topic)
+                .bind(&card)
+                .bind(vec![0u8; 64])
+                .bind(socialcard_events::unix_micros(now))
+                .bind(socialcard_events::bucket_of(&card))
+                .execute(&mut *conn)
+                .await?;
+                Ok::<_, sqlx::Error>(())
+            })
+        })
+        .await??;
     Ok(began.elapsed())
 }
 
