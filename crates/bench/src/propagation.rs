@@ -103,11 +103,8 @@ async fn one_run(path: Path, rate: u32, seconds: f64, brokers: &str, mock: Optio
     )
     .execute(&source)
     .await?;
-    // Writes go through one connection, in groups, with WAL checkpoints beside it, as the registry's do.
-    let writer = db(dir.0.join("source.db"), 1).await?;
-    sqlx::query("PRAGMA wal_autocheckpoint=0").execute(&writer).await?;
-    let group = GroupWriter::spawn(writer, 64);
-    group.checkpoint_beside(source.clone(), Duration::from_millis(100));
+    // Writes go through one connection, in groups, as the registry's do.
+    let group = GroupWriter::spawn(db(dir.0.join("source.db"), 1).await?, 64);
     let target = db(dir.0.join("target.db"), 4).await?;
     sqlx::raw_sql(socialcard_events::inbox::SQLITE_SCHEMA).execute(&target).await?;
     sqlx::raw_sql("CREATE TABLE effects (event_id TEXT PRIMARY KEY, card_id TEXT NOT NULL)").execute(&target).await?;

@@ -9,11 +9,6 @@
 //! back alone and the others commit. Nobody waits for a group to fill: a write that finds the writer
 //! idle runs at once, alone; under load the group is whatever queued meanwhile.
 //!
-//! A writer's connection should not checkpoint the WAL itself (`wal_autocheckpoint=0` in its options):
-//! SQLite runs an automatic checkpoint inside the `COMMIT` that crosses the threshold, syncing the
-//! database file while every queued write waits. [`GroupWriter::checkpoint_beside`] runs them on another connection
-//! instead, where they do not hold the writer up (a passive checkpoint takes no write lock).
-//!
 //! A write's caller learns its outcome only after the group's `COMMIT`, so an answer never reports a
 //! write that could still be lost. If the `COMMIT` fails, every write of the group gets the error (none
 //! of them is stored). A write that was queued runs even if its caller stopped waiting, like a commit
@@ -21,7 +16,6 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::time::Duration;
 
 use sqlx::{Acquire, SqliteConnection, SqlitePool};
 use tokio::sync::{mpsc, oneshot};
@@ -60,26 +54,6 @@ impl GroupWriter {
         let (jobs, queue) = mpsc::channel(4 * max_group.max(1));
         tokio::spawn(write_loop(pool, queue, max_group.max(1)));
         Self { jobs }
-    }
-
-    /// Checkpoints the WAL of the writer's database every `every` on a connection of `pool` (not the
-    /// writer's), passively: never waiting for, or blocking, readers and the writer. Stops when the
-    /// last handle to this writer is dropped. For writers whose connection has `wal_autocheckpoint=0`.
-    pub fn checkpoint_beside(&self, pool: SqlitePool, every: Duration) {
-        let writer = self.jobs.downgrade();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(every);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tick.tick().await;
-                if writer.upgrade().is_none() || pool.is_closed() {
-                    return;
-                }
-                if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)").execute(&pool).await {
-                    tracing::warn!(error = %e, "WAL checkpoint failed; trying again");
-                }
-            }
-        });
     }
 
     /// Writes queued and not yet taken into a group (a load gauge).

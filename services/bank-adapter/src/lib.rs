@@ -127,10 +127,8 @@ impl BankAdapter {
             .foreign_keys(true);
         let pool = socialcard_events::sqlite_pool(4).connect_with(options.clone()).await?;
         sqlx::migrate!("./migrations").run(&pool).await.map_err(|e| sqlx::Error::Migrate(Box::new(e)))?;
-        // Checkpoints run beside the writer, not inside its commits (`socialcard_events::group`).
-        let writer = socialcard_events::sqlite_pool(1).connect_with(options.pragma("wal_autocheckpoint", "0")).await?;
+        let writer = socialcard_events::sqlite_pool(1).connect_with(options).await?;
         let group = socialcard_events::group::GroupWriter::spawn(writer.clone(), 64);
-        group.checkpoint_beside(pool.clone(), Duration::from_millis(100));
         let limiter =
             Arc::new(socialcard_server::limit::RateLimiter::new(bank.policy.requests_per_second, bank.policy.burst));
         Ok(Self {

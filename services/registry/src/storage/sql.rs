@@ -469,10 +469,6 @@ sql_store!(PgStore, sqlx::Postgres, sqlx::PgPool, ());
 /// enough that the group holds the write lock for milliseconds, not seconds.
 const GROUP_MAX: usize = 64;
 
-/// How often the WAL is checkpointed beside the writer: at the writer's pace (a few thousand small
-/// commits a second) the WAL stays within a few megabytes.
-const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
-
 impl SqliteStore {
     /// A commit goes to the group writer: it shares a transaction with the commits queued beside it,
     /// in a savepoint of its own, so a refused one rolls back alone (`socialcard_events::group`).
@@ -508,16 +504,9 @@ impl SqliteStore {
         let writer = if memory {
             pool.clone()
         } else {
-            // Checkpoints run beside the writer, not inside its commits (`socialcard_events::group`).
-            socialcard_events::sqlite_pool(1)
-                .connect_with(options.pragma("wal_autocheckpoint", "0"))
-                .await
-                .map_err(db_error)?
+            socialcard_events::sqlite_pool(1).connect_with(options).await.map_err(db_error)?
         };
         let group = socialcard_events::group::GroupWriter::spawn(writer.clone(), GROUP_MAX);
-        if !memory {
-            group.checkpoint_beside(pool.clone(), CHECKPOINT_EVERY);
-        }
         Ok(Self { pool, writer, sealer, group })
     }
 }
