@@ -104,7 +104,7 @@ async fn one_run(path: Path, rate: u32, seconds: f64, brokers: &str, mock: Optio
     .execute(&source)
     .await?;
     // Writes go through one connection, in groups, as the registry's do.
-    let group = GroupWriter::spawn(db(dir.0.join("source.db"), 1).await?, 64);
+    let group = GroupWriter::spawn(db(dir.0.join("source.db"), 1).await?, socialcard_events::group::MAX_GROUP);
     let target = db(dir.0.join("target.db"), 4).await?;
     sqlx::raw_sql(socialcard_events::inbox::SQLITE_SCHEMA).execute(&target).await?;
     sqlx::raw_sql("CREATE TABLE effects (event_id TEXT PRIMARY KEY, card_id TEXT NOT NULL)").execute(&target).await?;
@@ -153,7 +153,7 @@ async fn one_run(path: Path, rate: u32, seconds: f64, brokers: &str, mock: Optio
         }
     }
     // Warm up: one change must come through (the Kafka consumer has joined its group) before the clock starts.
-    commit_change(&group, &topic, "warm-up".into()).await?;
+    commit_change(&group, topic.clone(), "warm-up".into()).await?;
     let warm = Instant::now();
     while applier.latencies.lock().unwrap_or_else(|p| p.into_inner()).len() == 0 {
         anyhow::ensure!(warm.elapsed() < Duration::from_secs(60), "the warm-up event never arrived");
@@ -175,7 +175,7 @@ async fn one_run(path: Path, rate: u32, seconds: f64, brokers: &str, mock: Optio
         let due = ((start.elapsed().as_secs_f64() * f64::from(rate)) as usize).min(total);
         while sent < due {
             let (group, topic, card) = (group.clone(), topic.clone(), format!("card-{}", sent % 1000));
-            commits.spawn(async move { commit_change(&group, &topic, card).await });
+            commits.spawn(async move { commit_change(&group, topic, card).await });
             sent += 1;
         }
         while let Some(done) = commits.try_join_next() {
@@ -202,9 +202,8 @@ async fn one_run(path: Path, rate: u32, seconds: f64, brokers: &str, mock: Optio
 /// One state change as a service commits it: its row and its outbox row, committed through a group
 /// writer as the registry commits (concurrent changes share a transaction, each in a savepoint).
 /// Returns how long the commit took, queueing included.
-async fn commit_change(group: &GroupWriter, topic: &str, card: String) -> anyhow::Result<Duration> {
+async fn commit_change(group: &GroupWriter, topic: String, card: String) -> anyhow::Result<Duration> {
     let began = Instant::now();
-    let topic = topic.to_string();
     group
         .run(move |conn| {
             Box::pin(async move {

@@ -40,6 +40,10 @@ impl From<sqlx::Error> for GroupError {
     }
 }
 
+/// The most writes one group takes, for the services' writers: enough to absorb a burst of concurrent
+/// requests, few enough that a group holds SQLite's write lock for milliseconds, not seconds.
+pub const MAX_GROUP: usize = 64;
+
 /// Commits the writes queued on one SQLite database in groups (see the module docs).
 #[derive(Clone, Debug)]
 pub struct GroupWriter {

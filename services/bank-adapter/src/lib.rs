@@ -128,7 +128,7 @@ impl BankAdapter {
         let pool = socialcard_events::sqlite_pool(4).connect_with(options.clone()).await?;
         sqlx::migrate!("./migrations").run(&pool).await.map_err(|e| sqlx::Error::Migrate(Box::new(e)))?;
         let writer = socialcard_events::sqlite_pool(1).connect_with(options).await?;
-        let group = socialcard_events::group::GroupWriter::spawn(writer.clone(), 64);
+        let group = socialcard_events::group::GroupWriter::spawn(writer.clone(), socialcard_events::group::MAX_GROUP);
         let limiter =
             Arc::new(socialcard_server::limit::RateLimiter::new(bank.policy.requests_per_second, bank.policy.burst));
         Ok(Self {

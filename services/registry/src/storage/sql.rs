@@ -465,10 +465,6 @@ macro_rules! sql_store {
 sql_store!(SqliteStore, sqlx::Sqlite, sqlx::SqlitePool, socialcard_events::group::GroupWriter);
 sql_store!(PgStore, sqlx::Postgres, sqlx::PgPool, ());
 
-/// The most commits one SQLite transaction takes: enough to absorb a burst of concurrent requests, few
-/// enough that the group holds the write lock for milliseconds, not seconds.
-const GROUP_MAX: usize = 64;
-
 impl SqliteStore {
     /// A commit goes to the group writer: it shares a transaction with the commits queued beside it,
     /// in a savepoint of its own, so a refused one rolls back alone (`socialcard_events::group`).
@@ -506,7 +502,7 @@ impl SqliteStore {
         } else {
             socialcard_events::sqlite_pool(1).connect_with(options).await.map_err(db_error)?
         };
-        let group = socialcard_events::group::GroupWriter::spawn(writer.clone(), GROUP_MAX);
+        let group = socialcard_events::group::GroupWriter::spawn(writer.clone(), socialcard_events::group::MAX_GROUP);
         Ok(Self { pool, writer, sealer, group })
     }
 }
