@@ -40,10 +40,38 @@ async fn db(path: std::path::PathBuf, connections: u32) -> anyhow::Result<Sqlite
 }
 
 /// The consumer's effect, as a service would apply it: inbox row + effect row, one transaction;
-/// then the latency from the event's commit.
+/// then the latency from the event's commit. With `batch`, it also has the batch form: every event a
+/// poll brings, in one transaction (as ops applies them); without, one transaction per event (as the
+/// services whose handlers have no batch form do).
 struct Applier {
     pool: SqlitePool,
+    batch: bool,
     latencies: Mutex<Samples>,
+}
+
+impl Applier {
+    /// Effect and inbox row of `event` inside `tx`; false when the inbox had it.
+    async fn apply_in(tx: &mut sqlx::SqliteConnection, event: &Envelope) -> Result<bool, sqlx::Error> {
+        if !socialcard_events::inbox::record_sqlite(&mut *tx, &event.id).await? {
+            return Ok(false);
+        }
+        sqlx::query("INSERT INTO effects (event_id, card_id) VALUES ($1, $2)")
+            .bind(&event.id)
+            .bind(&event.subject)
+            .execute(&mut *tx)
+            .await?;
+        Ok(true)
+    }
+
+    fn observe<'a>(&self, events: impl Iterator<Item = &'a Envelope>) {
+        let now = OffsetDateTime::now_utc();
+        let mut latencies = self.latencies.lock().unwrap_or_else(|p| p.into_inner());
+        for event in events {
+            if let Ok(lag) = Duration::try_from(now - event.time) {
+                latencies.push(lag);
+            }
+        }
+    }
 }
 
 #[async_trait]
@@ -51,21 +79,33 @@ impl Handler for Applier {
     async fn handle(&self, event: &Envelope) -> Result<Applied, HandlerError> {
         let t = |e: sqlx::Error| HandlerError::Transient(e.to_string());
         let mut tx = self.pool.begin().await.map_err(t)?;
-        if !socialcard_events::inbox::record_sqlite(&mut tx, &event.id).await.map_err(t)? {
+        if !Self::apply_in(&mut tx, event).await.map_err(t)? {
             return Ok(Applied::Duplicate);
         }
-        sqlx::query("INSERT INTO effects (event_id, card_id) VALUES ($1, $2)")
-            .bind(&event.id)
-            .bind(&event.subject)
-            .execute(&mut *tx)
-            .await
-            .map_err(t)?;
         tx.commit().await.map_err(t)?;
-        let lag = OffsetDateTime::now_utc() - event.time;
-        if let Ok(lag) = Duration::try_from(lag) {
-            self.latencies.lock().unwrap_or_else(|p| p.into_inner()).push(lag);
-        }
+        self.observe(std::iter::once(event));
         Ok(Applied::Applied)
+    }
+
+    async fn handle_batch(&self, events: &[Envelope]) -> Option<Result<Vec<Applied>, HandlerError>> {
+        if !self.batch {
+            return None;
+        }
+        let t = |e: sqlx::Error| HandlerError::Transient(e.to_string());
+        Some(
+            async {
+                let mut tx = self.pool.begin().await.map_err(t)?;
+                let mut answers = Vec::with_capacity(events.len());
+                for event in events {
+                    let new = Self::apply_in(&mut tx, event).await.map_err(t)?;
+                    answers.push(if new { Applied::Applied } else { Applied::Duplicate });
+                }
+                tx.commit().await.map_err(t)?;
+                self.observe(events.iter().zip(&answers).filter(|(_, a)| **a == Applied::Applied).map(|(e, _)| e));
+                Ok(answers)
+            }
+            .await,
+        )
     }
 }
 
@@ -77,6 +117,7 @@ enum Path {
 
 struct Run {
     path: Path,
+    batch: bool,
     rate: u32,
     offered: usize,
     /// How long the writer took to commit them all (it falls behind when the rate is beyond it).
@@ -89,7 +130,14 @@ struct Run {
 
 type Mock = MockCluster<'static, rdkafka::producer::DefaultProducerContext>;
 
-async fn one_run(path: Path, rate: u32, seconds: f64, brokers: &str, mock: Option<&Mock>) -> anyhow::Result<Run> {
+async fn one_run(
+    path: Path,
+    batch: bool,
+    rate: u32,
+    seconds: f64,
+    brokers: &str,
+    mock: Option<&Mock>,
+) -> anyhow::Result<Run> {
     let dir = Dir(std::env::temp_dir().join(format!("socialcard-bench-{}", uuid::Uuid::new_v4().simple())));
     std::fs::create_dir_all(&dir.0)?;
     let source = db(dir.0.join("source.db"), 4).await?;
@@ -108,7 +156,7 @@ async fn one_run(path: Path, rate: u32, seconds: f64, brokers: &str, mock: Optio
     let target = db(dir.0.join("target.db"), 4).await?;
     sqlx::raw_sql(socialcard_events::inbox::SQLITE_SCHEMA).execute(&target).await?;
     sqlx::raw_sql("CREATE TABLE effects (event_id TEXT PRIMARY KEY, card_id TEXT NOT NULL)").execute(&target).await?;
-    let applier = Arc::new(Applier { pool: target.clone(), latencies: Mutex::new(Samples::default()) });
+    let applier = Arc::new(Applier { pool: target.clone(), batch, latencies: Mutex::new(Samples::default()) });
     let topic = format!("bench-{}", uuid::Uuid::new_v4().simple());
     let outbox: Arc<dyn Outbox> = Arc::new(SqliteOutbox::new(source.clone()));
     let (stop, stopped) = watch::channel(false);
@@ -196,7 +244,7 @@ async fn one_run(path: Path, rate: u32, seconds: f64, brokers: &str, mock: Optio
         let _ = t.await;
     }
     let latency = std::mem::take(&mut *applier.latencies.lock().unwrap_or_else(|p| p.into_inner()));
-    Ok(Run { path, rate, offered: total, written, applied: latency.len(), elapsed, latency, commit })
+    Ok(Run { path, batch, rate, offered: total, written, applied: latency.len(), elapsed, latency, commit })
 }
 
 /// One state change as a service commits it: its row and its outbox row, committed through a group
@@ -241,8 +289,10 @@ pub async fn run(quick: bool, brokers: Option<String>) -> anyhow::Result<Table> 
     let (rates, seconds): (&[u32], f64) = if quick { (&[200], 0.5) } else { (&[1_000, 10_000], 5.0) };
     let mut rows = Vec::new();
     for &rate in rates {
-        for path in [Path::Embedded, Path::Kafka] {
-            let mut r = one_run(path, rate, seconds, &brokers, mock.as_ref()).await?;
+        for (path, batch) in
+            [(Path::Embedded, false), (Path::Embedded, true), (Path::Kafka, false), (Path::Kafka, true)]
+        {
+            let mut r = one_run(path, batch, rate, seconds, &brokers, mock.as_ref()).await?;
             rows.push(vec![
                 match r.path {
                     Path::Embedded => "embedded log".to_string(),
@@ -254,6 +304,7 @@ pub async fn run(quick: bool, brokers: Option<String>) -> anyhow::Result<Table> 
                         }
                     }
                 },
+                if r.batch { "batch" } else { "per event" }.to_string(),
                 r.rate.to_string(),
                 format!("{:.0}", r.offered as f64 / r.written.as_secs_f64()),
                 format!("{:.0}", r.applied as f64 / r.elapsed.as_secs_f64()),
@@ -270,6 +321,7 @@ pub async fn run(quick: bool, brokers: Option<String>) -> anyhow::Result<Table> 
         name: "propagation",
         columns: vec![
             "path",
+            "consumer txn",
             "offered/s",
             "committed/s",
             "applied/s",
@@ -285,6 +337,7 @@ pub async fn run(quick: bool, brokers: Option<String>) -> anyhow::Result<Table> 
             "latency: commit of the change (business row + outbox row) to the consumer's effect + inbox row committed"
                 .into(),
             "baseline: the commit alone, same run; target p99 <= 50 ms at 1,000/s".into(),
+            "consumer txn: one transaction per event, or per batch (all a poll brings, as ops applies them)".into(),
         ],
     })
 }

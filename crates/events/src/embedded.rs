@@ -9,10 +9,8 @@ use std::time::Duration;
 use sqlx::Row;
 use tokio::sync::watch;
 
-use tracing::Instrument as _;
-
-use crate::handler::handle_with_retries;
-use crate::{Applied, EventError, Handler, Metrics, Outbox, OutboxRow};
+use crate::handler::handle_events;
+use crate::{Applied, EventError, Handler, Metrics, Outbox};
 
 /// A consumer's position and dead letters, in its own SQLite database (tables in
 /// [`crate::inbox::SQLITE_SCHEMA`]).
@@ -51,13 +49,13 @@ impl SqliteOffsets {
         Ok(())
     }
 
-    async fn dead_letter(&self, group: &str, row: &OutboxRow, error: &str) -> Result<(), EventError> {
+    async fn dead_letter(&self, group: &str, event: &crate::Envelope, error: &str) -> Result<(), EventError> {
         sqlx::query("INSERT INTO dead_letters (consumer_group, topic, event_id, error, payload, at) VALUES ($1, $2, $3, $4, $5, $6)")
             .bind(group)
-            .bind(&row.envelope.topic)
-            .bind(&row.envelope.id)
+            .bind(&event.topic)
+            .bind(&event.id)
             .bind(error)
-            .bind(&row.envelope.payload)
+            .bind(&event.payload)
             .bind(time::OffsetDateTime::now_utc().unix_timestamp())
             .execute(&self.pool)
             .await?;
@@ -122,32 +120,34 @@ impl EmbeddedConsumer {
         let position = self.offsets.position(&self.group, &self.topic).await?;
         let rows = self.log.read_after(&self.topic, position, 256).await?;
         let (mut applied, mut duplicates, mut dead) = (0, 0, 0);
-        for row in &rows {
-            let span = socialcard_telemetry::consumer_span(
-                "socialcard-embedded-log",
-                &self.topic,
-                &row.envelope.id,
-                row.envelope.traceparent.as_deref(),
-            );
-            match handle_with_retries(self.handler.as_ref(), &row.envelope, self.max_attempts, self.retry_backoff)
-                .instrument(span)
-                .await
-            {
+        let count = rows.len();
+        let last_seq = rows.last().map(|r| r.seq);
+        let events: Vec<crate::Envelope> = rows.into_iter().map(|r| r.envelope).collect();
+        let outcomes = handle_events(
+            self.handler.as_ref(),
+            &events,
+            self.max_attempts,
+            self.retry_backoff,
+            "socialcard-embedded-log",
+        )
+        .await;
+        for (event, outcome) in events.iter().zip(outcomes) {
+            match outcome {
                 Ok(Applied::Applied) => applied += 1,
                 Ok(Applied::Duplicate) => duplicates += 1,
                 Err(e) => {
                     dead += 1;
-                    tracing::error!(group = %self.group, event_id = %row.envelope.id, error = %e, "dead-lettering event");
-                    self.offsets.dead_letter(&self.group, row, &e.to_string()).await?;
+                    tracing::error!(group = %self.group, event_id = %event.id, error = %e, "dead-lettering event");
+                    self.offsets.dead_letter(&self.group, event, &e.to_string()).await?;
                 }
             }
         }
         // The position moves once per batch: a crash inside the batch redelivers its applied events,
         // which the handler's inbox turns into no-ops.
-        let position = match rows.last() {
+        let position = match last_seq {
             Some(last) => {
-                self.offsets.commit(&self.group, &self.topic, last.seq).await?;
-                last.seq
+                self.offsets.commit(&self.group, &self.topic, last).await?;
+                last
             }
             None => position,
         };
@@ -157,7 +157,7 @@ impl EmbeddedConsumer {
             m.dead_lettered(&self.group, dead);
             m.consumer_lag(&self.group, &self.topic, self.log.last_seq(&self.topic).await? - position);
         }
-        Ok(rows.len())
+        Ok(count)
     }
 
     pub async fn run(self, stop: watch::Receiver<bool>) {

@@ -2,6 +2,7 @@
 //! event's inbox row in one transaction (see [`crate::inbox`]), so a redelivered event is recognised.
 
 use async_trait::async_trait;
+use tracing::Instrument as _;
 
 use crate::Envelope;
 
@@ -26,6 +27,95 @@ pub enum HandlerError {
 #[async_trait]
 pub trait Handler: Send + Sync {
     async fn handle(&self, event: &crate::Envelope) -> Result<Applied, HandlerError>;
+
+    /// Applies `events` in order in one transaction, all or nothing: the answer for each, or an error
+    /// that left none of them written. `None`: this handler has no batch form, and the consumer hands it
+    /// the events one at a time. After an error the consumer tries the batch's halves (see
+    /// [`handle_events`]), so a poison event is retried and dead-lettered alone while the rest of its
+    /// batch is applied.
+    async fn handle_batch(&self, events: &[Envelope]) -> Option<Result<Vec<Applied>, HandlerError>> {
+        let _ = events;
+        None
+    }
+}
+
+/// Handles `events` (in order) as a consumer does: more than one together through
+/// [`Handler::handle_batch`] when the handler has a batch form, one transaction for all; otherwise each
+/// alone through [`handle_with_retries`]. A batch that fails is split in halves, each tried the same way
+/// in order, so a poison event ends up alone (retried, then dead-lettered) after about log2(n) failed
+/// batches while the events around it still go in batches. One outcome per event, in order; an error
+/// means the event must be dead-lettered. Spans: one `process` span per batch, linked to the traces that
+/// wrote its events, or one per event, a child of the trace that wrote it.
+pub async fn handle_events(
+    handler: &dyn Handler,
+    events: &[Envelope],
+    max_attempts: u32,
+    backoff: std::time::Duration,
+    system: &'static str,
+) -> Vec<Result<Applied, HandlerError>> {
+    let mut outcomes = Vec::with_capacity(events.len());
+    // Ranges still to handle, the next on top: halves are pushed second half first.
+    let mut pending: Vec<std::ops::Range<usize>> = Vec::with_capacity(16);
+    pending.push(0..events.len());
+    while let Some(range) = pending.pop() {
+        let part = &events[range.clone()];
+        if part.len() > 1 {
+            match handle_batch(handler, part, system).await {
+                Batch::Applied(applied) => {
+                    outcomes.extend(applied.into_iter().map(Ok));
+                    continue;
+                }
+                Batch::Failed => {
+                    let mid = range.start + part.len() / 2;
+                    pending.push(mid..range.end);
+                    pending.push(range.start..mid);
+                    continue;
+                }
+                Batch::NoBatchForm => {}
+            }
+        }
+        for event in part {
+            let span =
+                socialcard_telemetry::consumer_span(system, &event.topic, &event.id, event.traceparent.as_deref());
+            outcomes.push(handle_with_retries(handler, event, max_attempts, backoff).instrument(span).await);
+        }
+    }
+    outcomes
+}
+
+enum Batch {
+    Applied(Vec<Applied>),
+    Failed,
+    NoBatchForm,
+}
+
+async fn handle_batch(handler: &dyn Handler, events: &[Envelope], system: &'static str) -> Batch {
+    let topic = match events.iter().all(|e| e.topic == events[0].topic) {
+        true => events[0].topic.as_str(),
+        false => "(several)",
+    };
+    let span = socialcard_telemetry::consumer_batch_span(
+        system,
+        topic,
+        events.iter().map(|e| e.traceparent.as_deref()),
+        events.len(),
+    );
+    match handler.handle_batch(events).instrument(span).await {
+        Some(Ok(applied)) if applied.len() == events.len() => Batch::Applied(applied),
+        Some(Ok(applied)) => {
+            tracing::error!(
+                events = events.len(),
+                answers = applied.len(),
+                "a batch answered for the wrong number of events"
+            );
+            Batch::Failed
+        }
+        Some(Err(e)) => {
+            tracing::warn!(events = events.len(), error = %e, "a batch failed; trying its halves");
+            Batch::Failed
+        }
+        None => Batch::NoBatchForm,
+    }
 }
 
 /// Runs `handler` with up to `max_attempts` tries (backing off between transient failures); returns

@@ -5,23 +5,26 @@
 //! (`enable.idempotence`, `acks=all`), headers, and topic creation through the admin API. Not relied
 //! on: transactions, growing partitions.
 
+use std::future::Future as _;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use tokio::sync::watch;
 
-use tracing::Instrument as _;
+use crate::handler::handle_events;
+use crate::{Applied, Envelope, EventError, Handler, HandlerError, Metrics, OutboxRow, Publish};
 
-use crate::handler::handle_with_retries;
-use crate::{Applied, Envelope, EventError, Handler, Metrics, OutboxRow, Publish};
+/// The most messages [`KafkaConsumer::run`] hands the handler at once.
+pub const MAX_BATCH: usize = 256;
 
 #[derive(Clone, Debug)]
 pub struct KafkaConfig {
@@ -185,7 +188,8 @@ impl KafkaConsumer {
         self
     }
 
-    /// Processes messages until `stop` turns true.
+    /// Processes messages until `stop` turns true: each message that arrives, together with those
+    /// already fetched behind it (up to [`MAX_BATCH`]), as one batch.
     pub async fn run(&self, mut stop: watch::Receiver<bool>) -> Result<(), EventError> {
         loop {
             let message = tokio::select! {
@@ -196,7 +200,22 @@ impl KafkaConsumer {
                 return Ok(());
             }
             match message {
-                Ok(m) => self.process(&m).await?,
+                Ok(m) => {
+                    let mut batch = vec![m];
+                    while batch.len() < MAX_BATCH {
+                        // Only what librdkafka has already fetched: never wait for more.
+                        let mut next = std::pin::pin!(self.consumer.recv());
+                        match std::future::poll_fn(|cx| Poll::Ready(next.as_mut().poll(cx))).await {
+                            Poll::Ready(Ok(m)) => batch.push(m),
+                            Poll::Ready(Err(e)) => {
+                                tracing::warn!(error = %e, "consumer error");
+                                break;
+                            }
+                            Poll::Pending => break,
+                        }
+                    }
+                    self.process_batch(&batch).await?;
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "consumer error");
                     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -212,20 +231,73 @@ impl KafkaConsumer {
         Ok(())
     }
 
+    /// Handles `messages` (in order; together, in one transaction, when the handler has a batch form:
+    /// see [`handle_events`]), dead-letters those that cannot be handled, then commits the offsets past
+    /// them. A crash before the commit redelivers them all, and the inbox makes the applied ones no-ops.
+    pub async fn process_batch(&self, messages: &[BorrowedMessage<'_>]) -> Result<(), EventError> {
+        let mut outcomes: Vec<Option<Result<Applied, String>>> = vec![None; messages.len()];
+        let mut events = Vec::with_capacity(messages.len());
+        let mut of_event = Vec::with_capacity(messages.len());
+        for (i, m) in messages.iter().enumerate() {
+            match Envelope::from_message(m) {
+                Ok(event) => {
+                    events.push(event);
+                    of_event.push(i);
+                }
+                Err(e) => outcomes[i] = Some(Err(e.to_string())),
+            }
+        }
+        let handled =
+            handle_events(self.handler.as_ref(), &events, self.config.max_attempts, self.config.retry_backoff, "kafka")
+                .await;
+        for (i, outcome) in of_event.into_iter().zip(handled) {
+            outcomes[i] = Some(outcome.map_err(|e| e.to_string()));
+        }
+        for (m, outcome) in messages.iter().zip(outcomes) {
+            let outcome = outcome.unwrap_or_else(|| Err("no outcome".into()));
+            self.settle(m, outcome).await?;
+        }
+        // The next offset of each partition: one past the last message of it in this batch.
+        let mut next: Vec<(&str, i32, i64)> = Vec::new();
+        for m in messages {
+            match next.iter_mut().find(|(t, p, _)| *t == m.topic() && *p == m.partition()) {
+                Some(entry) => entry.2 = entry.2.max(m.offset() + 1),
+                None => next.push((m.topic(), m.partition(), m.offset() + 1)),
+            }
+        }
+        let mut offsets = TopicPartitionList::new();
+        for (topic, partition, offset) in next {
+            offsets.add_partition_offset(topic, partition, Offset::Offset(offset))?;
+        }
+        self.consumer.commit(&offsets, CommitMode::Async)?;
+        Ok(())
+    }
+
     /// Handles one message (dead-lettering it when it cannot be handled) without committing its offset.
     pub async fn handle_only(&self, m: &BorrowedMessage<'_>) -> Result<Option<Applied>, EventError> {
         let outcome = match Envelope::from_message(m) {
-            Ok(event) => {
-                // The event's processing continues the trace that wrote it.
-                let span =
-                    socialcard_telemetry::consumer_span("kafka", &event.topic, &event.id, event.traceparent.as_deref());
-                handle_with_retries(self.handler.as_ref(), &event, self.config.max_attempts, self.config.retry_backoff)
-                    .instrument(span)
-                    .await
-                    .map_err(|e| e.to_string())
-            }
+            Ok(event) => handle_events(
+                self.handler.as_ref(),
+                std::slice::from_ref(&event),
+                self.config.max_attempts,
+                self.config.retry_backoff,
+                "kafka",
+            )
+            .await
+            .pop()
+            .unwrap_or_else(|| Err(HandlerError::Transient("no outcome".into())))
+            .map_err(|e| e.to_string()),
             Err(e) => Err(e.to_string()),
         };
+        self.settle(m, outcome).await
+    }
+
+    /// Counts a handled message, or dead-letters one that could not be.
+    async fn settle(
+        &self,
+        m: &BorrowedMessage<'_>,
+        outcome: Result<Applied, String>,
+    ) -> Result<Option<Applied>, EventError> {
         let group = &self.config.group;
         match outcome {
             Ok(applied) => {
@@ -291,7 +363,6 @@ pub fn spawn_lag_sampler(
     stop: watch::Receiver<bool>,
 ) -> Result<std::thread::JoinHandle<()>, EventError> {
     use rdkafka::consumer::BaseConsumer;
-    use rdkafka::{Offset, TopicPartitionList};
     // Not subscribed: it only reads the group's committed offsets, it never joins the group.
     let reader: BaseConsumer = kafka.client().set("group.id", group).set("enable.auto.commit", "false").create()?;
     let group = group.to_string();

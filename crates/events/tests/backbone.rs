@@ -94,6 +94,10 @@ async fn append_interleaved(pool: &SqlitePool, topic: &str, keys: usize, per_key
 struct Ledger {
     pool: SqlitePool,
     duplicates: AtomicUsize,
+    /// With the batch form: each poll's events in one transaction.
+    batch: bool,
+    /// Transactions committed.
+    commits: AtomicUsize,
 }
 
 impl Ledger {
@@ -108,7 +112,17 @@ impl Ledger {
         .execute(&pool)
         .await
         .unwrap();
-        Arc::new(Ledger { pool, duplicates: AtomicUsize::new(0) })
+        Arc::new(Ledger { pool, duplicates: AtomicUsize::new(0), batch: false, commits: AtomicUsize::new(0) })
+    }
+
+    async fn batched(dir: &TempDir, name: &str) -> Arc<Ledger> {
+        let plain = Ledger::new(dir, name).await;
+        Arc::new(Ledger {
+            pool: plain.pool.clone(),
+            duplicates: AtomicUsize::new(0),
+            batch: true,
+            commits: AtomicUsize::new(0),
+        })
     }
 
     async fn count(&self, table: &str) -> i64 {
@@ -129,9 +143,9 @@ impl Ledger {
     }
 }
 
-#[async_trait]
-impl Handler for Ledger {
-    async fn handle(&self, event: &Envelope) -> Result<Applied, HandlerError> {
+impl Ledger {
+    /// One event's effect and inbox row inside `tx`.
+    async fn apply_in(tx: &mut sqlx::SqliteConnection, event: &Envelope) -> Result<Applied, HandlerError> {
         let body = String::from_utf8(event.payload.clone()).map_err(|e| HandlerError::Permanent(e.to_string()))?;
         if body == "poison" {
             return Err(HandlerError::Permanent("poison payload".into()));
@@ -139,9 +153,7 @@ impl Handler for Ledger {
         let (key, n) = body.rsplit_once(':').ok_or_else(|| HandlerError::Permanent("not key:n".into()))?;
         let n: i64 = n.parse().map_err(|_| HandlerError::Permanent("n is no number".into()))?;
         let t = |e: sqlx::Error| HandlerError::Transient(e.to_string());
-        let mut tx = self.pool.begin().await.map_err(t)?;
-        if !socialcard_events::inbox::record_sqlite(&mut tx, &event.id).await.map_err(t)? {
-            self.duplicates.fetch_add(1, Ordering::SeqCst);
+        if !socialcard_events::inbox::record_sqlite(&mut *tx, &event.id).await.map_err(t)? {
             return Ok(Applied::Duplicate);
         }
         let last: Option<i64> = sqlx::query("SELECT n FROM last_seen WHERE event_key = $1")
@@ -173,8 +185,45 @@ impl Handler for Ledger {
             .execute(&mut *tx)
             .await
             .map_err(t)?;
-        tx.commit().await.map_err(t)?;
         Ok(Applied::Applied)
+    }
+
+    fn committed(&self, answers: &[Applied]) {
+        self.commits.fetch_add(1, Ordering::SeqCst);
+        let duplicates = answers.iter().filter(|a| **a == Applied::Duplicate).count();
+        self.duplicates.fetch_add(duplicates, Ordering::SeqCst);
+    }
+}
+
+#[async_trait]
+impl Handler for Ledger {
+    async fn handle(&self, event: &Envelope) -> Result<Applied, HandlerError> {
+        let t = |e: sqlx::Error| HandlerError::Transient(e.to_string());
+        let mut tx = self.pool.begin().await.map_err(t)?;
+        let applied = Self::apply_in(&mut tx, event).await?;
+        tx.commit().await.map_err(t)?;
+        self.committed(&[applied]);
+        Ok(applied)
+    }
+
+    async fn handle_batch(&self, events: &[Envelope]) -> Option<Result<Vec<Applied>, HandlerError>> {
+        if !self.batch {
+            return None;
+        }
+        let t = |e: sqlx::Error| HandlerError::Transient(e.to_string());
+        Some(
+            async {
+                let mut tx = self.pool.begin().await.map_err(t)?;
+                let mut answers = Vec::with_capacity(events.len());
+                for event in events {
+                    answers.push(Self::apply_in(&mut tx, event).await?);
+                }
+                tx.commit().await.map_err(t)?;
+                self.committed(&answers);
+                Ok(answers)
+            }
+            .await,
+        )
     }
 }
 
@@ -307,6 +356,7 @@ on_every_broker!(
     relay_killed_between_produce_and_mark_loses_nothing,
     consumer_killed_between_transaction_and_commit_has_no_double_effect,
     poison_messages_are_dead_lettered_and_the_consumer_moves_on,
+    a_batched_consumer_commits_few_transactions_in_order_and_sets_poison_aside,
 );
 
 async fn per_card_order_and_one_effect_each(broker: &Broker) {
@@ -452,6 +502,50 @@ async fn poison_messages_are_dead_lettered_and_the_consumer_moves_on(broker: &Br
     assert_eq!(ledger.count("violations").await, 0);
 }
 
+/// A handler with a batch form gets what the consumer has fetched in one transaction: fewer commits
+/// than events, each card's order kept, a poison event (which fails its batch) dead-lettered alone with
+/// its batch's other events applied, and the offsets committed past everything.
+async fn a_batched_consumer_commits_few_transactions_in_order_and_sets_poison_aside(broker: &Broker) {
+    let dir = TempDir::new();
+    let source = source_db(&dir).await;
+    let topic = broker.topic().await;
+    append_interleaved(&source, &topic, 8, 20).await;
+    append(&source, &topic, "card-0", "poison").await;
+    append_interleaved_from(&source, &topic, 8, 21, 25).await;
+    let outbox = SqliteOutbox::new(source.clone());
+    relay_until_empty(&outbox, &KafkaPublisher::new(&broker.config()).unwrap()).await;
+    let raw: FutureProducer = ClientConfig::new().set("bootstrap.servers", &broker.bootstrap).create().unwrap();
+    raw.send(FutureRecord::to(&topic).key("card-1").payload("garbage"), Duration::from_secs(10)).await.unwrap();
+
+    let group = format!("g-{topic}");
+    let metrics = socialcard_events::Metrics::new();
+    let (stop_sampler, sampler_stopped) = watch::channel(false);
+    let sampler = socialcard_events::kafka::spawn_lag_sampler(
+        &broker.config(),
+        &group,
+        &[&topic],
+        metrics.clone(),
+        Duration::from_millis(100),
+        sampler_stopped,
+    )
+    .unwrap();
+    let lag = || metrics.value("socialcard_consumer_lag", &[("group", &group), ("topic", &topic)]);
+
+    let ledger = Ledger::batched(&dir, "ledger.db").await;
+    let consumer = spawn_consumer(broker, &group, &topic, ledger.clone());
+    ledger.wait_for(200, Duration::from_secs(60)).await;
+    wait_until(|| lag() == Some(0), "lag 0: offsets committed past every message").await;
+    stop(consumer).await;
+    stop_sampler.send(true).unwrap();
+    tokio::task::spawn_blocking(move || sampler.join().unwrap()).await.unwrap();
+
+    assert_eq!(ledger.count("applied").await, 200);
+    assert_eq!(ledger.count("violations").await, 0, "a card's events were applied out of order");
+    assert_eq!(ledger.duplicates.load(Ordering::SeqCst), 0);
+    let commits = ledger.commits.load(Ordering::SeqCst);
+    assert!(commits < 100, "{commits} transactions for 200 events: the consumer did not batch");
+}
+
 // ---------- broker outages: the mock broker can be taken down ----------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -550,6 +644,42 @@ async fn embedded_log_delivers_in_order_once_and_survives_restart() {
     assert_eq!(restarted.poll_once().await.unwrap(), 3);
     assert_eq!(ledger.count("applied").await, 48);
     assert_eq!(ledger.duplicates.load(Ordering::SeqCst), 3);
+    assert_eq!(ledger.count("violations").await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_log_applies_a_poll_in_one_transaction_and_a_poison_event_alone() {
+    let dir = TempDir::new();
+    let source = source_db(&dir).await;
+    let topic = "socialcard.card.v1";
+    append_interleaved(&source, topic, 4, 10).await;
+    let log: Arc<dyn Outbox> = Arc::new(SqliteOutbox::new(source.clone()));
+    let ledger = Ledger::batched(&dir, "ledger.db").await;
+    let offsets = SqliteOffsets::new(ledger.pool.clone());
+    let mut consumer = EmbeddedConsumer::new("ledger", topic, log.clone(), offsets.clone(), ledger.clone());
+    consumer.retry_backoff = Duration::from_millis(1);
+
+    assert_eq!(consumer.poll_once().await.unwrap(), 40);
+    assert_eq!(ledger.count("applied").await, 40);
+    assert_eq!(ledger.commits.load(Ordering::SeqCst), 1, "one transaction for the poll's 40 events");
+
+    // A poison event fails its batch, which is rolled back and split until the poison is alone: halves
+    // [0, 4) and [4, 9); [4, 9) fails again: [4, 6) and [6, 9); [4, 6) fails: the poison and one event.
+    append_interleaved_from(&source, topic, 4, 11, 11).await;
+    append(&source, topic, "card-0", "poison").await;
+    append_interleaved_from(&source, topic, 4, 12, 12).await;
+    assert_eq!(consumer.poll_once().await.unwrap(), 9);
+    assert_eq!(ledger.count("applied").await, 48);
+    assert_eq!(offsets.dead_letter_count("ledger").await.unwrap(), 1, "the poison event alone was dead-lettered");
+    assert_eq!(ledger.commits.load(Ordering::SeqCst), 1 + 3, "[0, 4), [5, 6) and [6, 9) committed");
+
+    // Redelivered after a crash before the position was stored: all duplicates, in one transaction.
+    let position = offsets.position("ledger", topic).await.unwrap();
+    offsets.commit("ledger", topic, position - 4).await.unwrap();
+    assert_eq!(consumer.poll_once().await.unwrap(), 4);
+    assert_eq!(ledger.count("applied").await, 48);
+    assert_eq!(ledger.duplicates.load(Ordering::SeqCst), 4);
+    assert_eq!(ledger.commits.load(Ordering::SeqCst), 5);
     assert_eq!(ledger.count("violations").await, 0);
 }
 

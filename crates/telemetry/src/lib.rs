@@ -169,6 +169,35 @@ pub fn consumer_span(system: &'static str, topic: &str, event_id: &str, tracepar
     span
 }
 
+/// The span of processing several events of one topic together (one transaction): `process <topic>`
+/// with `messaging.batch.message_count`, linked to each trace that wrote one of them (the semantic
+/// conventions' batch form: a span has one parent, but may link many).
+pub fn consumer_batch_span<'a>(
+    system: &'static str,
+    topic: &str,
+    traceparents: impl IntoIterator<Item = Option<&'a str>>,
+    count: usize,
+) -> Span {
+    use opentelemetry::trace::TraceContextExt as _;
+    let span = tracing::info_span!(
+        "process",
+        otel.name = %format!("process {topic}"),
+        otel.kind = "consumer",
+        messaging.system = system,
+        messaging.operation.type = "process",
+        messaging.destination.name = %topic,
+        messaging.batch.message_count = count,
+    );
+    for tp in traceparents.into_iter().flatten() {
+        let cx = parent_from_traceparent(tp);
+        let linked = cx.span().span_context().clone();
+        if linked.is_valid() {
+            span.add_link(linked);
+        }
+    }
+    span
+}
+
 /// The trace id of the current span, as 32 hex digits (for logs and tests).
 pub fn current_trace_id() -> Option<String> {
     use opentelemetry::trace::TraceContextExt as _;

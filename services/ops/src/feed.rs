@@ -34,11 +34,24 @@ impl Handler for OpsEvents {
         match self.store.apply(event).await {
             Ok(true) => Ok(Applied::Applied),
             Ok(false) => Ok(Applied::Duplicate),
-            Err(e @ (StoreError::Database(_) | StoreError::Feed(_))) => Err(HandlerError::Transient(e.to_string())),
-            Err(e @ (StoreError::Undecodable(_) | StoreError::Corrupt(_))) => {
-                Err(HandlerError::Permanent(e.to_string()))
-            }
+            Err(e) => Err(handler_error(e)),
         }
+    }
+
+    async fn handle_batch(&self, events: &[Envelope]) -> Option<Result<Vec<Applied>, HandlerError>> {
+        Some(match self.store.apply_batch(events).await {
+            Ok(applied) => {
+                Ok(applied.into_iter().map(|new| if new { Applied::Applied } else { Applied::Duplicate }).collect())
+            }
+            Err(e) => Err(handler_error(e)),
+        })
+    }
+}
+
+fn handler_error(e: StoreError) -> HandlerError {
+    match e {
+        StoreError::Database(_) | StoreError::Feed(_) => HandlerError::Transient(e.to_string()),
+        StoreError::Undecodable(_) | StoreError::Corrupt(_) => HandlerError::Permanent(e.to_string()),
     }
 }
 

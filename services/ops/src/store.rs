@@ -125,36 +125,24 @@ impl OpsStore {
     /// Applies one event of any topic with its inbox row in one transaction; false for an event seen before.
     pub async fn apply(&self, event: &Envelope) -> Result<bool, StoreError> {
         let mut tx = self.writer.begin().await?;
-        if event.topic.ends_with(".dlt") {
-            // A dead letter repeats the original's id (which the inbox already knows): its own key dedups it.
-            let r =
-                sqlx::query("INSERT INTO kafka_dead_letters (event_id, topic) VALUES ($1, $2) ON CONFLICT DO NOTHING")
-                    .bind(&event.id)
-                    .bind(&event.topic)
-                    .execute(&mut *tx)
-                    .await?;
+        let applied = apply_in(&mut tx, event).await?;
+        if applied {
             tx.commit().await?;
-            return Ok(r.rows_affected() == 1);
         }
-        if !socialcard_events::inbox::record_sqlite(&mut tx, &event.id).await? {
-            return Ok(false);
-        }
-        let payload = event.payload.as_slice();
-        let undecodable = |e: prost::DecodeError| StoreError::Undecodable(format!("{}: {e}", event.event_type));
-        match event.topic.as_str() {
-            topics::CARD => apply_card(&mut tx, event, ev::CardEvent::decode(payload).map_err(undecodable)?).await?,
-            topics::SHIPMENT => {
-                apply_shipment(&mut tx, event, ev::ShipmentEvent::decode(payload).map_err(undecodable)?).await?
-            }
-            topics::LOSS => apply_loss(&mut tx, event, ev::LossEvent::decode(payload).map_err(undecodable)?).await?,
-            topics::FINANCIAL => {
-                apply_financial(&mut tx, event, ev::FinancialEvent::decode(payload).map_err(undecodable)?).await?
-            }
-            // Not ours to read: recorded in the inbox, nothing else.
-            _ => {}
+        Ok(applied)
+    }
+
+    /// Applies `events` in order in one transaction, all or nothing; for each, whether it was new (false:
+    /// the inbox had it, or it came twice in the batch). One commit for many events is what lets the read
+    /// models keep up with a burst, such as an employer batch of a million cards.
+    pub async fn apply_batch(&self, events: &[Envelope]) -> Result<Vec<bool>, StoreError> {
+        let mut tx = self.writer.begin().await?;
+        let mut applied = Vec::with_capacity(events.len());
+        for event in events {
+            applied.push(apply_in(&mut tx, event).await?);
         }
         tx.commit().await?;
-        Ok(true)
+        Ok(applied)
     }
 
     /// Empties the read models, the inbox and ops' own consumer positions and dead letters, in one transaction.
@@ -365,6 +353,37 @@ impl OpsStore {
         }
         Ok(out)
     }
+}
+
+/// One event's effect and inbox row inside `tx`; false when the inbox already had it (nothing written).
+async fn apply_in(tx: &mut sqlx::SqliteConnection, event: &Envelope) -> Result<bool, StoreError> {
+    if event.topic.ends_with(".dlt") {
+        // A dead letter repeats the original's id (which the inbox already knows): its own key dedups it.
+        let r = sqlx::query("INSERT INTO kafka_dead_letters (event_id, topic) VALUES ($1, $2) ON CONFLICT DO NOTHING")
+            .bind(&event.id)
+            .bind(&event.topic)
+            .execute(&mut *tx)
+            .await?;
+        return Ok(r.rows_affected() == 1);
+    }
+    if !socialcard_events::inbox::record_sqlite(&mut *tx, &event.id).await? {
+        return Ok(false);
+    }
+    let payload = event.payload.as_slice();
+    let undecodable = |e: prost::DecodeError| StoreError::Undecodable(format!("{}: {e}", event.event_type));
+    match event.topic.as_str() {
+        topics::CARD => apply_card(&mut *tx, event, ev::CardEvent::decode(payload).map_err(undecodable)?).await?,
+        topics::SHIPMENT => {
+            apply_shipment(&mut *tx, event, ev::ShipmentEvent::decode(payload).map_err(undecodable)?).await?
+        }
+        topics::LOSS => apply_loss(&mut *tx, event, ev::LossEvent::decode(payload).map_err(undecodable)?).await?,
+        topics::FINANCIAL => {
+            apply_financial(&mut *tx, event, ev::FinancialEvent::decode(payload).map_err(undecodable)?).await?
+        }
+        // Not ours to read: recorded in the inbox, nothing else.
+        _ => {}
+    }
+    Ok(true)
 }
 
 async fn apply_card(tx: &mut sqlx::SqliteConnection, envelope: &Envelope, e: ev::CardEvent) -> Result<(), StoreError> {

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use prost::Message;
 use socialcard_events::outbox::SqliteOutbox;
-use socialcard_events::{Applied, Envelope, Outbox, topics, unix_micros};
+use socialcard_events::{Applied, Envelope, HandlerError, Outbox, topics, unix_micros};
 use socialcard_ops::feed::Source;
 use socialcard_ops::grpc::OpsGrpc;
 use socialcard_ops::store::Grouping;
@@ -373,6 +373,51 @@ async fn a_redelivered_event_changes_nothing() {
     let again = Envelope { id: uuid::Uuid::now_v7().to_string(), ..rows[3].envelope.clone() };
     assert_eq!(handler.handle(&again).await.unwrap(), Applied::Applied);
     assert_eq!(snapshot(&ops).await, once);
+}
+
+/// A batch (one transaction) folds to what the same events fold to one at a time; a batch holding an
+/// undecodable event writes nothing at all, so the consumer can apply its events one by one.
+#[tokio::test]
+async fn a_batch_applies_all_or_nothing_and_folds_as_one_at_a_time() {
+    let dir = temp_dir();
+    let mut producers = Producers::open(&dir).await;
+    producers.submitted("a", "icbc", "310104", T0).await;
+    producers.submitted("b", "ccb", "310115", T0).await;
+    producers.produced("a", T0, 5).await;
+    producers.card("b", T0, Kind::ApplicationRejected(ev::ApplicationRejected { reason: "photo".into() })).await;
+    let rows = producers.registry.outbox().read_after(topics::CARD, 0, 100).await.unwrap();
+    let events: Vec<Envelope> = rows.iter().map(|r| r.envelope.clone()).collect();
+
+    let single = open_ops(&dir, "ops-single.db", &producers, ManualClock::new(T0)).await;
+    for e in &events {
+        assert_eq!(single.handler().handle(e).await.unwrap(), Applied::Applied);
+    }
+
+    let batched = open_ops(&dir, "ops-batched.db", &producers, ManualClock::new(T0)).await;
+    let empty = snapshot(&batched).await;
+    let broken = Envelope {
+        id: uuid::Uuid::now_v7().to_string(),
+        event_type: "socialcard.card.v1.Broken".into(),
+        payload: vec![0xff, 0xff, 0xff],
+        ..events[0].clone()
+    };
+    let mut with_broken = events.clone();
+    with_broken.insert(2, broken);
+    let refused = batched.handler().handle_batch(&with_broken).await.expect("ops has a batch form");
+    assert!(matches!(refused, Err(HandlerError::Permanent(_))), "{refused:?}");
+    assert_eq!(snapshot(&batched).await, empty, "the failed batch wrote nothing");
+    // Nor inbox rows: its first event is new to the inbox.
+    assert_eq!(batched.handler().handle(&events[0]).await.unwrap(), Applied::Applied);
+
+    let answers = batched.handler().handle_batch(&events[1..]).await.unwrap().unwrap();
+    assert_eq!(answers, vec![Applied::Applied; events.len() - 1]);
+    assert_eq!(snapshot(&batched).await, snapshot(&single).await);
+    // Redelivered as a batch, with one event twice: nothing new.
+    let mut again = events.clone();
+    again.push(events[0].clone());
+    let answers = batched.handler().handle_batch(&again).await.unwrap().unwrap();
+    assert_eq!(answers, vec![Applied::Duplicate; again.len()]);
+    assert_eq!(snapshot(&batched).await, snapshot(&single).await);
 }
 
 fn reason(s: &tonic::Status) -> String {
