@@ -13,9 +13,13 @@
 //! write that could still be lost. If the `COMMIT` fails, every write of the group gets the error (none
 //! of them is stored). A write that was queued runs even if its caller stopped waiting, like a commit
 //! whose answer was lost on the way; the operations put through here are idempotent for that reason.
+//! A write that panics is rolled back like a failed one (its caller gets a [`GroupError`]) and the
+//! writer goes on with the rest of its group: one bad request must not stop a service's writes.
 
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
+use std::task::Poll;
 
 use sqlx::{Acquire, SqliteConnection, SqlitePool};
 use tokio::sync::{mpsc, oneshot};
@@ -122,8 +126,13 @@ async fn commit_group(
     if group.len() == 1 {
         // Alone: the transaction is the write's own, no savepoint needed.
         for job in group {
-            let (ok, deliver) = job(&mut tx).await;
-            delivers.push(deliver);
+            let ok = match unless_panicked(job(&mut tx)).await {
+                Some((ok, deliver)) => {
+                    delivers.push(deliver);
+                    ok
+                }
+                None => false,
+            };
             if !ok {
                 tx.rollback().await?;
                 return Ok(());
@@ -132,8 +141,13 @@ async fn commit_group(
     } else {
         for job in group {
             let mut savepoint = (&mut tx).begin().await?;
-            let (ok, deliver) = job(&mut savepoint).await;
-            delivers.push(deliver);
+            let ok = match unless_panicked(job(&mut savepoint)).await {
+                Some((ok, deliver)) => {
+                    delivers.push(deliver);
+                    ok
+                }
+                None => false,
+            };
             if ok {
                 savepoint.commit().await?;
             } else {
@@ -143,4 +157,18 @@ async fn commit_group(
     }
     tx.commit().await?;
     Ok(())
+}
+
+/// Runs a write; `None` if it panicked. Its caller then learns from the dropped answer channel that the
+/// write was not committed, and the write is rolled back like a failed one.
+async fn unless_panicked<T>(mut write: WriteFuture<'_, T>) -> Option<T> {
+    std::future::poll_fn(move |cx| match std::panic::catch_unwind(AssertUnwindSafe(|| write.as_mut().poll(cx))) {
+        Ok(Poll::Ready(v)) => Poll::Ready(Some(v)),
+        Ok(Poll::Pending) => Poll::Pending,
+        Err(_) => {
+            tracing::error!("a write panicked; rolled back, the writer goes on");
+            Poll::Ready(None)
+        }
+    })
+    .await
 }

@@ -880,3 +880,46 @@ async fn a_group_that_cannot_commit_stores_none_of_its_writes_and_says_so() {
     let after = insert(&group, "INSERT INTO parent (id) VALUES ($1)", 3);
     assert!(matches!(after.await.unwrap(), Ok(Ok(()))));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_that_panics_is_rolled_back_and_the_writer_goes_on() {
+    let dir = TempDir::new();
+    let pool = sqlite(&dir, "group.db").await;
+    sqlx::query("CREATE TABLE t (id INTEGER PRIMARY KEY)").execute(&pool).await.unwrap();
+    let (group, release, blocker) = held_writer(&pool).await;
+    let before = insert(&group, "INSERT INTO t (id) VALUES ($1)", 1);
+    queued(&group, 1).await;
+    let g = group.clone();
+    let panics = tokio::spawn(async move {
+        g.run(|conn| {
+            Box::pin(async move {
+                sqlx::query("INSERT INTO t (id) VALUES (10)").execute(&mut *conn).await?;
+                panic!("a bug in one request");
+            })
+        })
+        .await
+    });
+    queued(&group, 2).await;
+    let after = insert(&group, "INSERT INTO t (id) VALUES ($1)", 2);
+    queued(&group, 3).await;
+    release.notify_one();
+    blocker.await.unwrap();
+    assert!(matches!(before.await.unwrap(), Ok(Ok(()))));
+    let outcome: Result<Result<(), sqlx::Error>, GroupError> = panics.await.unwrap();
+    assert!(outcome.is_err(), "the panicked write must not report success: {outcome:?}");
+    assert!(matches!(after.await.unwrap(), Ok(Ok(()))));
+    // Alone in its group too, and the writer still serves the next write.
+    let g = group.clone();
+    let alone: Result<Result<(), sqlx::Error>, GroupError> = g
+        .run(|conn| {
+            Box::pin(async move {
+                sqlx::query("INSERT INTO t (id) VALUES (11)").execute(&mut *conn).await?;
+                panic!("again");
+            })
+        })
+        .await;
+    assert!(alone.is_err());
+    assert!(matches!(insert(&group, "INSERT INTO t (id) VALUES ($1)", 3).await.unwrap(), Ok(Ok(()))));
+    let ids: Vec<i64> = sqlx::query_scalar("SELECT id FROM t ORDER BY id").fetch_all(&pool).await.unwrap();
+    assert_eq!(ids, vec![1, 2, 3], "the panicked writes' rows were rolled back");
+}
