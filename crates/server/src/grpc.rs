@@ -5,8 +5,8 @@ use std::future::Future;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::service::Routes;
+use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Server, ServerTlsConfig};
 use tonic_health::ServingStatus;
 
@@ -56,14 +56,17 @@ pub async fn serve_with_tls(
     if let Some(tls) = tls {
         server = server.tls_config(tls)?;
     }
+    // tonic ignores the builder's `tcp_nodelay` for sockets it did not accept itself: set on the incoming
+    // stream instead. With Nagle's algorithm on, a response's last small write waited for the client's
+    // delayed ACK, 40 ms on Linux: about one call in a hundred took 42 ms instead of one.
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     server
         .timeout(Duration::from_secs(30))
-        .tcp_nodelay(true)
         // One server span per call, continuing the caller's trace from its metadata.
         .trace_fn(socialcard_telemetry::server_span)
         // Calls by method and status code, and their durations, for `/metrics`.
         .layer(crate::rpc_metrics::RpcMetricsLayer)
         .add_routes(routes)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(incoming, shutdown)
         .await
 }
