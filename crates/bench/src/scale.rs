@@ -37,7 +37,7 @@ impl Drop for Dir {
     }
 }
 
-use crate::batch::{Db, connect, load_persons, sealer};
+use crate::batch::{Db, connect, holders_in_key_order, load_persons, sealer};
 
 /// The loader's own connection: on SQLite with a 1 GiB page cache (against the 2 MB default), since the
 /// holders' blind-index keys arrive in random order and with the default cache every insert re-reads
@@ -77,18 +77,21 @@ async fn bulk_load(
 ) -> anyhow::Result<()> {
     let [t_card, t_holder, t_number] = template_ids;
     let sealer = sealer(&RegistryConfig::shanghai(vec![7; 32]))?;
-    load_persons(db, &sealer, n, 1_000_000).await?;
+    // Holders and cards both in the holders' key order: card j is the j-th holder's, so the card id,
+    // the card number and the holder index all grow together and every insert appends.
+    let holders = holders_in_key_order(&sealer, n, 1_000_000);
+    load_persons(db, &sealer, &holders).await?;
     let now = socialcard_events::unix_micros(time::OffsetDateTime::now_utc());
     const TX: usize = 50_000;
     for start in (0..n).step_by(TX) {
         let end = n.min(start + TX);
         let mut rows: Vec<(String, String, String, String)> = Vec::with_capacity(end - start);
-        for i in start..end {
+        for (j, (index, i)) in holders.iter().enumerate().take(end).skip(start) {
             let (card, holder, number) =
-                (format!("00000000-0000-7000-8000-{i:012}"), adult_citizen_id(i as u64 + 1_000_000), loaded_number(i));
+                (format!("00000000-0000-7000-8000-{j:012}"), adult_citizen_id(*i), loaded_number(j));
             let data = template.replace(t_card, &card).replace(t_holder, &holder).replace(t_number, &number);
             let data = sealer.seal(&data, &card).map_err(|e| anyhow::anyhow!("{e}"))?;
-            rows.push((card, sealer.blind_index(&holder), number, data));
+            rows.push((card, index.clone(), number, data));
         }
         on_db!(db, pool, {
             let mut tx = pool.begin().await?;
@@ -105,6 +108,9 @@ async fn bulk_load(
             }
             tx.commit().await?;
         });
+        if end.is_multiple_of(1_000_000) || end == n {
+            eprintln!("scale: {end} of {n} cards loaded");
+        }
     }
     Ok(())
 }
@@ -294,6 +300,7 @@ async fn one_storage(quick: bool, postgres: Option<&str>) -> anyhow::Result<Vec<
         sqlx::query("ANALYZE").execute(p).await?;
     }
     let load = t.elapsed();
+    eprintln!("scale: loaded in {:.0} s; measuring", load.as_secs_f64());
     let big = system(&big_url, &big_dir).await?;
     // Random cards over the whole table (a fixed LCG: the same cards every run).
     let mut x: u64 = 0x2545_F491_4F6C_DD1D;
