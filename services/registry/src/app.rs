@@ -1044,11 +1044,11 @@ impl Registry {
 
     pub async fn get_card(&self, req: pb::GetCardRequest) -> Result<pb::GetCardResponse, ApiError> {
         use pb::get_card_request::Lookup;
-        let card_id = match &req.lookup {
-            Some(Lookup::CardId(id)) => convert::card_id(id)?,
+        let rec = match &req.lookup {
+            Some(Lookup::CardId(id)) => self.load_card(&convert::card_id(id)?).await?,
             Some(Lookup::CardNumber(n)) => {
                 let number = CardNumber::parse(n)?;
-                self.store.card_id_by_number(number.as_str()).await.map_err(store_error)?.ok_or_else(|| {
+                self.store.card_by_number(number.as_str()).await.map_err(store_error)?.ok_or_else(|| {
                     ApiError::Rejected(Rejection::not_found("CARD_NOT_FOUND", "no card with this number"))
                 })?
             }
@@ -1056,7 +1056,6 @@ impl Registry {
                 return Err(Rejection::invalid("lookup", "LOOKUP_REQUIRED", "give a card_id or a card_number").into());
             }
         };
-        let rec = self.load_card(&card_id).await?;
         Ok(pb::GetCardResponse { card: Some(convert::card_to_pb(&rec.card)) })
     }
 

@@ -169,8 +169,8 @@ impl<H: WriteHook> RegistryStore for HookedStore<H> {
     async fn card(&self, card_id: &str) -> Result<Option<CardRecord>, StoreError> {
         self.inner.card(card_id).await
     }
-    async fn card_id_by_number(&self, card_number: &str) -> Result<Option<String>, StoreError> {
-        self.inner.card_id_by_number(card_number).await
+    async fn card_by_number(&self, card_number: &str) -> Result<Option<CardRecord>, StoreError> {
+        self.inner.card_by_number(card_number).await
     }
     async fn cards_of(&self, citizen_id: &str) -> Result<Vec<CardRecord>, StoreError> {
         self.inner.cards_of(citizen_id).await

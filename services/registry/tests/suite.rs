@@ -342,6 +342,13 @@ async fn bad_input_is_rejected_with_a_reason_and_writes_nothing(mut h: Harness) 
         Code::NotFound,
         "CARD_NOT_FOUND",
     );
+    // Well formed, but no card bears it.
+    let unissued = format!("Z9999999{}", socialcard_domain::numbers::luhn_check_digit("9999999"));
+    assert_rejected(
+        c.get_card(pb::GetCardRequest { lookup: Some(pb::get_card_request::Lookup::CardNumber(unissued)) }).await,
+        Code::NotFound,
+        "CARD_NOT_FOUND",
+    );
 
     assert_eq!(h.counts().await, before, "a refused request wrote something");
     assert_eq!(get(&mut h, &cid).await, card, "a refused request changed the card");

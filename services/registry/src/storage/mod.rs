@@ -147,7 +147,8 @@ pub enum StoreError {
 pub trait RegistryStore: Send + Sync + std::fmt::Debug {
     async fn person(&self, citizen_id: &str) -> Result<Option<PersonRecord>, StoreError>;
     async fn card(&self, card_id: &str) -> Result<Option<CardRecord>, StoreError>;
-    async fn card_id_by_number(&self, card_number: &str) -> Result<Option<String>, StoreError>;
+    /// The card that bears `card_number`, in one read.
+    async fn card_by_number(&self, card_number: &str) -> Result<Option<CardRecord>, StoreError>;
     async fn cards_of(&self, citizen_id: &str) -> Result<Vec<CardRecord>, StoreError>;
     async fn idempotency(&self, key: &str) -> Result<Option<IdempotencyRecord>, StoreError>;
     async fn audit_trail(&self, card_id: &str) -> Result<Vec<(i64, AuditRecord)>, StoreError>;

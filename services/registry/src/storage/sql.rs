@@ -300,14 +300,13 @@ macro_rules! sql_store {
                 row.map(|r| self.card_row(&r)).transpose()
             }
 
-            async fn card_id_by_number(&self, card_number: &str) -> Result<Option<String>, StoreError> {
-                sqlx::query("SELECT card_id FROM cards WHERE card_number = $1")
+            async fn card_by_number(&self, card_number: &str) -> Result<Option<CardRecord>, StoreError> {
+                let row = sqlx::query("SELECT card_id, data, pin_digest FROM cards WHERE card_number = $1")
                     .bind(card_number)
                     .fetch_optional(&self.pool)
                     .await
-                    .map_err(db_error)?
-                    .map(|r| r.try_get("card_id").map_err(db_error))
-                    .transpose()
+                    .map_err(db_error)?;
+                row.map(|r| self.card_row(&r)).transpose()
             }
 
             async fn cards_of(&self, citizen_id: &str) -> Result<Vec<CardRecord>, StoreError> {
