@@ -87,6 +87,10 @@ impl Handler for Applier {
         Ok(Applied::Applied)
     }
 
+    fn has_batch_form(&self) -> bool {
+        self.batch
+    }
+
     async fn handle_batch(&self, events: &[Envelope]) -> Option<Result<Vec<Applied>, HandlerError>> {
         if !self.batch {
             return None;

@@ -28,11 +28,18 @@ pub enum HandlerError {
 pub trait Handler: Send + Sync {
     async fn handle(&self, event: &crate::Envelope) -> Result<Applied, HandlerError>;
 
+    /// Whether [`Handler::handle_batch`] applies batches. False (the default): the consumer hands the
+    /// handler its events one at a time.
+    fn has_batch_form(&self) -> bool {
+        false
+    }
+
     /// Applies `events` in order in one transaction, all or nothing: the answer for each, or an error
-    /// that left none of them written. `None`: this handler has no batch form, and the consumer hands it
-    /// the events one at a time. After an error the consumer tries the batch's halves (see
-    /// [`handle_events`]), so a poison event is retried and dead-lettered alone while the rest of its
-    /// batch is applied.
+    /// that left none of them written. Called only when [`Handler::has_batch_form`] says so; `None`
+    /// means no batch form after all, and the events go one at a time. A transient error is retried
+    /// like one event's; after that, or after a permanent error, the consumer tries the batch's halves
+    /// (see [`handle_events`]), so a poison event is retried and dead-lettered alone while the rest of
+    /// its batch is applied.
     async fn handle_batch(&self, events: &[Envelope]) -> Option<Result<Vec<Applied>, HandlerError>> {
         let _ = events;
         None
@@ -41,7 +48,8 @@ pub trait Handler: Send + Sync {
 
 /// Handles `events` (in order) as a consumer does: more than one together through
 /// [`Handler::handle_batch`] when the handler has a batch form, one transaction for all; otherwise each
-/// alone through [`handle_with_retries`]. A batch that fails is split in halves, each tried the same way
+/// alone through [`handle_with_retries`]. A batch still failing after its retries (or failing
+/// permanently at once) is split in halves, each tried the same way
 /// in order, so a poison event ends up alone (retried, then dead-lettered) after about log2(n) failed
 /// batches while the events around it still go in batches. One outcome per event, in order; an error
 /// means the event must be dead-lettered. Spans: one `process` span per batch, linked to the traces that
@@ -59,8 +67,8 @@ pub async fn handle_events(
     pending.push(0..events.len());
     while let Some(range) = pending.pop() {
         let part = &events[range.clone()];
-        if part.len() > 1 {
-            match handle_batch(handler, part, system).await {
+        if part.len() > 1 && handler.has_batch_form() {
+            match handle_batch(handler, part, max_attempts, backoff, system).await {
                 Batch::Applied(applied) => {
                     outcomes.extend(applied.into_iter().map(Ok));
                     continue;
@@ -89,32 +97,47 @@ enum Batch {
     NoBatchForm,
 }
 
-async fn handle_batch(handler: &dyn Handler, events: &[Envelope], system: &'static str) -> Batch {
+/// One batch through the handler's batch form, retried on transient errors as one event is.
+async fn handle_batch(
+    handler: &dyn Handler,
+    events: &[Envelope],
+    max_attempts: u32,
+    backoff: std::time::Duration,
+    system: &'static str,
+) -> Batch {
     let topic = match events.iter().all(|e| e.topic == events[0].topic) {
         true => events[0].topic.as_str(),
         false => "(several)",
     };
-    let span = socialcard_telemetry::consumer_batch_span(
-        system,
-        topic,
-        events.iter().map(|e| e.traceparent.as_deref()),
-        events.len(),
-    );
-    match handler.handle_batch(events).instrument(span).await {
-        Some(Ok(applied)) if applied.len() == events.len() => Batch::Applied(applied),
-        Some(Ok(applied)) => {
-            tracing::error!(
-                events = events.len(),
-                answers = applied.len(),
-                "a batch answered for the wrong number of events"
-            );
-            Batch::Failed
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let span = socialcard_telemetry::consumer_batch_span(
+            system,
+            topic,
+            events.iter().map(|e| e.traceparent.as_deref()),
+            events.len(),
+        );
+        match handler.handle_batch(events).instrument(span).await {
+            Some(Ok(applied)) if applied.len() == events.len() => return Batch::Applied(applied),
+            Some(Ok(applied)) => {
+                tracing::error!(
+                    events = events.len(),
+                    answers = applied.len(),
+                    "a batch answered for the wrong number of events"
+                );
+                return Batch::Failed;
+            }
+            Some(Err(HandlerError::Transient(e))) if attempt < max_attempts => {
+                tracing::warn!(events = events.len(), attempt, error = %e, "a batch failed, retrying");
+                tokio::time::sleep(backoff * attempt).await;
+            }
+            Some(Err(e)) => {
+                tracing::warn!(events = events.len(), error = %e, "a batch failed; trying its halves");
+                return Batch::Failed;
+            }
+            None => return Batch::NoBatchForm,
         }
-        Some(Err(e)) => {
-            tracing::warn!(events = events.len(), error = %e, "a batch failed; trying its halves");
-            Batch::Failed
-        }
-        None => Batch::NoBatchForm,
     }
 }
 

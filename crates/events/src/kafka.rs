@@ -202,16 +202,22 @@ impl KafkaConsumer {
             match message {
                 Ok(m) => {
                     let mut batch = vec![m];
-                    while batch.len() < MAX_BATCH {
-                        // Only what librdkafka has already fetched: never wait for more.
+                    // Only what librdkafka has already fetched: never wait for more. A poll that served
+                    // another event (a commit's result, a rebalance) also answers "pending", so a few
+                    // are allowed before the queue counts as empty.
+                    let mut pending = 0;
+                    while batch.len() < MAX_BATCH && pending < 4 {
                         let mut next = std::pin::pin!(self.consumer.recv());
                         match std::future::poll_fn(|cx| Poll::Ready(next.as_mut().poll(cx))).await {
-                            Poll::Ready(Ok(m)) => batch.push(m),
+                            Poll::Ready(Ok(m)) => {
+                                batch.push(m);
+                                pending = 0;
+                            }
                             Poll::Ready(Err(e)) => {
                                 tracing::warn!(error = %e, "consumer error");
                                 break;
                             }
-                            Poll::Pending => break,
+                            Poll::Pending => pending += 1,
                         }
                     }
                     self.process_batch(&batch).await?;
@@ -234,6 +240,10 @@ impl KafkaConsumer {
     /// Handles `messages` (in order; together, in one transaction, when the handler has a batch form:
     /// see [`handle_events`]), dead-letters those that cannot be handled, then commits the offsets past
     /// them. A crash before the commit redelivers them all, and the inbox makes the applied ones no-ops.
+    /// The consumer does not poll while it handles a batch: if its database stays away for longer than
+    /// `max.poll.interval.ms` (librdkafka's default, 5 minutes) while the retries run, the member loses
+    /// its partitions and rejoins, and the batch comes again (applied events are no-ops, and an event
+    /// dead-lettered meanwhile may be applied on its second delivery).
     pub async fn process_batch(&self, messages: &[BorrowedMessage<'_>]) -> Result<(), EventError> {
         let mut outcomes: Vec<Option<Result<Applied, String>>> = vec![None; messages.len()];
         let mut events = Vec::with_capacity(messages.len());

@@ -98,6 +98,8 @@ struct Ledger {
     batch: bool,
     /// Transactions committed.
     commits: AtomicUsize,
+    /// Batches still to refuse with a transient error (a database briefly busy).
+    flaky_batches: AtomicUsize,
 }
 
 impl Ledger {
@@ -112,7 +114,13 @@ impl Ledger {
         .execute(&pool)
         .await
         .unwrap();
-        Arc::new(Ledger { pool, duplicates: AtomicUsize::new(0), batch: false, commits: AtomicUsize::new(0) })
+        Arc::new(Ledger {
+            pool,
+            duplicates: AtomicUsize::new(0),
+            batch: false,
+            commits: AtomicUsize::new(0),
+            flaky_batches: AtomicUsize::new(0),
+        })
     }
 
     async fn batched(dir: &TempDir, name: &str) -> Arc<Ledger> {
@@ -122,6 +130,7 @@ impl Ledger {
             duplicates: AtomicUsize::new(0),
             batch: true,
             commits: AtomicUsize::new(0),
+            flaky_batches: AtomicUsize::new(0),
         })
     }
 
@@ -206,9 +215,16 @@ impl Handler for Ledger {
         Ok(applied)
     }
 
+    fn has_batch_form(&self) -> bool {
+        self.batch
+    }
+
     async fn handle_batch(&self, events: &[Envelope]) -> Option<Result<Vec<Applied>, HandlerError>> {
         if !self.batch {
             return None;
+        }
+        if self.flaky_batches.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok() {
+            return Some(Err(HandlerError::Transient("database is locked".into())));
         }
         let t = |e: sqlx::Error| HandlerError::Transient(e.to_string());
         Some(
@@ -659,7 +675,10 @@ async fn embedded_log_applies_a_poll_in_one_transaction_and_a_poison_event_alone
     let mut consumer = EmbeddedConsumer::new("ledger", topic, log.clone(), offsets.clone(), ledger.clone());
     consumer.retry_backoff = Duration::from_millis(1);
 
+    // A batch refused twice with a transient error is retried whole, not split.
+    ledger.flaky_batches.store(2, Ordering::SeqCst);
     assert_eq!(consumer.poll_once().await.unwrap(), 40);
+    assert_eq!(ledger.flaky_batches.load(Ordering::SeqCst), 0, "both transient refusals were met");
     assert_eq!(ledger.count("applied").await, 40);
     assert_eq!(ledger.commits.load(Ordering::SeqCst), 1, "one transaction for the poll's 40 events");
 

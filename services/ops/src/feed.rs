@@ -38,6 +38,10 @@ impl Handler for OpsEvents {
         }
     }
 
+    fn has_batch_form(&self) -> bool {
+        true
+    }
+
     async fn handle_batch(&self, events: &[Envelope]) -> Option<Result<Vec<Applied>, HandlerError>> {
         Some(match self.store.apply_batch(events).await {
             Ok(applied) => {
