@@ -19,6 +19,8 @@
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicIsize, Ordering};
 use std::task::Poll;
 
 use sqlx::{Acquire, SqliteConnection, SqlitePool};
@@ -52,6 +54,10 @@ pub const MAX_GROUP: usize = 64;
 #[derive(Clone, Debug)]
 pub struct GroupWriter {
     jobs: mpsc::Sender<Job>,
+    /// Writes handed to the queue and not yet taken by the writer. Counted after the send completes
+    /// (the channel's own capacity drops when a sender reserves its slot, before the write is in the
+    /// queue), so it may dip below zero for a moment when the writer takes a write first.
+    queued: Arc<AtomicIsize>,
 }
 
 impl GroupWriter {
@@ -60,13 +66,14 @@ impl GroupWriter {
     /// A group holds at most `max_group` writes (at least one).
     pub fn spawn(pool: SqlitePool, max_group: usize) -> Self {
         let (jobs, queue) = mpsc::channel(4 * max_group.max(1));
-        tokio::spawn(write_loop(pool, queue, max_group.max(1)));
-        Self { jobs }
+        let queued = Arc::new(AtomicIsize::new(0));
+        tokio::spawn(write_loop(pool, queue, max_group.max(1), queued.clone()));
+        Self { jobs, queued }
     }
 
-    /// Writes queued and not yet taken into a group (a load gauge).
+    /// Writes in the queue and not yet taken into a group (a load gauge).
     pub fn queued(&self) -> usize {
-        self.jobs.max_capacity() - self.jobs.capacity()
+        usize::try_from(self.queued.load(Ordering::SeqCst)).unwrap_or(0)
     }
 
     /// Runs `write` on the writer's connection inside the next group and returns its result once the
@@ -96,13 +103,15 @@ impl GroupWriter {
             })
         });
         self.jobs.send(job).await.map_err(|_| GroupError("the writer has stopped".into()))?;
+        self.queued.fetch_add(1, Ordering::SeqCst);
         outcome.await.map_err(|_| GroupError("the writer stopped before the write committed".into()))?
     }
 }
 
-async fn write_loop(pool: SqlitePool, mut queue: mpsc::Receiver<Job>, max_group: usize) {
+async fn write_loop(pool: SqlitePool, mut queue: mpsc::Receiver<Job>, max_group: usize, queued: Arc<AtomicIsize>) {
     let mut group = Vec::with_capacity(max_group);
     while queue.recv_many(&mut group, max_group).await > 0 {
+        queued.fetch_sub(isize::try_from(group.len()).unwrap_or(isize::MAX), Ordering::SeqCst);
         let mut delivers = Vec::with_capacity(group.len());
         let outcome = commit_group(&pool, group.drain(..), &mut delivers).await;
         if let Err(e) = &outcome {
