@@ -52,8 +52,6 @@ pub(crate) fn sealer(config: &RegistryConfig) -> anyhow::Result<Sealer> {
     Sealer::new(&config.data_key).map_err(|e| anyhow::anyhow!("{e}"))
 }
 
-/// Registers `n` holders directly (the list's employees are insured persons already), sealed as the
-/// registry stores them.
 /// `n` holders (citizen IDs `offset..offset + n`) as (blind index, number), in blind-index order: the
 /// persons table's key. Inserted in that order, rows append to the B-tree instead of landing on random
 /// pages; at ten million holders random order wrote each page again for every few rows it gained.
@@ -64,7 +62,8 @@ pub(crate) fn holders_in_key_order(sealer: &Sealer, n: usize, offset: u64) -> Ve
     holders
 }
 
-/// Loads `holders` (from [`holders_in_key_order`]) into `persons`, as the registry stores them.
+/// Registers `holders` (from [`holders_in_key_order`]) directly (the list's employees are insured
+/// persons already), sealed as the registry stores them.
 pub(crate) async fn load_persons(db: &Db, sealer: &Sealer, holders: &[(String, u64)]) -> anyhow::Result<()> {
     let now = socialcard_events::unix_micros(time::OffsetDateTime::now_utc());
     for chunk in holders.chunks(5_000) {

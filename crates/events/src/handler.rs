@@ -83,12 +83,23 @@ pub async fn handle_events(
             }
         }
         for event in part {
-            let span =
-                socialcard_telemetry::consumer_span(system, &event.topic, &event.id, event.traceparent.as_deref());
-            outcomes.push(handle_with_retries(handler, event, max_attempts, backoff).instrument(span).await);
+            outcomes.push(handle_one(handler, event, max_attempts, backoff, system).await);
         }
     }
     outcomes
+}
+
+/// One event alone through [`handle_with_retries`], in a `process` span that continues the trace that
+/// wrote it.
+pub async fn handle_one(
+    handler: &dyn Handler,
+    event: &Envelope,
+    max_attempts: u32,
+    backoff: std::time::Duration,
+    system: &'static str,
+) -> Result<Applied, HandlerError> {
+    let span = socialcard_telemetry::consumer_span(system, &event.topic, &event.id, event.traceparent.as_deref());
+    handle_with_retries(handler, event, max_attempts, backoff).instrument(span).await
 }
 
 enum Batch {

@@ -20,8 +20,8 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use tokio::sync::watch;
 
-use crate::handler::handle_events;
-use crate::{Applied, Envelope, EventError, Handler, HandlerError, Metrics, OutboxRow, Publish};
+use crate::handler::{handle_events, handle_one};
+use crate::{Applied, Envelope, EventError, Handler, Metrics, OutboxRow, Publish};
 
 /// The most messages [`KafkaConsumer::run`] hands the handler at once.
 pub const MAX_BATCH: usize = 256;
@@ -286,17 +286,11 @@ impl KafkaConsumer {
     /// Handles one message (dead-lettering it when it cannot be handled) without committing its offset.
     pub async fn handle_only(&self, m: &BorrowedMessage<'_>) -> Result<Option<Applied>, EventError> {
         let outcome = match Envelope::from_message(m) {
-            Ok(event) => handle_events(
-                self.handler.as_ref(),
-                std::slice::from_ref(&event),
-                self.config.max_attempts,
-                self.config.retry_backoff,
-                "kafka",
-            )
-            .await
-            .pop()
-            .unwrap_or_else(|| Err(HandlerError::Transient("no outcome".into())))
-            .map_err(|e| e.to_string()),
+            Ok(event) => {
+                handle_one(self.handler.as_ref(), &event, self.config.max_attempts, self.config.retry_backoff, "kafka")
+                    .await
+                    .map_err(|e| e.to_string())
+            }
             Err(e) => Err(e.to_string()),
         };
         self.settle(m, outcome).await

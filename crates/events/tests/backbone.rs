@@ -340,6 +340,40 @@ async fn stop(consumer: (watch::Sender<bool>, tokio::task::JoinHandle<()>)) {
     consumer.1.await.unwrap();
 }
 
+/// A consumer group's lag as the broker reports it, sampled every 100 ms on a thread of its own.
+struct LagSampler {
+    metrics: socialcard_events::Metrics,
+    stop: watch::Sender<bool>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl LagSampler {
+    fn start(broker: &Broker, group: &str, topic: &str) -> LagSampler {
+        let metrics = socialcard_events::Metrics::new();
+        let (stop, stopped) = watch::channel(false);
+        let thread = socialcard_events::kafka::spawn_lag_sampler(
+            &broker.config(),
+            group,
+            &[topic],
+            metrics.clone(),
+            Duration::from_millis(100),
+            stopped,
+        )
+        .unwrap();
+        LagSampler { metrics, stop, thread }
+    }
+
+    fn lag(&self, group: &str, topic: &str) -> Option<i64> {
+        self.metrics.value("socialcard_consumer_lag", &[("group", group), ("topic", topic)])
+    }
+
+    async fn stop(self) {
+        self.stop.send(true).unwrap();
+        let thread = self.thread;
+        tokio::task::spawn_blocking(move || thread.join().unwrap()).await.unwrap();
+    }
+}
+
 // ---------- the scenarios, each run on the mock and on a real broker ----------
 
 macro_rules! on_every_broker {
@@ -385,18 +419,8 @@ async fn per_card_order_and_one_effect_each(broker: &Broker) {
 
     // The group's lag, sampled from the broker: everything before the consumer starts, nothing after.
     let group = format!("g-{topic}");
-    let metrics = socialcard_events::Metrics::new();
-    let (stop_sampler, sampler_stopped) = watch::channel(false);
-    let sampler = socialcard_events::kafka::spawn_lag_sampler(
-        &broker.config(),
-        &group,
-        &[&topic],
-        metrics.clone(),
-        Duration::from_millis(100),
-        sampler_stopped,
-    )
-    .unwrap();
-    let lag = || metrics.value("socialcard_consumer_lag", &[("group", &group), ("topic", &topic)]);
+    let sampler = LagSampler::start(broker, &group, &topic);
+    let lag = || sampler.lag(&group, &topic);
     wait_until(|| lag() == Some(200), "lag 200 before consuming").await;
 
     let ledger = Ledger::new(&dir, "ledger.db").await;
@@ -404,8 +428,7 @@ async fn per_card_order_and_one_effect_each(broker: &Broker) {
     ledger.wait_for(200, Duration::from_secs(60)).await;
     wait_until(|| lag() == Some(0), "lag 0 once everything is committed").await;
     stop(consumer).await;
-    stop_sampler.send(true).unwrap();
-    tokio::task::spawn_blocking(move || sampler.join().unwrap()).await.unwrap();
+    sampler.stop().await;
     assert_eq!(ledger.count("violations").await, 0, "a card's events arrived out of order");
     assert_eq!(ledger.count("applied").await, 200);
     assert_eq!(ledger.duplicates.load(Ordering::SeqCst), 0);
@@ -534,26 +557,15 @@ async fn a_batched_consumer_commits_few_transactions_in_order_and_sets_poison_as
     raw.send(FutureRecord::to(&topic).key("card-1").payload("garbage"), Duration::from_secs(10)).await.unwrap();
 
     let group = format!("g-{topic}");
-    let metrics = socialcard_events::Metrics::new();
-    let (stop_sampler, sampler_stopped) = watch::channel(false);
-    let sampler = socialcard_events::kafka::spawn_lag_sampler(
-        &broker.config(),
-        &group,
-        &[&topic],
-        metrics.clone(),
-        Duration::from_millis(100),
-        sampler_stopped,
-    )
-    .unwrap();
-    let lag = || metrics.value("socialcard_consumer_lag", &[("group", &group), ("topic", &topic)]);
+    let sampler = LagSampler::start(broker, &group, &topic);
+    let lag = || sampler.lag(&group, &topic);
 
     let ledger = Ledger::batched(&dir, "ledger.db").await;
     let consumer = spawn_consumer(broker, &group, &topic, ledger.clone());
     ledger.wait_for(200, Duration::from_secs(60)).await;
     wait_until(|| lag() == Some(0), "lag 0: offsets committed past every message").await;
     stop(consumer).await;
-    stop_sampler.send(true).unwrap();
-    tokio::task::spawn_blocking(move || sampler.join().unwrap()).await.unwrap();
+    sampler.stop().await;
 
     assert_eq!(ledger.count("applied").await, 200);
     assert_eq!(ledger.count("violations").await, 0, "a card's events were applied out of order");

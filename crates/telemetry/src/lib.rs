@@ -151,18 +151,26 @@ pub fn server_span(request: &tonic::codegen::http::Request<()>) -> Span {
     span
 }
 
-/// The span of processing one event (`process <topic>`, messaging semantic conventions), a child of the
-/// trace that wrote the event when it carries a `traceparent`.
-pub fn consumer_span(system: &'static str, topic: &str, event_id: &str, traceparent: Option<&str>) -> Span {
-    let span = tracing::info_span!(
+/// A `process <topic>` span (messaging semantic conventions), its message id or batch size left for the
+/// caller to record.
+fn process_span(system: &'static str, topic: &str) -> Span {
+    tracing::info_span!(
         "process",
         otel.name = %format!("process {topic}"),
         otel.kind = "consumer",
         messaging.system = system,
         messaging.operation.type = "process",
         messaging.destination.name = %topic,
-        messaging.message.id = %event_id,
-    );
+        messaging.message.id = tracing::field::Empty,
+        messaging.batch.message_count = tracing::field::Empty,
+    )
+}
+
+/// The span of processing one event (`process <topic>`, messaging semantic conventions), a child of the
+/// trace that wrote the event when it carries a `traceparent`.
+pub fn consumer_span(system: &'static str, topic: &str, event_id: &str, traceparent: Option<&str>) -> Span {
+    let span = process_span(system, topic);
+    span.record("messaging.message.id", event_id);
     if let Some(tp) = traceparent {
         let _ = span.set_parent(parent_from_traceparent(tp));
     }
@@ -179,15 +187,8 @@ pub fn consumer_batch_span<'a>(
     count: usize,
 ) -> Span {
     use opentelemetry::trace::TraceContextExt as _;
-    let span = tracing::info_span!(
-        "process",
-        otel.name = %format!("process {topic}"),
-        otel.kind = "consumer",
-        messaging.system = system,
-        messaging.operation.type = "process",
-        messaging.destination.name = %topic,
-        messaging.batch.message_count = count,
-    );
+    let span = process_span(system, topic);
+    span.record("messaging.batch.message_count", count);
     for tp in traceparents.into_iter().flatten() {
         let cx = parent_from_traceparent(tp);
         let linked = cx.span().span_context().clone();
