@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use rdkafka::mocking::MockCluster;
+use socialcard_events::direct::Value;
 use socialcard_events::embedded::{EmbeddedConsumer, SqliteOffsets};
 use socialcard_events::group::GroupWriter;
 use socialcard_events::kafka::{ConsumerConfig, KafkaConfig, KafkaConsumer, KafkaPublisher};
@@ -258,29 +259,26 @@ async fn commit_change(group: &GroupWriter, topic: String, card: String) -> anyh
     let began = Instant::now();
     group
         .run(move |conn| {
-            Box::pin(async move {
-                sqlx::query(
-                    "INSERT INTO cards (card_id, version) VALUES ($1, 1)
-                     ON CONFLICT (card_id) DO UPDATE SET version = version + 1",
-                )
-                .bind(&card)
-                .execute(&mut *conn)
-                .await?;
-                let now = OffsetDateTime::now_utc();
-                sqlx::query(
-                    "INSERT INTO outbox (event_id, topic, event_key, event_type, payload, occurred_at, bucket, source)
-                     VALUES ($1, $2, $3, 'bench.v1.Changed', $4, $5, $6, 'bench')",
-                )
-                .bind(uuid::Uuid::now_v7().to_string())
-                .bind(&topic)
-                .bind(&card)
-                .bind(vec![0u8; 64])
-                .bind(socialcard_events::unix_micros(now))
-                .bind(socialcard_events::bucket_of(&card))
-                .execute(&mut *conn)
-                .await?;
-                Ok::<_, sqlx::Error>(())
-            })
+            conn.execute(
+                "INSERT INTO cards (card_id, version) VALUES ($1, 1)
+                 ON CONFLICT (card_id) DO UPDATE SET version = version + 1",
+                &[(&card).into()],
+            )?;
+            let now = socialcard_events::unix_micros(OffsetDateTime::now_utc());
+            let event_id = uuid::Uuid::now_v7().to_string();
+            conn.execute(
+                "INSERT INTO outbox (event_id, topic, event_key, event_type, payload, occurred_at, bucket, source)
+                 VALUES ($1, $2, $3, 'bench.v1.Changed', $4, $5, $6, 'bench')",
+                &[
+                    (&event_id).into(),
+                    (&topic).into(),
+                    (&card).into(),
+                    Value::Blob(&[0u8; 64]),
+                    now.into(),
+                    socialcard_events::bucket_of(&card).into(),
+                ],
+            )?;
+            Ok::<_, socialcard_events::direct::DirectError>(())
         })
         .await??;
     Ok(began.elapsed())

@@ -16,23 +16,19 @@
 //! A write that panics is rolled back like a failed one (its caller gets a [`GroupError`]) and the
 //! writer goes on with the rest of its group: one bad request must not stop a service's writes.
 
-use std::future::Future;
 use std::panic::AssertUnwindSafe;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicIsize, Ordering};
-use std::task::Poll;
 
-use sqlx::{Acquire, SqliteConnection, SqlitePool};
+use sqlx::SqlitePool;
 use tokio::sync::{mpsc, oneshot};
 
-/// The future a write returns; it borrows the group's connection.
-pub type WriteFuture<'c, T> = Pin<Box<dyn Future<Output = T> + Send + 'c>>;
+use crate::direct::{Direct, DirectError};
 
 /// Hands a write's outcome to its caller once the group's fate is known.
 type Deliver = Box<dyn FnOnce(Result<(), GroupError>) + Send>;
 /// A queued write: runs on the group's connection, says whether it succeeded and how to answer.
-type Job = Box<dyn for<'c> FnOnce(&'c mut SqliteConnection) -> WriteFuture<'c, (bool, Deliver)> + Send>;
+type Job = Box<dyn FnOnce(&mut Direct<'_>) -> (bool, Deliver) + Send>;
 
 /// The group a write belonged to could not be committed (or the writer is gone); nothing of the write
 /// was stored.
@@ -42,6 +38,12 @@ pub struct GroupError(pub String);
 
 impl From<sqlx::Error> for GroupError {
     fn from(e: sqlx::Error) -> Self {
+        Self(e.to_string())
+    }
+}
+
+impl From<DirectError> for GroupError {
+    fn from(e: DirectError) -> Self {
         Self(e.to_string())
     }
 }
@@ -80,27 +82,26 @@ impl GroupWriter {
     /// group committed. `Ok(Err(e))`: the write failed and was rolled back alone. `Err`: the write
     /// succeeded but its group was not committed, so nothing of it was stored.
     ///
-    /// `write` must not begin or end transactions of its own (it runs inside a savepoint) and must not
-    /// wait for anything that itself waits for this writer.
+    /// `write` runs synchronously on the writer's connection ([`Direct`]: no hand-off per statement),
+    /// on a thread allowed to block. It must not begin or end transactions of its own (it runs inside a
+    /// savepoint) and must not wait for anything that itself waits for this writer.
     pub async fn run<T, E, F>(&self, write: F) -> Result<Result<T, E>, GroupError>
     where
         T: Send + 'static,
         E: Send + 'static,
-        F: for<'c> FnOnce(&'c mut SqliteConnection) -> WriteFuture<'c, Result<T, E>> + Send + 'static,
+        F: FnOnce(&mut Direct<'_>) -> Result<T, E> + Send + 'static,
     {
         let (answer, outcome) = oneshot::channel();
         let job: Job = Box::new(move |conn| {
-            Box::pin(async move {
-                let result = write(conn).await;
-                let ok = result.is_ok();
-                let deliver: Deliver = Box::new(move |group| {
-                    let _ = answer.send(match (ok, group) {
-                        (true, Err(e)) => Err(e),
-                        _ => Ok(result),
-                    });
+            let result = write(conn);
+            let ok = result.is_ok();
+            let deliver: Deliver = Box::new(move |group| {
+                let _ = answer.send(match (ok, group) {
+                    (true, Err(e)) => Err(e),
+                    _ => Ok(result),
                 });
-                (ok, deliver)
-            })
+            });
+            (ok, deliver)
         });
         self.jobs.send(job).await.map_err(|_| GroupError("the writer has stopped".into()))?;
         self.queued.fetch_add(1, Ordering::SeqCst);
@@ -113,7 +114,7 @@ async fn write_loop(pool: SqlitePool, mut queue: mpsc::Receiver<Job>, max_group:
     while queue.recv_many(&mut group, max_group).await > 0 {
         queued.fetch_sub(isize::try_from(group.len()).unwrap_or(isize::MAX), Ordering::SeqCst);
         let mut delivers = Vec::with_capacity(group.len());
-        let outcome = commit_group(&pool, group.drain(..), &mut delivers).await;
+        let outcome = commit_group(&pool, std::mem::take(&mut group), &mut delivers).await;
         if let Err(e) = &outcome {
             tracing::warn!(error = %e, writes = delivers.len(), "a group of writes was not committed");
         }
@@ -125,59 +126,66 @@ async fn write_loop(pool: SqlitePool, mut queue: mpsc::Receiver<Job>, max_group:
 
 /// Runs the group's writes in one transaction; a write that ran is in `delivers` whatever happens next.
 /// Writes not reached (the group failed first) are dropped, which tells their callers so.
-async fn commit_group(
-    pool: &SqlitePool,
-    group: impl ExactSizeIterator<Item = Job>,
-    delivers: &mut Vec<Deliver>,
-) -> Result<(), GroupError> {
+///
+/// The connection's sqlx worker lets go of it for the whole group (one hand-off), and the writes run on
+/// it directly ([`Direct`]). On a multi-threaded runtime they run in `block_in_place`, so the group's
+/// statements and its `COMMIT` (a sync to disk where the database asks for one) do not hold up the
+/// runtime's other tasks; on a current-thread runtime (tests) they run in place.
+async fn commit_group(pool: &SqlitePool, group: Vec<Job>, delivers: &mut Vec<Deliver>) -> Result<(), GroupError> {
     let mut conn = pool.acquire().await?;
-    let mut tx = conn.begin().await?;
+    let mut handle = conn.lock_handle().await?;
+    let work = || {
+        let mut direct = Direct::new(&mut handle);
+        let outcome = run_group(&mut direct, group, delivers);
+        if direct.in_transaction() {
+            // The group failed part-way (or its COMMIT did): leave the connection as sqlx expects it.
+            let _ = direct.execute("ROLLBACK", &[]);
+        }
+        outcome
+    };
+    match tokio::runtime::Handle::current().runtime_flavor() {
+        tokio::runtime::RuntimeFlavor::MultiThread => tokio::task::block_in_place(work),
+        _ => work(),
+    }
+}
+
+fn run_group(direct: &mut Direct<'_>, group: Vec<Job>, delivers: &mut Vec<Deliver>) -> Result<(), GroupError> {
+    // IMMEDIATE: the write lock is taken now (waiting out other writers in SQLite's busy handler), not
+    // at the first write, where a reader turned writer could be refused outright.
+    direct.execute("BEGIN IMMEDIATE", &[])?;
     if group.len() == 1 {
         // Alone: the transaction is the write's own, no savepoint needed.
         for job in group {
-            let ok = match unless_panicked(job(&mut tx)).await {
-                Some((ok, deliver)) => {
-                    delivers.push(deliver);
-                    ok
-                }
-                None => false,
-            };
-            if !ok {
-                tx.rollback().await?;
+            if !run_job(direct, job, delivers) {
+                direct.execute("ROLLBACK", &[])?;
                 return Ok(());
             }
         }
     } else {
         for job in group {
-            let mut savepoint = (&mut tx).begin().await?;
-            let ok = match unless_panicked(job(&mut savepoint)).await {
-                Some((ok, deliver)) => {
-                    delivers.push(deliver);
-                    ok
-                }
-                None => false,
-            };
-            if ok {
-                savepoint.commit().await?;
-            } else {
-                savepoint.rollback().await?;
+            direct.execute("SAVEPOINT write", &[])?;
+            if !run_job(direct, job, delivers) {
+                direct.execute("ROLLBACK TO write", &[])?;
             }
+            direct.execute("RELEASE write", &[])?;
         }
     }
-    tx.commit().await?;
+    direct.execute("COMMIT", &[])?;
     Ok(())
 }
 
-/// Runs a write; `None` if it panicked. Its caller then learns from the dropped answer channel that the
-/// write was not committed, and the write is rolled back like a failed one.
-async fn unless_panicked<T>(mut write: WriteFuture<'_, T>) -> Option<T> {
-    std::future::poll_fn(move |cx| match std::panic::catch_unwind(AssertUnwindSafe(|| write.as_mut().poll(cx))) {
-        Ok(Poll::Ready(v)) => Poll::Ready(Some(v)),
-        Ok(Poll::Pending) => Poll::Pending,
+/// Runs a write; false if it failed or panicked. A write that panicked has no answer to deliver: its
+/// caller learns from the dropped answer channel that it was not committed, and it is rolled back like
+/// a failed one.
+fn run_job(direct: &mut Direct<'_>, job: Job, delivers: &mut Vec<Deliver>) -> bool {
+    match std::panic::catch_unwind(AssertUnwindSafe(|| job(direct))) {
+        Ok((ok, deliver)) => {
+            delivers.push(deliver);
+            ok
+        }
         Err(_) => {
             tracing::error!("a write panicked; rolled back, the writer goes on");
-            Poll::Ready(None)
+            false
         }
-    })
-    .await
+    }
 }

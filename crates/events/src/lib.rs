@@ -14,6 +14,7 @@
 //! It must never rely on Kafka transactions (librdkafka lacks KIP-890 and the test brokers lack them):
 //! exactly-once effect comes from the outbox on the way in and the inbox on the way out.
 
+pub mod direct;
 pub mod embedded;
 pub mod envelope;
 pub mod group;

@@ -16,6 +16,7 @@ use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{FutureProducer, FutureRecord};
+use socialcard_events::direct::DirectError;
 use socialcard_events::embedded::{EmbeddedConsumer, SqliteOffsets};
 use socialcard_events::group::{GroupError, GroupWriter};
 use socialcard_events::kafka::{ConsumerConfig, KafkaConfig, KafkaConsumer, KafkaPublisher};
@@ -798,20 +799,19 @@ async fn several_relays_on_postgres_keep_each_cards_order() {
 
 // ---------- group commit ----------
 
-/// A writer whose loop is held inside a first write until `release` is notified, so the writes queued
-/// meanwhile form the next group together.
-async fn held_writer(pool: &SqlitePool) -> (GroupWriter, Arc<tokio::sync::Notify>, tokio::task::JoinHandle<()>) {
+/// A writer whose loop is held inside a first write until `release` sends, so the writes queued
+/// meanwhile form the next group together. (Writes run on a thread allowed to block: `block_in_place`
+/// on these multi-threaded runtimes.)
+async fn held_writer(pool: &SqlitePool) -> (GroupWriter, std::sync::mpsc::Sender<()>, tokio::task::JoinHandle<()>) {
     let group = GroupWriter::spawn(pool.clone(), 64);
-    let release = Arc::new(tokio::sync::Notify::new());
+    let (release, held) = std::sync::mpsc::channel::<()>();
     let (entered_tx, entered) = tokio::sync::oneshot::channel();
-    let (g, r) = (group.clone(), release.clone());
+    let g = group.clone();
     let blocker = tokio::spawn(async move {
         g.run(move |_conn| {
-            Box::pin(async move {
-                let _ = entered_tx.send(());
-                r.notified().await;
-                Ok::<_, sqlx::Error>(())
-            })
+            let _ = entered_tx.send(());
+            let _ = held.recv();
+            Ok::<_, DirectError>(())
         })
         .await
         .unwrap()
@@ -825,11 +825,9 @@ fn insert(
     group: &GroupWriter,
     sql: &'static str,
     id: i64,
-) -> tokio::task::JoinHandle<Result<Result<(), sqlx::Error>, GroupError>> {
+) -> tokio::task::JoinHandle<Result<Result<(), DirectError>, GroupError>> {
     let group = group.clone();
-    tokio::spawn(async move {
-        group.run(move |conn| Box::pin(async move { sqlx::query(sql).bind(id).execute(conn).await.map(|_| ()) })).await
-    })
+    tokio::spawn(async move { group.run(move |conn| conn.execute(sql, &[id.into()]).map(|_| ())).await })
 }
 
 async fn queued(group: &GroupWriter, n: usize) {
@@ -853,10 +851,8 @@ async fn a_refused_write_rolls_back_alone_and_its_group_commits() {
     let g = group.clone();
     let taken = tokio::spawn(async move {
         g.run(|conn| {
-            Box::pin(async move {
-                sqlx::query("INSERT INTO t (id) VALUES (10)").execute(&mut *conn).await?;
-                sqlx::query("INSERT INTO t (id) VALUES (2)").execute(&mut *conn).await.map(|_| ())
-            })
+            conn.execute("INSERT INTO t (id) VALUES (10)", &[])?;
+            conn.execute("INSERT INTO t (id) VALUES (2)", &[]).map(|_| ())
         })
         .await
     });
@@ -866,11 +862,11 @@ async fn a_refused_write_rolls_back_alone_and_its_group_commits() {
     // The writes wait their turn: nothing of them is visible yet.
     let count = || async { sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM t").fetch_one(&pool).await.unwrap() };
     assert_eq!(count().await, 1);
-    release.notify_one();
+    release.send(()).unwrap();
     blocker.await.unwrap();
     assert!(matches!(first.await.unwrap(), Ok(Ok(()))));
     match taken.await.unwrap() {
-        Ok(Err(sqlx::Error::Database(d))) => assert!(d.is_unique_violation()),
+        Ok(Err(e)) => assert!(e.is_unique_violation(), "{e}"),
         other => panic!("the duplicate must be refused alone, got {other:?}"),
     }
     assert!(matches!(last.await.unwrap(), Ok(Ok(()))));
@@ -898,7 +894,7 @@ async fn a_group_that_cannot_commit_stores_none_of_its_writes_and_says_so() {
     queued(&group, 2).await;
     let also_good = insert(&group, "INSERT INTO parent (id) VALUES ($1)", 2);
     queued(&group, 3).await;
-    release.notify_one();
+    release.send(()).unwrap();
     blocker.await.unwrap();
     for write in [good, orphan, also_good] {
         let outcome = write.await.unwrap();
@@ -923,30 +919,26 @@ async fn a_write_that_panics_is_rolled_back_and_the_writer_goes_on() {
     let g = group.clone();
     let panics = tokio::spawn(async move {
         g.run(|conn| {
-            Box::pin(async move {
-                sqlx::query("INSERT INTO t (id) VALUES (10)").execute(&mut *conn).await?;
-                panic!("a bug in one request");
-            })
+            conn.execute("INSERT INTO t (id) VALUES (10)", &[])?;
+            panic!("a bug in one request");
         })
         .await
     });
     queued(&group, 2).await;
     let after = insert(&group, "INSERT INTO t (id) VALUES ($1)", 2);
     queued(&group, 3).await;
-    release.notify_one();
+    release.send(()).unwrap();
     blocker.await.unwrap();
     assert!(matches!(before.await.unwrap(), Ok(Ok(()))));
-    let outcome: Result<Result<(), sqlx::Error>, GroupError> = panics.await.unwrap();
+    let outcome: Result<Result<(), DirectError>, GroupError> = panics.await.unwrap();
     assert!(outcome.is_err(), "the panicked write must not report success: {outcome:?}");
     assert!(matches!(after.await.unwrap(), Ok(Ok(()))));
     // Alone in its group too, and the writer still serves the next write.
     let g = group.clone();
-    let alone: Result<Result<(), sqlx::Error>, GroupError> = g
+    let alone: Result<Result<(), DirectError>, GroupError> = g
         .run(|conn| {
-            Box::pin(async move {
-                sqlx::query("INSERT INTO t (id) VALUES (11)").execute(&mut *conn).await?;
-                panic!("again");
-            })
+            conn.execute("INSERT INTO t (id) VALUES (11)", &[])?;
+            panic!("again");
         })
         .await;
     assert!(alone.is_err());

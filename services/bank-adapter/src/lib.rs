@@ -22,6 +22,7 @@ use prost::Message;
 use sha2::{Digest, Sha256};
 use socialcard_domain::{CardNumber, PartnerBank, Rejection, RejectionKind};
 use socialcard_events::Outbox;
+use socialcard_events::direct::{Direct, DirectError};
 use socialcard_events::outbox::SqliteOutbox;
 use socialcard_proto::bank::v1 as bank;
 use socialcard_proto::events::v1 as ev;
@@ -498,44 +499,30 @@ impl BankAdapter {
         let (teller, branch, at) = (teller.to_string(), branch.to_string(), micros(now));
         self.group
             .run(move |conn| {
-                Box::pin(async move {
-                    let inserted = sqlx::query(
-                        "INSERT INTO financial_cards (card_id, card_number, state, teller_id, branch_id, activated_at, social_confirmed)
-                         VALUES ($1, $2, 'active', $3, $4, $5, $6)
-                         ON CONFLICT (card_id) DO UPDATE SET state = 'active', teller_id = excluded.teller_id,
-                             branch_id = excluded.branch_id, activated_at = excluded.activated_at,
-                             social_confirmed = excluded.social_confirmed
-                         WHERE financial_cards.state <> 'active'",
-                    )
-                    .bind(&card_id)
-                    .bind(&card_number)
-                    .bind(&teller)
-                    .bind(&branch)
-                    .bind(at)
-                    .bind(i64::from(confirmed))
-                    .execute(&mut *conn)
-                    .await?
-                    .rows_affected()
-                        == 1;
-                    if confirmed {
-                        sqlx::query("UPDATE financial_cards SET social_confirmed = 1 WHERE card_id = $1")
-                            .bind(&card_id)
-                            .execute(&mut *conn)
-                            .await?;
-                    }
-                    let mut stored = false;
-                    if let Some((key, hash, response)) = &answer {
-                        stored = store_encoded_answer(&mut *conn, key, hash, response, at).await? == 1;
-                    }
-                    if inserted {
-                        event.insert(&mut *conn).await?;
-                    }
-                    Ok::<_, sqlx::Error>(stored)
-                })
+                let inserted = conn.execute(
+                    "INSERT INTO financial_cards (card_id, card_number, state, teller_id, branch_id, activated_at, social_confirmed)
+                     VALUES ($1, $2, 'active', $3, $4, $5, $6)
+                     ON CONFLICT (card_id) DO UPDATE SET state = 'active', teller_id = excluded.teller_id,
+                         branch_id = excluded.branch_id, activated_at = excluded.activated_at,
+                         social_confirmed = excluded.social_confirmed
+                     WHERE financial_cards.state <> 'active'",
+                    &[(&card_id).into(), (&card_number).into(), (&teller).into(), (&branch).into(), at.into(), confirmed.into()],
+                )? == 1;
+                if confirmed {
+                    conn.execute("UPDATE financial_cards SET social_confirmed = 1 WHERE card_id = $1", &[(&card_id).into()])?;
+                }
+                let mut stored = false;
+                if let Some((key, hash, response)) = &answer {
+                    stored = conn.execute(STORE_ANSWER, &[key.into(), hash.into(), response.into(), at.into()])? == 1;
+                }
+                if inserted {
+                    event.insert_direct(conn)?;
+                }
+                Ok::<_, DirectError>(stored)
             })
             .await
             .map_err(|e| ApiError::Unavailable(e.to_string()))?
-            .map_err(db)
+            .map_err(|e| ApiError::Unavailable(e.to_string()))
     }
 
     pub async fn query_card(
@@ -574,6 +561,11 @@ pub(crate) async fn store_answer<'c>(
     Ok(())
 }
 
+/// Stores an answer unless one is stored already under its key (a concurrent twin's first answer stands).
+const STORE_ANSWER: &str =
+    "INSERT INTO idempotency (idempotency_key, request_hash, response, created_at) VALUES ($1, $2, $3, $4)
+     ON CONFLICT (idempotency_key) DO NOTHING";
+
 /// Stores an encoded answer under `key` unless one is stored already; returns the rows written (0 or 1).
 async fn store_encoded_answer<'c>(
     executor: impl sqlx::SqliteExecutor<'c>,
@@ -582,17 +574,7 @@ async fn store_encoded_answer<'c>(
     response: &[u8],
     at: i64,
 ) -> Result<u64, sqlx::Error> {
-    Ok(sqlx::query(
-        "INSERT INTO idempotency (idempotency_key, request_hash, response, created_at) VALUES ($1, $2, $3, $4)
-         ON CONFLICT (idempotency_key) DO NOTHING",
-    )
-    .bind(key)
-    .bind(hash)
-    .bind(response)
-    .bind(at)
-    .execute(executor)
-    .await?
-    .rows_affected())
+    Ok(sqlx::query(STORE_ANSWER).bind(key).bind(hash).bind(response).bind(at).execute(executor).await?.rows_affected())
 }
 
 /// One outbox row of the adapter's financial events, ready to insert.
@@ -607,24 +589,45 @@ pub(crate) struct EventRow {
     traceparent: Option<String>,
 }
 
+/// One outbox row.
+const INSERT_EVENT: &str =
+    "INSERT INTO outbox (event_id, topic, event_key, event_type, payload, occurred_at, bucket, source,
+         traceparent)
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)";
+
 impl EventRow {
+    /// Inserts the row on the group writer's connection.
+    fn insert_direct(&self, conn: &mut Direct<'_>) -> Result<(), DirectError> {
+        conn.execute(
+            INSERT_EVENT,
+            &[
+                (&self.event_id).into(),
+                socialcard_events::topics::FINANCIAL.into(),
+                (&self.card_id).into(),
+                self.event_type.into(),
+                (&self.payload).into(),
+                self.occurred_at.into(),
+                socialcard_events::bucket_of(&self.card_id).into(),
+                (&self.source).into(),
+                self.traceparent.as_ref().into(),
+            ],
+        )?;
+        Ok(())
+    }
+
     async fn insert(&self, conn: &mut sqlx::SqliteConnection) -> Result<(), sqlx::Error> {
-        sqlx::query(
-            "INSERT INTO outbox (event_id, topic, event_key, event_type, payload, occurred_at, bucket, source,
-                 traceparent)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
-        )
-        .bind(&self.event_id)
-        .bind(socialcard_events::topics::FINANCIAL)
-        .bind(&self.card_id)
-        .bind(self.event_type)
-        .bind(&self.payload)
-        .bind(self.occurred_at)
-        .bind(socialcard_events::bucket_of(&self.card_id))
-        .bind(&self.source)
-        .bind(&self.traceparent)
-        .execute(conn)
-        .await?;
+        sqlx::query(INSERT_EVENT)
+            .bind(&self.event_id)
+            .bind(socialcard_events::topics::FINANCIAL)
+            .bind(&self.card_id)
+            .bind(self.event_type)
+            .bind(&self.payload)
+            .bind(self.occurred_at)
+            .bind(socialcard_events::bucket_of(&self.card_id))
+            .bind(&self.source)
+            .bind(&self.traceparent)
+            .execute(conn)
+            .await?;
         Ok(())
     }
 }

@@ -4,6 +4,7 @@
 //! audit rows and the outbox rows, so a state change without its audit row or event cannot exist.
 
 mod batch;
+mod commit;
 mod sql;
 
 use std::sync::Arc;

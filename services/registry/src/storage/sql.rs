@@ -15,10 +15,13 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
 use time::OffsetDateTime;
 
+use super::commit::{LAST_AUDIT_HASH, Param, Statement};
 use super::{
-    AuditRecord, BatchCommit, BatchSnapshot, CardRecord, CardWrite, Commit, IdempotencyRecord, PersonRecord,
-    PersonWrite, RegistryStore, StoreError, TableCounts,
+    AuditRecord, BatchCommit, BatchSnapshot, CardRecord, Commit, IdempotencyRecord, PersonRecord, RegistryStore,
+    StoreError, TableCounts,
 };
+use socialcard_events::direct::{Direct, Value};
+use std::collections::HashMap;
 
 use socialcard_events::unix_micros as micros;
 
@@ -88,185 +91,6 @@ macro_rules! sql_store {
             fn open_text(&self, r: &<$db as sqlx::Database>::Row, column: &str, row_column: &str) -> Result<String, StoreError> {
                 let row: String = r.try_get(row_column).map_err(db_error)?;
                 self.sealer.open(&r.try_get::<String, _>(column).map_err(db_error)?, &row).map_err(seal_error)
-            }
-
-            async fn write_card(
-                conn: &mut <$db as sqlx::Database>::Connection,
-                sealer: &crate::seal::Sealer,
-                write: &CardWrite,
-                now: i64,
-            ) -> Result<(), StoreError> {
-                let (rec, insert) = match write {
-                    CardWrite::Insert(r) => (r, true),
-                    CardWrite::Update(r) => (r, false),
-                };
-                let c = &rec.card;
-                let data = serde_json::to_string(c).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-                // The card's data holds its holder's ID, phone and address: sealed, bound to the card.
-                let data = sealer.seal(&data, &c.id).map_err(seal_error)?;
-                let number = c.card_number.as_ref().map(|n| n.as_str().to_string());
-                let result = if insert {
-                    sqlx::query(
-                        "INSERT INTO cards (card_id, citizen_id, card_number, bank_code, physical_state, social_state, financial_state, version, data, pin_digest, updated_at)
-                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
-                    )
-                    .bind(&c.id)
-                    .bind(sealer.blind_index(c.holder.expose()))
-                    .bind(number)
-                    .bind(&c.bank_code)
-                    .bind(c.physical.as_str())
-                    .bind(social_label(c))
-                    .bind(c.financial.as_str())
-                    .bind(c.version)
-                    .bind(data)
-                    .bind(&rec.pin_digest)
-                    .bind(now)
-                    .execute(&mut *conn)
-                    .await
-                } else {
-                    sqlx::query(
-                        "UPDATE cards SET card_number = $1, physical_state = $2, social_state = $3, financial_state = $4, version = $5,
-                         data = $6, pin_digest = $7, updated_at = $8 WHERE card_id = $9 AND version = $10",
-                    )
-                    .bind(number)
-                    .bind(c.physical.as_str())
-                    .bind(social_label(c))
-                    .bind(c.financial.as_str())
-                    .bind(c.version)
-                    .bind(data)
-                    .bind(&rec.pin_digest)
-                    .bind(now)
-                    .bind(&c.id)
-                    .bind(c.version - 1)
-                    .execute(&mut *conn)
-                    .await
-                };
-                match result {
-                    Ok(r) if r.rows_affected() == 1 => Ok(()),
-                    Ok(_) => Err(StoreError::VersionConflict),
-                    Err(sqlx::Error::Database(d)) if d.is_unique_violation() => Err(StoreError::Duplicate("card")),
-                    Err(e) => Err(db_error(e)),
-                }
-            }
-
-            /// Writes one commit on `conn`, inside a transaction (or savepoint) the caller owns.
-            async fn commit_in(
-                conn: &mut <$db as sqlx::Database>::Connection,
-                sealer: &crate::seal::Sealer,
-                commit: &Commit,
-            ) -> Result<(), StoreError> {
-                let now = micros(OffsetDateTime::now_utc());
-                // The key first: a concurrent twin of this request fails here, before any other write.
-                if let Some(i) = &commit.idempotency {
-                    let r = sqlx::query(
-                        "INSERT INTO idempotency (idempotency_key, operation, request_hash, response, created_at) VALUES ($1, $2, $3, $4, $5)",
-                    )
-                    .bind(&i.key)
-                    .bind(&i.operation)
-                    .bind(&i.request_hash)
-                    // A stored answer may carry a person's name and phone.
-                    .bind(sealer.seal_bytes(&i.response, &i.key).map_err(seal_error)?)
-                    .bind(now)
-                    .execute(&mut *conn)
-                    .await;
-                    match r {
-                        Err(sqlx::Error::Database(d)) if d.is_unique_violation() => return Err(StoreError::IdempotencyConflict),
-                        Err(e) => return Err(db_error(e)),
-                        Ok(_) => {}
-                    }
-                }
-                match &commit.person {
-                    Some(PersonWrite::Insert(p)) => {
-                        let index = sealer.blind_index(&p.citizen_id);
-                        let r = sqlx::query("INSERT INTO persons (citizen_id, name, phone, registered_at, version) VALUES ($1, $2, $3, $4, $5)")
-                            .bind(&index)
-                            .bind(sealer.seal(&p.name, &index).map_err(seal_error)?)
-                            .bind(sealer.seal(&p.phone, &index).map_err(seal_error)?)
-                            .bind(micros(p.registered_at))
-                            .bind(p.version)
-                            .execute(&mut *conn)
-                            .await;
-                        match r {
-                            Err(sqlx::Error::Database(d)) if d.is_unique_violation() => return Err(StoreError::Duplicate("person")),
-                            Err(e) => return Err(db_error(e)),
-                            Ok(_) => {}
-                        }
-                    }
-                    Some(PersonWrite::Touch { citizen_id, expected_version }) => {
-                        let r = sqlx::query("UPDATE persons SET version = version + 1 WHERE citizen_id = $1 AND version = $2")
-                            .bind(sealer.blind_index(citizen_id))
-                            .bind(expected_version)
-                            .execute(&mut *conn)
-                            .await
-                            .map_err(db_error)?;
-                        if r.rows_affected() != 1 {
-                            return Err(StoreError::VersionConflict);
-                        }
-                    }
-                    None => {}
-                }
-                for w in &commit.cards {
-                    Self::write_card(conn, sealer, w, now).await?;
-                }
-                // Each card's trail is a hash chain: link every entry to the card's last one (the card's
-                // version check serialises writers of one card, so the last entry read here stays last).
-                let mut heads: std::collections::HashMap<&str, Vec<u8>> = std::collections::HashMap::new();
-                for a in &commit.audit {
-                    let prev = match heads.get(a.card_id.as_str()) {
-                        Some(h) => h.clone(),
-                        None => sqlx::query("SELECT hash FROM audit_log WHERE card_id = $1 ORDER BY seq DESC LIMIT 1")
-                            .bind(&a.card_id)
-                            .fetch_optional(&mut *conn)
-                            .await
-                            .map_err(db_error)?
-                            .map(|r| r.try_get::<Option<Vec<u8>>, _>("hash"))
-                            .transpose()
-                            .map_err(db_error)?
-                            .flatten()
-                            .unwrap_or_else(|| crate::audit_chain::GENESIS.to_vec()),
-                    };
-                    let hash = crate::audit_chain::link(&prev, a);
-                    sqlx::query(
-                        "INSERT INTO audit_log (card_id, at, action, channel, actor, documents, from_state, to_state, idempotency_key,
-                             prev_hash, hash)
-                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
-                    )
-                    .bind(&a.card_id)
-                    .bind(micros(a.at))
-                    .bind(&a.action)
-                    .bind(&a.channel)
-                    // Who acted and with which papers (a caller's phone): sealed, bound to the card.
-                    .bind(sealer.seal(&a.actor, &a.card_id).map_err(seal_error)?)
-                    .bind(sealer.seal(&a.documents, &a.card_id).map_err(seal_error)?)
-                    .bind(&a.from_state)
-                    .bind(&a.to_state)
-                    .bind(&a.idempotency_key)
-                    .bind(&prev)
-                    .bind(&hash)
-                    .execute(&mut *conn)
-                    .await
-                    .map_err(db_error)?;
-                    heads.insert(a.card_id.as_str(), hash);
-                }
-                for o in &commit.outbox {
-                    sqlx::query(
-                        "INSERT INTO outbox (event_id, topic, event_key, event_type, payload, occurred_at, bucket, source, traceparent)
-                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
-                    )
-                    .bind(&o.event_id)
-                    .bind(&o.topic)
-                    .bind(&o.key)
-                    .bind(&o.event_type)
-                    .bind(&o.payload)
-                    .bind(micros(o.occurred_at))
-                    .bind(socialcard_events::bucket_of(&o.key))
-                    .bind(&o.source)
-                    .bind(&o.traceparent)
-                    .execute(&mut *conn)
-                    .await
-                    .map_err(db_error)?;
-                }
-                Ok(())
             }
         }
 
@@ -467,12 +291,51 @@ sql_store!(PgStore, sqlx::Postgres, sqlx::PgPool, ());
 impl SqliteStore {
     /// A commit goes to the group writer: it shares a transaction with the commits queued beside it,
     /// in a savepoint of its own, so a refused one rolls back alone (`socialcard_events::group`).
+    /// Its statements run straight on the writer's connection (`socialcard_events::direct`).
     async fn commit_one(&self, commit: Commit) -> Result<(), StoreError> {
         let sealer = self.sealer.clone();
         self.group
-            .run(move |conn| Box::pin(async move { Self::commit_in(conn, &sealer, &commit).await }))
+            .run(move |conn| Self::commit_direct(conn, &sealer, &commit))
             .await
             .map_err(|e| StoreError::Unavailable(e.to_string()))?
+    }
+
+    /// Writes one commit inside the group's transaction (in a savepoint of its own).
+    fn commit_direct(conn: &mut Direct<'_>, sealer: &crate::seal::Sealer, commit: &Commit) -> Result<(), StoreError> {
+        let run = |conn: &mut Direct<'_>, s: &Statement| {
+            let params: Vec<Value<'_>> = s
+                .params
+                .iter()
+                .map(|p| match p {
+                    Param::Int(v) => Value::Int(*v),
+                    Param::Text(t) => Value::Text(t),
+                    Param::OptText(t) => t.as_deref().into(),
+                    Param::Blob(b) => Value::Blob(b),
+                })
+                .collect();
+            match conn.execute(s.sql, &params) {
+                Ok(changed) => s.check(changed),
+                Err(e) if e.is_unique_violation() => Err((s.expect.unique)()),
+                Err(e) => Err(StoreError::Unavailable(e.to_string())),
+            }
+        };
+        let now = micros(OffsetDateTime::now_utc());
+        for s in commit.head_statements(sealer, now)? {
+            run(conn, &s)?;
+        }
+        let mut heads = HashMap::new();
+        for card in commit.audited_cards() {
+            let head = conn
+                .query_row(LAST_AUDIT_HASH, &[card.into()], |r| Ok((!r.is_null(0)).then(|| r.blob(0))))
+                .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+            if let Some(Some(hash)) = head {
+                heads.insert(card.to_string(), hash);
+            }
+        }
+        for s in commit.tail_statements(sealer, heads)? {
+            run(conn, &s)?;
+        }
+        Ok(())
     }
 
     /// The outbox of this database: what the relay publishes and the embedded log serves.
@@ -507,6 +370,47 @@ impl SqliteStore {
 }
 
 impl PgStore {
+    /// Writes one commit on `conn`, inside a transaction the caller owns.
+    async fn commit_in(
+        conn: &mut sqlx::PgConnection,
+        sealer: &crate::seal::Sealer,
+        commit: &Commit,
+    ) -> Result<(), StoreError> {
+        let now = micros(OffsetDateTime::now_utc());
+        for s in commit.head_statements(sealer, now)? {
+            Self::run_statement(conn, &s).await?;
+        }
+        let mut heads = HashMap::new();
+        for card in commit.audited_cards() {
+            let head: Option<Option<Vec<u8>>> =
+                sqlx::query_scalar(LAST_AUDIT_HASH).bind(card).fetch_optional(&mut *conn).await.map_err(db_error)?;
+            if let Some(Some(hash)) = head {
+                heads.insert(card.to_string(), hash);
+            }
+        }
+        for s in commit.tail_statements(sealer, heads)? {
+            Self::run_statement(conn, &s).await?;
+        }
+        Ok(())
+    }
+
+    async fn run_statement(conn: &mut sqlx::PgConnection, s: &Statement) -> Result<(), StoreError> {
+        let mut q = sqlx::query(s.sql);
+        for p in &s.params {
+            q = match p {
+                Param::Int(v) => q.bind(*v),
+                Param::Text(t) => q.bind(t.as_str()),
+                Param::OptText(t) => q.bind(t.as_deref()),
+                Param::Blob(b) => q.bind(b.as_slice()),
+            };
+        }
+        match q.execute(&mut *conn).await {
+            Ok(r) => s.check(r.rows_affected()),
+            Err(sqlx::Error::Database(d)) if d.is_unique_violation() => Err((s.expect.unique)()),
+            Err(e) => Err(db_error(e)),
+        }
+    }
+
     /// PostgreSQL admits concurrent writers and groups their WAL flushes itself: a transaction each.
     async fn commit_one(&self, commit: Commit) -> Result<(), StoreError> {
         let mut tx = self.writer.begin().await.map_err(db_error)?;

@@ -1,0 +1,378 @@
+//! Statements run straight on a SQLite connection sqlx has opened, without a hand-off per statement.
+//!
+//! sqlx runs each SQLite connection on a worker thread of its own: every statement is a message to
+//! that thread and its result a message back, two thread wake-ups per statement. For the writes of a
+//! busy service (an activation is about ten statements across two databases) those wake-ups, not
+//! SQLite's own work, were most of the CPU time (see docs/benchmarks.md). sqlx's documented way out is
+//! [`SqliteConnection::lock_handle`](sqlx::SqliteConnection::lock_handle): the worker thread lets go of
+//! the connection until the lock is dropped, and direct SQLite calls are safe meanwhile. [`Direct`] is
+//! the small statement API the group writer ([`crate::group`]) hands its writes while it holds that
+//! lock: the connection stays sqlx's (opened, configured, migrated and pooled by sqlx); one hand-off
+//! per group of writes instead of one per statement.
+//!
+//! Statements are prepared once per `Direct` and finalized when it is dropped, before the lock is
+//! released, so sqlx never meets a statement it did not prepare.
+#![allow(unsafe_code)]
+
+use std::collections::HashMap;
+use std::ffi::{CStr, c_int};
+use std::ptr::NonNull;
+
+use libsqlite3_sys as ffi;
+
+/// A value bound to a statement parameter (`$1`, `$2`, ... in order of first use).
+#[derive(Clone, Copy, Debug)]
+pub enum Value<'a> {
+    Null,
+    Int(i64),
+    Text(&'a str),
+    Blob(&'a [u8]),
+}
+
+impl From<i64> for Value<'_> {
+    fn from(v: i64) -> Self {
+        Value::Int(v)
+    }
+}
+
+impl From<i32> for Value<'_> {
+    fn from(v: i32) -> Self {
+        Value::Int(i64::from(v))
+    }
+}
+
+impl From<bool> for Value<'_> {
+    fn from(v: bool) -> Self {
+        Value::Int(i64::from(v))
+    }
+}
+
+impl<'a> From<&'a str> for Value<'a> {
+    fn from(v: &'a str) -> Self {
+        Value::Text(v)
+    }
+}
+
+impl<'a> From<&'a String> for Value<'a> {
+    fn from(v: &'a String) -> Self {
+        Value::Text(v)
+    }
+}
+
+impl<'a> From<&'a [u8]> for Value<'a> {
+    fn from(v: &'a [u8]) -> Self {
+        Value::Blob(v)
+    }
+}
+
+impl<'a> From<&'a Vec<u8>> for Value<'a> {
+    fn from(v: &'a Vec<u8>) -> Self {
+        Value::Blob(v)
+    }
+}
+
+impl<'a, T: Into<Value<'a>>> From<Option<T>> for Value<'a> {
+    fn from(v: Option<T>) -> Self {
+        v.map_or(Value::Null, Into::into)
+    }
+}
+
+/// What SQLite said when a statement failed.
+#[derive(Clone, Debug, thiserror::Error)]
+#[error("sqlite error {code}: {message}")]
+pub struct DirectError {
+    /// SQLite's extended result code.
+    pub code: i32,
+    pub message: String,
+}
+
+impl DirectError {
+    /// A UNIQUE or PRIMARY KEY constraint refused the row.
+    pub fn is_unique_violation(&self) -> bool {
+        self.code == ffi::SQLITE_CONSTRAINT_UNIQUE || self.code == ffi::SQLITE_CONSTRAINT_PRIMARYKEY
+    }
+
+    fn new(message: impl Into<String>) -> Self {
+        Self { code: ffi::SQLITE_MISUSE, message: message.into() }
+    }
+}
+
+/// One row of a query; columns by position.
+#[derive(Debug)]
+pub struct Row<'s> {
+    stmt: NonNull<ffi::sqlite3_stmt>,
+    _statement: std::marker::PhantomData<&'s ()>,
+}
+
+impl Row<'_> {
+    pub fn is_null(&self, i: usize) -> bool {
+        // SAFETY: the statement is live and stepped onto a row for the lifetime of `Row`.
+        unsafe { ffi::sqlite3_column_type(self.stmt.as_ptr(), column(i)) == ffi::SQLITE_NULL }
+    }
+
+    pub fn int(&self, i: usize) -> i64 {
+        // SAFETY: as above; an out-of-range column reads as NULL (0).
+        unsafe { ffi::sqlite3_column_int64(self.stmt.as_ptr(), column(i)) }
+    }
+
+    pub fn blob(&self, i: usize) -> Vec<u8> {
+        // SAFETY: as above. sqlite3_column_blob's pointer is valid for sqlite3_column_bytes bytes until
+        // the next step/reset of the statement, and it is copied out at once.
+        unsafe {
+            let p = ffi::sqlite3_column_blob(self.stmt.as_ptr(), column(i));
+            let n = ffi::sqlite3_column_bytes(self.stmt.as_ptr(), column(i));
+            if p.is_null() || n <= 0 {
+                return Vec::new();
+            }
+            std::slice::from_raw_parts(p.cast::<u8>(), n as usize).to_vec()
+        }
+    }
+
+    pub fn text(&self, i: usize) -> Result<String, DirectError> {
+        // SAFETY: as for `blob`; the text is copied out at once.
+        let bytes = unsafe {
+            let p = ffi::sqlite3_column_text(self.stmt.as_ptr(), column(i));
+            let n = ffi::sqlite3_column_bytes(self.stmt.as_ptr(), column(i));
+            if p.is_null() || n <= 0 {
+                return Ok(String::new());
+            }
+            std::slice::from_raw_parts(p, n as usize).to_vec()
+        };
+        String::from_utf8(bytes).map_err(|e| DirectError::new(format!("column {i}: {e}")))
+    }
+}
+
+fn column(i: usize) -> c_int {
+    c_int::try_from(i).unwrap_or(c_int::MAX)
+}
+
+/// Statements on a connection whose sqlx worker has let go of it (see the module docs).
+#[derive(Debug)]
+pub struct Direct<'h> {
+    db: NonNull<ffi::sqlite3>,
+    statements: HashMap<String, NonNull<ffi::sqlite3_stmt>>,
+    _handle: std::marker::PhantomData<&'h mut ()>,
+}
+
+impl<'h> Direct<'h> {
+    /// Statements on `handle`'s connection, for as long as the handle is locked.
+    pub fn new(handle: &'h mut sqlx::sqlite::LockedSqliteHandle<'_>) -> Self {
+        Self { db: handle.as_raw_handle(), statements: HashMap::new(), _handle: std::marker::PhantomData }
+    }
+
+    /// Runs a statement that returns no rows (or whose rows are not wanted); returns the rows it
+    /// changed.
+    pub fn execute(&mut self, sql: &str, params: &[Value<'_>]) -> Result<u64, DirectError> {
+        let stmt = self.bound(sql, params)?;
+        let outcome = loop {
+            // SAFETY: `stmt` is a live statement of `self.db`.
+            match unsafe { ffi::sqlite3_step(stmt.as_ptr()) } {
+                ffi::SQLITE_ROW => continue,
+                ffi::SQLITE_DONE => break Ok(()),
+                _ => break Err(self.error()),
+            }
+        };
+        self.reset(stmt);
+        outcome?;
+        // SAFETY: `self.db` is open and ours while the handle is locked.
+        Ok(u64::try_from(unsafe { ffi::sqlite3_changes(self.db.as_ptr()) }).unwrap_or(0))
+    }
+
+    /// Runs a query and hands each row to `f`, in order.
+    pub fn query<T>(
+        &mut self,
+        sql: &str,
+        params: &[Value<'_>],
+        mut f: impl FnMut(&Row<'_>) -> Result<T, DirectError>,
+    ) -> Result<Vec<T>, DirectError> {
+        let stmt = self.bound(sql, params)?;
+        let mut out = Vec::new();
+        let outcome = loop {
+            // SAFETY: as in `execute`.
+            match unsafe { ffi::sqlite3_step(stmt.as_ptr()) } {
+                ffi::SQLITE_ROW => match f(&Row { stmt, _statement: std::marker::PhantomData }) {
+                    Ok(v) => out.push(v),
+                    Err(e) => break Err(e),
+                },
+                ffi::SQLITE_DONE => break Ok(()),
+                _ => break Err(self.error()),
+            }
+        };
+        self.reset(stmt);
+        outcome.map(|()| out)
+    }
+
+    /// The first row of a query, if any.
+    pub fn query_row<T>(
+        &mut self,
+        sql: &str,
+        params: &[Value<'_>],
+        f: impl FnOnce(&Row<'_>) -> Result<T, DirectError>,
+    ) -> Result<Option<T>, DirectError> {
+        let stmt = self.bound(sql, params)?;
+        // SAFETY: as in `execute`.
+        let outcome = match unsafe { ffi::sqlite3_step(stmt.as_ptr()) } {
+            ffi::SQLITE_ROW => f(&Row { stmt, _statement: std::marker::PhantomData }).map(Some),
+            ffi::SQLITE_DONE => Ok(None),
+            _ => Err(self.error()),
+        };
+        self.reset(stmt);
+        outcome
+    }
+
+    /// Whether a transaction is open on the connection.
+    pub fn in_transaction(&self) -> bool {
+        // SAFETY: `self.db` is open and ours while the handle is locked.
+        unsafe { ffi::sqlite3_get_autocommit(self.db.as_ptr()) == 0 }
+    }
+
+    /// The prepared statement for `sql` (prepared on first use), its parameters bound.
+    fn bound(&mut self, sql: &str, params: &[Value<'_>]) -> Result<NonNull<ffi::sqlite3_stmt>, DirectError> {
+        let stmt = match self.statements.get(sql) {
+            Some(s) => *s,
+            None => {
+                let s = self.prepare(sql)?;
+                self.statements.insert(sql.to_string(), s);
+                s
+            }
+        };
+        // A caller's row callback that panicked may have left the statement mid-way.
+        self.reset(stmt);
+        // SAFETY: `stmt` is a live statement of `self.db`.
+        let expected = unsafe { ffi::sqlite3_bind_parameter_count(stmt.as_ptr()) };
+        if usize::try_from(expected).unwrap_or(0) != params.len() {
+            return Err(DirectError::new(format!("{} parameters for {expected} in: {sql}", params.len())));
+        }
+        for (i, v) in params.iter().enumerate() {
+            let at = column(i + 1);
+            // SAFETY: `at` is within the statement's parameters (checked above); SQLITE_TRANSIENT makes
+            // SQLite copy text and blobs before the call returns, so the borrows need not outlive it.
+            let rc = unsafe {
+                match *v {
+                    Value::Null => ffi::sqlite3_bind_null(stmt.as_ptr(), at),
+                    Value::Int(n) => ffi::sqlite3_bind_int64(stmt.as_ptr(), at, n),
+                    Value::Text(s) => ffi::sqlite3_bind_text(
+                        stmt.as_ptr(),
+                        at,
+                        s.as_ptr().cast(),
+                        c_int::try_from(s.len()).map_err(|_| DirectError::new("text too long"))?,
+                        ffi::SQLITE_TRANSIENT(),
+                    ),
+                    Value::Blob(b) => ffi::sqlite3_bind_blob(
+                        stmt.as_ptr(),
+                        at,
+                        b.as_ptr().cast(),
+                        c_int::try_from(b.len()).map_err(|_| DirectError::new("blob too long"))?,
+                        ffi::SQLITE_TRANSIENT(),
+                    ),
+                }
+            };
+            if rc != ffi::SQLITE_OK {
+                let e = self.error();
+                self.reset(stmt);
+                return Err(e);
+            }
+        }
+        Ok(stmt)
+    }
+
+    fn prepare(&mut self, sql: &str) -> Result<NonNull<ffi::sqlite3_stmt>, DirectError> {
+        let mut stmt = std::ptr::null_mut();
+        let mut tail = std::ptr::null();
+        let len = c_int::try_from(sql.len()).map_err(|_| DirectError::new("statement too long"))?;
+        // SAFETY: `sql` is valid for `len` bytes; SQLite writes the statement (or null) and the tail.
+        let rc = unsafe {
+            ffi::sqlite3_prepare_v3(
+                self.db.as_ptr(),
+                sql.as_ptr().cast(),
+                len,
+                ffi::SQLITE_PREPARE_PERSISTENT,
+                &mut stmt,
+                &mut tail,
+            )
+        };
+        if rc != ffi::SQLITE_OK {
+            return Err(self.error());
+        }
+        let stmt = NonNull::new(stmt).ok_or_else(|| DirectError::new(format!("no statement in: {sql}")))?;
+        // SAFETY: `tail` points into `sql` (at its end when it held one statement).
+        let rest = unsafe { tail.cast::<u8>().offset_from(sql.as_ptr()) };
+        if usize::try_from(rest).ok().and_then(|r| sql.get(r..)).is_some_and(|r| !r.trim().is_empty()) {
+            // SAFETY: finalizing the statement just prepared.
+            unsafe { ffi::sqlite3_finalize(stmt.as_ptr()) };
+            return Err(DirectError::new(format!("one statement at a time: {sql}")));
+        }
+        Ok(stmt)
+    }
+
+    fn reset(&self, stmt: NonNull<ffi::sqlite3_stmt>) {
+        // SAFETY: `stmt` is a live statement; reset keeps it prepared, clear_bindings drops the values.
+        unsafe {
+            ffi::sqlite3_reset(stmt.as_ptr());
+            ffi::sqlite3_clear_bindings(stmt.as_ptr());
+        }
+    }
+
+    fn error(&self) -> DirectError {
+        // SAFETY: `self.db` is open; sqlite3_errmsg's text is copied before the next call.
+        unsafe {
+            let code = ffi::sqlite3_extended_errcode(self.db.as_ptr());
+            let message = CStr::from_ptr(ffi::sqlite3_errmsg(self.db.as_ptr())).to_string_lossy().into_owned();
+            DirectError { code, message }
+        }
+    }
+}
+
+impl Drop for Direct<'_> {
+    fn drop(&mut self) {
+        for (_, stmt) in self.statements.drain() {
+            // SAFETY: each statement was prepared here and is finalized once.
+            unsafe { ffi::sqlite3_finalize(stmt.as_ptr()) };
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sqlx::Connection;
+
+    async fn memory() -> sqlx::SqliteConnection {
+        let mut conn = sqlx::SqliteConnection::connect("sqlite::memory:").await.unwrap_or_else(|e| panic!("{e}"));
+        sqlx::query("CREATE TABLE t (id INTEGER PRIMARY KEY, name TEXT UNIQUE, data BLOB)")
+            .execute(&mut conn)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        conn
+    }
+
+    #[tokio::test]
+    async fn writes_reads_and_reports_what_sqlite_refused() {
+        let mut conn = memory().await;
+        {
+            let mut handle = conn.lock_handle().await.unwrap_or_else(|e| panic!("{e}"));
+            let mut d = Direct::new(&mut handle);
+            let insert = "INSERT INTO t (id, name, data) VALUES ($1, $2, $3)";
+            assert_eq!(d.execute(insert, &[1.into(), "a".into(), Value::Blob(&[1, 2])]).ok(), Some(1));
+            assert_eq!(d.execute(insert, &[2.into(), "b".into(), Value::Null]).ok(), Some(1));
+            let taken = d.execute(insert, &[3.into(), "a".into(), Value::Null]).err();
+            assert!(taken.as_ref().is_some_and(DirectError::is_unique_violation), "{taken:?}");
+            let wrong = d.execute(insert, &[4.into()]).err();
+            assert!(wrong.is_some_and(|e| e.message.contains("1 parameters for 3")));
+            assert_eq!(d.execute("UPDATE t SET name = $1 WHERE id > $2", &["x".into(), 5.into()]).ok(), Some(0));
+            let rows = d
+                .query("SELECT id, name, data FROM t ORDER BY id", &[], |r| {
+                    Ok((r.int(0), r.text(1)?, r.blob(2), r.is_null(2)))
+                })
+                .unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(rows, vec![(1, "a".to_string(), vec![1, 2], false), (2, "b".to_string(), vec![], true)]);
+            let none = d.query_row("SELECT id FROM t WHERE id = $1", &[9.into()], |r| Ok(r.int(0)));
+            assert_eq!(none.ok(), Some(None));
+            assert!(d.execute("SELECT 1; SELECT 2", &[]).is_err(), "one statement at a time");
+        }
+        // The connection is sqlx's again and sees what was written.
+        let n: i64 =
+            sqlx::query_scalar("SELECT COUNT(*) FROM t").fetch_one(&mut conn).await.unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(n, 2);
+    }
+}

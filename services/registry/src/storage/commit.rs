@@ -1,0 +1,238 @@
+//! What one [`Commit`] writes, as statements with their values: built once here, run by either
+//! driver's executor (sqlx on PostgreSQL; SQLite's group writer runs them straight on its connection,
+//! `socialcard_events::direct`), so both databases store exactly the same rows.
+//!
+//! Only the audit trail needs a read in between: each card's entries form a hash chain, so the last
+//! hash of every card the commit touches is read first ([`Commit::audited_cards`]), then the audit and
+//! outbox statements are built on top of those heads.
+
+use std::collections::HashMap;
+
+use socialcard_events::unix_micros as micros;
+
+use super::{CardWrite, Commit, PersonWrite, StoreError};
+use crate::seal::Sealer;
+
+/// The last audit hash of a card (none: the card's chain starts at genesis).
+pub(super) const LAST_AUDIT_HASH: &str = "SELECT hash FROM audit_log WHERE card_id = $1 ORDER BY seq DESC LIMIT 1";
+
+/// A value bound to a statement parameter, in `$n` order.
+#[derive(Debug)]
+pub(super) enum Param {
+    Int(i64),
+    Text(String),
+    /// A text column that may be NULL (typed, for PostgreSQL).
+    OptText(Option<String>),
+    Blob(Vec<u8>),
+}
+
+/// What a statement must have done, and what its refusals mean.
+#[derive(Debug)]
+pub(super) struct Expect {
+    /// It must change exactly one row, else the commit is a version conflict.
+    pub one_row: bool,
+    /// What a UNIQUE violation means here.
+    pub unique: fn() -> StoreError,
+}
+
+#[derive(Debug)]
+pub(super) struct Statement {
+    pub sql: &'static str,
+    pub params: Vec<Param>,
+    pub expect: Expect,
+}
+
+impl Statement {
+    fn new(sql: &'static str, params: Vec<Param>, unique: fn() -> StoreError) -> Self {
+        Self { sql, params, expect: Expect { one_row: false, unique } }
+    }
+
+    fn one_row(mut self) -> Self {
+        self.expect.one_row = true;
+        self
+    }
+
+    /// Whether `changed` rows is what the statement had to do.
+    pub fn check(&self, changed: u64) -> Result<(), StoreError> {
+        if self.expect.one_row && changed != 1 {
+            return Err(StoreError::VersionConflict);
+        }
+        Ok(())
+    }
+}
+
+fn seal_error(e: crate::seal::SealError) -> StoreError {
+    StoreError::Corrupt(e.to_string())
+}
+
+impl Commit {
+    /// The key, the person and the cards: everything before the audit trail.
+    pub(super) fn head_statements(&self, sealer: &Sealer, now: i64) -> Result<Vec<Statement>, StoreError> {
+        let mut out = Vec::new();
+        // The key first: a concurrent twin of this request fails here, before any other write.
+        if let Some(i) = &self.idempotency {
+            out.push(Statement::new(
+                "INSERT INTO idempotency (idempotency_key, operation, request_hash, response, created_at) VALUES ($1, $2, $3, $4, $5)",
+                vec![
+                    Param::Text(i.key.clone()),
+                    Param::Text(i.operation.clone()),
+                    Param::Blob(i.request_hash.clone()),
+                    // A stored answer may carry a person's name and phone.
+                    Param::Blob(sealer.seal_bytes(&i.response, &i.key).map_err(seal_error)?),
+                    Param::Int(now),
+                ],
+                || StoreError::IdempotencyConflict,
+            ));
+        }
+        match &self.person {
+            Some(PersonWrite::Insert(p)) => {
+                let index = sealer.blind_index(&p.citizen_id);
+                let name = sealer.seal(&p.name, &index).map_err(seal_error)?;
+                let phone = sealer.seal(&p.phone, &index).map_err(seal_error)?;
+                out.push(Statement::new(
+                    "INSERT INTO persons (citizen_id, name, phone, registered_at, version) VALUES ($1, $2, $3, $4, $5)",
+                    vec![
+                        Param::Text(index),
+                        Param::Text(name),
+                        Param::Text(phone),
+                        Param::Int(micros(p.registered_at)),
+                        Param::Int(p.version),
+                    ],
+                    || StoreError::Duplicate("person"),
+                ));
+            }
+            Some(PersonWrite::Touch { citizen_id, expected_version }) => out.push(
+                Statement::new(
+                    "UPDATE persons SET version = version + 1 WHERE citizen_id = $1 AND version = $2",
+                    vec![Param::Text(sealer.blind_index(citizen_id)), Param::Int(*expected_version)],
+                    || StoreError::Duplicate("row"),
+                )
+                .one_row(),
+            ),
+            None => {}
+        }
+        for w in &self.cards {
+            out.push(card_statement(sealer, w, now)?);
+        }
+        Ok(out)
+    }
+
+    /// The cards whose audit chains this commit extends, each once, in the order first audited.
+    pub(super) fn audited_cards(&self) -> Vec<&str> {
+        let mut cards: Vec<&str> = Vec::new();
+        for a in &self.audit {
+            if !cards.contains(&a.card_id.as_str()) {
+                cards.push(&a.card_id);
+            }
+        }
+        cards
+    }
+
+    /// The audit rows (each linked to its card's previous entry; `heads` holds each audited card's
+    /// last hash, as read) and the outbox rows.
+    pub(super) fn tail_statements(
+        &self,
+        sealer: &Sealer,
+        mut heads: HashMap<String, Vec<u8>>,
+    ) -> Result<Vec<Statement>, StoreError> {
+        let mut out = Vec::with_capacity(self.audit.len() + self.outbox.len());
+        for a in &self.audit {
+            let prev = heads.get(&a.card_id).cloned().unwrap_or_else(|| crate::audit_chain::GENESIS.to_vec());
+            let hash = crate::audit_chain::link(&prev, a);
+            out.push(Statement::new(
+                "INSERT INTO audit_log (card_id, at, action, channel, actor, documents, from_state, to_state, idempotency_key,
+                     prev_hash, hash)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+                vec![
+                    Param::Text(a.card_id.clone()),
+                    Param::Int(micros(a.at)),
+                    Param::Text(a.action.clone()),
+                    Param::Text(a.channel.clone()),
+                    // Who acted and with which papers (a caller's phone): sealed, bound to the card.
+                    Param::Text(sealer.seal(&a.actor, &a.card_id).map_err(seal_error)?),
+                    Param::Text(sealer.seal(&a.documents, &a.card_id).map_err(seal_error)?),
+                    Param::Text(a.from_state.clone()),
+                    Param::Text(a.to_state.clone()),
+                    Param::Text(a.idempotency_key.clone()),
+                    Param::Blob(prev),
+                    Param::Blob(hash.clone()),
+                ],
+                || StoreError::Duplicate("row"),
+            ));
+            heads.insert(a.card_id.clone(), hash);
+        }
+        for o in &self.outbox {
+            out.push(Statement::new(
+                "INSERT INTO outbox (event_id, topic, event_key, event_type, payload, occurred_at, bucket, source, traceparent)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+                vec![
+                    Param::Text(o.event_id.clone()),
+                    Param::Text(o.topic.clone()),
+                    Param::Text(o.key.clone()),
+                    Param::Text(o.event_type.clone()),
+                    Param::Blob(o.payload.clone()),
+                    Param::Int(micros(o.occurred_at)),
+                    Param::Int(i64::from(socialcard_events::bucket_of(&o.key))),
+                    Param::Text(o.source.clone()),
+                    Param::OptText(o.traceparent.clone()),
+                ],
+                || StoreError::Duplicate("row"),
+            ));
+        }
+        Ok(out)
+    }
+}
+
+fn card_statement(sealer: &Sealer, write: &CardWrite, now: i64) -> Result<Statement, StoreError> {
+    let (rec, insert) = match write {
+        CardWrite::Insert(r) => (r, true),
+        CardWrite::Update(r) => (r, false),
+    };
+    let c = &rec.card;
+    let data = serde_json::to_string(c).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    // The card's data holds its holder's ID, phone and address: sealed, bound to the card.
+    let data = sealer.seal(&data, &c.id).map_err(seal_error)?;
+    let number = c.card_number.as_ref().map(|n| n.as_str().to_string());
+    let states =
+        [c.physical.as_str(), super::sql::social_label(c), c.financial.as_str()].map(|s| Param::Text(s.into()));
+    let [physical, social, financial] = states;
+    let statement = if insert {
+        Statement::new(
+            "INSERT INTO cards (card_id, citizen_id, card_number, bank_code, physical_state, social_state, financial_state, version, data, pin_digest, updated_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+            vec![
+                Param::Text(c.id.clone()),
+                Param::Text(sealer.blind_index(c.holder.expose())),
+                Param::OptText(number),
+                Param::Text(c.bank_code.clone()),
+                physical,
+                social,
+                financial,
+                Param::Int(c.version),
+                Param::Text(data),
+                Param::Blob(rec.pin_digest.clone()),
+                Param::Int(now),
+            ],
+            || StoreError::Duplicate("card"),
+        )
+    } else {
+        Statement::new(
+            "UPDATE cards SET card_number = $1, physical_state = $2, social_state = $3, financial_state = $4, version = $5,
+             data = $6, pin_digest = $7, updated_at = $8 WHERE card_id = $9 AND version = $10",
+            vec![
+                Param::OptText(number),
+                physical,
+                social,
+                financial,
+                Param::Int(c.version),
+                Param::Text(data),
+                Param::Blob(rec.pin_digest.clone()),
+                Param::Int(now),
+                Param::Text(c.id.clone()),
+                Param::Int(c.version - 1),
+            ],
+            || StoreError::Duplicate("card"),
+        )
+    };
+    Ok(statement.one_row())
+}
