@@ -77,6 +77,22 @@ impl<'a, T: Into<Value<'a>>> From<Option<T>> for Value<'a> {
     }
 }
 
+/// The same values bound to a sqlx query, for a statement that runs both through sqlx and directly.
+pub fn bind_values<'q>(
+    mut query: sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments>,
+    values: &[Value<'_>],
+) -> sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments> {
+    for v in values {
+        query = match *v {
+            Value::Null => query.bind(None::<i64>),
+            Value::Int(n) => query.bind(n),
+            Value::Text(t) => query.bind(t.to_string()),
+            Value::Blob(b) => query.bind(b.to_vec()),
+        };
+    }
+    query
+}
+
 /// What SQLite said when a statement failed.
 #[derive(Clone, Debug, thiserror::Error)]
 #[error("sqlite error {code}: {message}")]

@@ -39,6 +39,8 @@ impl PostalConfig {
 pub fn store_error(e: StoreError) -> ApiError {
     match e {
         StoreError::Database(e) => ApiError::Unavailable(e.to_string()),
+        StoreError::Direct(e) => ApiError::Unavailable(e.to_string()),
+        StoreError::Group(e) => ApiError::Unavailable(e.to_string()),
         StoreError::Corrupt(m) => ApiError::Internal(m),
     }
 }
@@ -98,7 +100,7 @@ impl Postal {
     }
 
     /// Takes checked updates from a feed, all in one transaction.
-    pub async fn ingest(&self, updates: &[Update], source: Source) -> Result<IngestReport, ApiError> {
+    pub async fn ingest(&self, updates: Vec<Update>, source: Source) -> Result<IngestReport, ApiError> {
         self.store.ingest(updates, source, self.clock.now()).await.map_err(store_error)
     }
 

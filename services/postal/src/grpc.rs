@@ -38,7 +38,7 @@ impl PostalGrpc {
     fn write(&self, batch: &mut Vec<Update>) -> Write {
         let postal = self.postal.clone();
         let batch = std::mem::replace(batch, Vec::with_capacity(STREAM_BATCH));
-        tokio::spawn(async move { postal.ingest(&batch, Source::Stream).await })
+        tokio::spawn(async move { postal.ingest(batch, Source::Stream).await })
     }
 }
 
@@ -270,7 +270,7 @@ impl PostalService for PostalGrpc {
                 Err(status) => {
                     // The sender went away mid-stream: what arrived whole is kept.
                     finish(&mut writing, &mut report).await?;
-                    report.add(self.postal.ingest(&batch, Source::Stream).await?);
+                    report.add(self.postal.ingest(batch, Source::Stream).await?);
                     return Err(status);
                 }
             };
@@ -279,7 +279,7 @@ impl PostalService for PostalGrpc {
                 Ok(u) => batch.push(u),
                 Err(rejection) => {
                     finish(&mut writing, &mut report).await?;
-                    report.add(self.postal.ingest(&batch, Source::Stream).await?);
+                    report.add(self.postal.ingest(batch, Source::Stream).await?);
                     let accepted = received - 1;
                     let mut status = Status::from(ApiError::Rejected(Rejection {
                         message: format!(
@@ -296,7 +296,7 @@ impl PostalService for PostalGrpc {
             }
         }
         finish(&mut writing, &mut report).await?;
-        report.add(self.postal.ingest(&batch, Source::Stream).await?);
+        report.add(self.postal.ingest(batch, Source::Stream).await?);
         Ok(Response::new(report_to_pb(report)))
     }
 

@@ -10,12 +10,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use prost::Message;
+use socialcard_events::direct::{Direct, DirectError, Value, bind_values};
+use socialcard_events::group::{GroupError, GroupWriter};
 use socialcard_events::outbox::SqliteOutbox;
 use socialcard_events::{Outbox, from_unix_micros, unix_micros};
 use socialcard_proto::events::v1 as ev;
 use socialcard_proto::postal::v1 as pb;
+use sqlx::Row;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqliteRow};
-use sqlx::{QueryBuilder, Row, Sqlite};
 use time::OffsetDateTime;
 
 use crate::feed::{Source, Update, Waybill};
@@ -25,6 +27,10 @@ use crate::status::{Decision, Milestone, Outcome, Progress, Status, decide};
 pub enum StoreError {
     #[error("database: {0}")]
     Database(#[from] sqlx::Error),
+    #[error("database: {0}")]
+    Direct(#[from] DirectError),
+    #[error("database: {0}")]
+    Group(#[from] GroupError),
     #[error("corrupt row: {0}")]
     Corrupt(String),
 }
@@ -120,6 +126,8 @@ pub struct PostalStore {
     pool: SqlitePool,
     /// One connection for writes.
     writer: SqlitePool,
+    /// Courier batches are committed through it (statements straight on `writer`'s connection).
+    group: GroupWriter,
     outbox: Arc<SqliteOutbox>,
 }
 
@@ -131,32 +139,59 @@ fn time_of(us: i64) -> Result<OffsetDateTime, StoreError> {
     from_unix_micros(us).ok_or_else(|| StoreError::Corrupt(format!("time {us} out of range")))
 }
 
-fn shipment_of(r: &SqliteRow) -> Result<ShipmentRecord, StoreError> {
-    let status: String = r.try_get("status")?;
-    let milestone: String = r.try_get("milestone")?;
-    let rank: i64 = r.try_get("status_rank")?;
+/// A row's columns, by the name and the position they have in [`SHIPMENT_COLUMNS`]: read through sqlx
+/// (by name) or on the group writer's connection (by position).
+trait Columns {
+    fn int(&self, name: &str, at: usize) -> Result<i64, StoreError>;
+    fn text(&self, name: &str, at: usize) -> Result<String, StoreError>;
+}
+
+impl Columns for SqliteRow {
+    fn int(&self, name: &str, _: usize) -> Result<i64, StoreError> {
+        Ok(self.try_get(name)?)
+    }
+
+    fn text(&self, name: &str, _: usize) -> Result<String, StoreError> {
+        Ok(self.try_get(name)?)
+    }
+}
+
+impl Columns for socialcard_events::direct::Row<'_> {
+    fn int(&self, _: &str, at: usize) -> Result<i64, StoreError> {
+        Ok(socialcard_events::direct::Row::int(self, at))
+    }
+
+    fn text(&self, _: &str, at: usize) -> Result<String, StoreError> {
+        Ok(socialcard_events::direct::Row::text(self, at)?)
+    }
+}
+
+fn shipment_of(r: &impl Columns) -> Result<ShipmentRecord, StoreError> {
+    let status = r.text("status", 10)?;
+    let milestone = r.text("milestone", 12)?;
+    let rank = r.int("status_rank", 11)?;
     Ok(ShipmentRecord {
-        seq: r.try_get("seq")?,
-        waybill: r.try_get("waybill")?,
-        card_id: r.try_get("card_id")?,
-        card_number: r.try_get("card_number")?,
+        seq: r.int("seq", 0)?,
+        waybill: r.text("waybill", 1)?,
+        card_id: r.text("card_id", 2)?,
+        card_number: r.text("card_number", 3)?,
         address: Address {
-            recipient: r.try_get("recipient")?,
-            phone: r.try_get("phone")?,
-            line: r.try_get("address_line")?,
-            district: r.try_get("district")?,
-            postal_code: r.try_get("postal_code")?,
+            recipient: r.text("recipient", 4)?,
+            phone: r.text("phone", 5)?,
+            line: r.text("address_line", 6)?,
+            district: r.text("district", 7)?,
+            postal_code: r.text("postal_code", 8)?,
         },
-        backup_point_id: r.try_get("backup_point_id")?,
+        backup_point_id: r.text("backup_point_id", 9)?,
         progress: Progress {
             status: Status::from_label(&status).ok_or_else(|| StoreError::Corrupt(format!("status {status}")))?,
             rank: u8::try_from(rank).map_err(|_| StoreError::Corrupt(format!("rank {rank}")))?,
             milestone: Milestone::from_label(&milestone)
                 .ok_or_else(|| StoreError::Corrupt(format!("milestone {milestone}")))?,
         },
-        sub_reason: r.try_get("sub_reason")?,
-        opened_at: time_of(r.try_get("opened_at")?)?,
-        status_at: time_of(r.try_get("status_at")?)?,
+        sub_reason: r.text("sub_reason", 13)?,
+        opened_at: time_of(r.int("opened_at", 14)?)?,
+        status_at: time_of(r.int("status_at", 15)?)?,
     })
 }
 
@@ -256,27 +291,22 @@ fn milestone_row(e: MilestoneEvent<'_>) -> OutboxRow {
     }
 }
 
-/// Rows per multi-row INSERT: well under SQLite's limit of bound parameters.
-const ROWS_PER_INSERT: usize = 256;
+const INSERT_OUTBOX: &str =
+    "INSERT INTO outbox (event_id, topic, event_key, event_type, payload, occurred_at, bucket, source)
+     VALUES ($1, $2, $3, $4, $5, $6, $7, 'postal')";
 
-async fn insert_outbox(tx: &mut sqlx::SqliteConnection, rows: &[OutboxRow]) -> Result<(), StoreError> {
-    for chunk in rows.chunks(ROWS_PER_INSERT) {
-        let mut q = QueryBuilder::<Sqlite>::new(
-            "INSERT INTO outbox (event_id, topic, event_key, event_type, payload, occurred_at, bucket, source) ",
-        );
-        q.push_values(chunk, |mut b, r| {
-            b.push_bind(&r.event_id)
-                .push_bind(socialcard_events::topics::SHIPMENT)
-                .push_bind(&r.event_key)
-                .push_bind(&r.event_type)
-                .push_bind(&r.payload)
-                .push_bind(r.occurred_at)
-                .push_bind(r.bucket)
-                .push_bind("postal");
-        });
-        q.build().execute(&mut *tx).await?;
+impl OutboxRow {
+    fn values(&self) -> [Value<'_>; 7] {
+        [
+            (&self.event_id).into(),
+            socialcard_events::topics::SHIPMENT.into(),
+            (&self.event_key).into(),
+            (&self.event_type).into(),
+            (&self.payload).into(),
+            self.occurred_at.into(),
+            self.bucket.into(),
+        ]
     }
-    Ok(())
 }
 
 /// One line of a shipment's history (or of the unknown waybills' list), ready to be written.
@@ -292,102 +322,60 @@ struct HistoryRow<'a> {
     outcome: Outcome,
 }
 
-async fn insert_history(tx: &mut sqlx::SqliteConnection, rows: &[HistoryRow<'_>]) -> Result<(), StoreError> {
-    for chunk in rows.chunks(ROWS_PER_INSERT) {
-        let mut q = QueryBuilder::<Sqlite>::new(
-            "INSERT INTO shipment_history (waybill, courier_event_id, status, sub_reason, point_id, occurred_at,
-                 received_at, source, outcome) ",
-        );
-        q.push_values(chunk, |mut b, r| {
-            b.push_bind(r.waybill)
-                .push_bind(r.courier_event_id)
-                .push_bind(r.status.as_str())
-                .push_bind(r.sub_reason)
-                .push_bind(r.point_id)
-                .push_bind(r.occurred_at)
-                .push_bind(r.received_at)
-                .push_bind(r.source)
-                .push_bind(r.outcome.as_str());
-        });
-        q.build().execute(&mut *tx).await?;
+const INSERT_HISTORY: &str = "INSERT INTO shipment_history (waybill, courier_event_id, status, sub_reason, point_id,
+         occurred_at, received_at, source, outcome)
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)";
+
+const INSERT_UNKNOWN: &str = "INSERT INTO unknown_waybill_updates (waybill, courier_event_id, status, sub_reason,
+         point_id, occurred_at, received_at, source)
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8)";
+
+impl HistoryRow<'_> {
+    /// The history columns in `INSERT_HISTORY`'s order (the first eight are `INSERT_UNKNOWN`'s).
+    fn values(&self) -> [Value<'_>; 9] {
+        [
+            self.waybill.into(),
+            self.courier_event_id.into(),
+            self.status.as_str().into(),
+            self.sub_reason.into(),
+            self.point_id.into(),
+            self.occurred_at.into(),
+            self.received_at.into(),
+            self.source.into(),
+            self.outcome.as_str().into(),
+        ]
     }
+}
+
+const SAVE_PROGRESS: &str = "UPDATE shipments SET status = $1, status_rank = $2, milestone = $3, sub_reason = $4,
+         status_at = $5, closed_at = $6
+     WHERE waybill = $7";
+
+fn progress_values(s: &ShipmentRecord) -> [Value<'_>; 7] {
+    let closed_at = s.progress.status.is_final().then(|| unix_micros(s.status_at));
+    [
+        s.progress.status.as_str().into(),
+        i64::from(s.progress.rank).into(),
+        s.progress.milestone.as_str().into(),
+        (&s.sub_reason).into(),
+        unix_micros(s.status_at).into(),
+        closed_at.into(),
+        (&s.waybill).into(),
+    ]
+}
+
+async fn insert_outbox(tx: &mut sqlx::SqliteConnection, row: &OutboxRow) -> Result<(), StoreError> {
+    bind_values(sqlx::query(INSERT_OUTBOX), &row.values()).execute(tx).await?;
     Ok(())
 }
 
-async fn insert_unknown(tx: &mut sqlx::SqliteConnection, rows: &[HistoryRow<'_>]) -> Result<(), StoreError> {
-    for chunk in rows.chunks(ROWS_PER_INSERT) {
-        let mut q = QueryBuilder::<Sqlite>::new(
-            "INSERT INTO unknown_waybill_updates (courier_event_id, waybill, status, sub_reason, point_id,
-                 occurred_at, received_at, source) ",
-        );
-        q.push_values(chunk, |mut b, r| {
-            b.push_bind(r.courier_event_id)
-                .push_bind(r.waybill)
-                .push_bind(r.status.as_str())
-                .push_bind(r.sub_reason)
-                .push_bind(r.point_id)
-                .push_bind(r.occurred_at)
-                .push_bind(r.received_at)
-                .push_bind(r.source);
-        });
-        q.build().execute(&mut *tx).await?;
-    }
+async fn insert_history(tx: &mut sqlx::SqliteConnection, row: &HistoryRow<'_>) -> Result<(), StoreError> {
+    bind_values(sqlx::query(INSERT_HISTORY), &row.values()).execute(tx).await?;
     Ok(())
 }
 
 async fn save_progress(tx: &mut sqlx::SqliteConnection, s: &ShipmentRecord) -> Result<(), StoreError> {
-    let closed_at = s.progress.status.is_final().then(|| unix_micros(s.status_at));
-    sqlx::query(
-        "UPDATE shipments SET status = $1, status_rank = $2, milestone = $3, sub_reason = $4, status_at = $5,
-             closed_at = $6
-         WHERE waybill = $7",
-    )
-    .bind(s.progress.status.as_str())
-    .bind(i64::from(s.progress.rank))
-    .bind(s.progress.milestone.as_str())
-    .bind(&s.sub_reason)
-    .bind(unix_micros(s.status_at))
-    .bind(closed_at)
-    .bind(&s.waybill)
-    .execute(tx)
-    .await?;
-    Ok(())
-}
-
-/// `save_progress` for many shipments in one statement per `ROWS_PER_INSERT`: their new states as one
-/// JSON array, joined to the table by waybill.
-async fn save_progresses<'a>(
-    tx: &mut sqlx::SqliteConnection,
-    shipments: impl Iterator<Item = &'a ShipmentRecord>,
-) -> Result<(), StoreError> {
-    let rows: Vec<serde_json::Value> = shipments
-        .map(|s| {
-            serde_json::json!([
-                s.waybill,
-                s.progress.status.as_str(),
-                s.progress.rank,
-                s.progress.milestone.as_str(),
-                s.sub_reason,
-                unix_micros(s.status_at),
-                s.progress.status.is_final().then(|| unix_micros(s.status_at)),
-            ])
-        })
-        .collect();
-    for chunk in rows.chunks(ROWS_PER_INSERT) {
-        let json = serde_json::to_string(chunk).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        sqlx::query(
-            "UPDATE shipments SET status = j.status, status_rank = j.status_rank, milestone = j.milestone,
-                 sub_reason = j.sub_reason, status_at = j.status_at, closed_at = j.closed_at
-             FROM (SELECT value ->> 0 AS waybill, value ->> 1 AS status, value ->> 2 AS status_rank,
-                          value ->> 3 AS milestone, value ->> 4 AS sub_reason, value ->> 5 AS status_at,
-                          value ->> 6 AS closed_at
-                   FROM json_each($1)) AS j
-             WHERE shipments.waybill = j.waybill",
-        )
-        .bind(json)
-        .execute(&mut *tx)
-        .await?;
-    }
+    bind_values(sqlx::query(SAVE_PROGRESS), &progress_values(s)).execute(tx).await?;
     Ok(())
 }
 
@@ -403,7 +391,8 @@ impl PostalStore {
         let pool = socialcard_events::sqlite_pool(4).connect_with(options.clone()).await?;
         sqlx::migrate!("./migrations").run(&pool).await.map_err(|e| sqlx::Error::Migrate(Box::new(e)))?;
         let writer = socialcard_events::sqlite_pool(1).connect_with(options).await?;
-        Ok(Self { outbox: Arc::new(SqliteOutbox::new(pool.clone())), pool, writer })
+        let group = GroupWriter::spawn(writer.clone(), socialcard_events::group::MAX_GROUP);
+        Ok(Self { outbox: Arc::new(SqliteOutbox::new(pool.clone())), pool, writer, group })
     }
 
     pub fn outbox(&self) -> Arc<dyn Outbox> {
@@ -480,7 +469,7 @@ impl PostalStore {
             source: "postal",
             outcome: Outcome::Applied,
         };
-        insert_history(&mut tx, &[entry]).await?;
+        insert_history(&mut tx, &entry).await?;
         let opened = milestone_row(MilestoneEvent {
             shipment: &record,
             milestone: Milestone::Opened,
@@ -490,7 +479,7 @@ impl PostalStore {
             courier_event_id: "",
             sub_reason: "",
         });
-        insert_outbox(&mut tx, &[opened]).await?;
+        insert_outbox(&mut tx, &opened).await?;
         tx.commit().await?;
         Ok(Some(record))
     }
@@ -536,53 +525,63 @@ impl PostalStore {
             source: "postal",
             outcome: Outcome::Applied,
         };
-        insert_history(&mut tx, &[entry]).await?;
+        insert_history(&mut tx, &entry).await?;
         tx.commit().await?;
         Ok(Some(s.waybill))
     }
 
-    /// Takes a batch of checked updates in one transaction: duplicates (by courier event id) skipped,
+    /// Takes a batch of checked updates all or nothing: duplicates (by courier event id) skipped,
     /// unknown waybills kept aside, every other update appended to its shipment's history with what it
     /// did, the shipment moved forward and its new milestones written to the outbox.
     ///
     /// The updates are decided one after the other in memory, in the order given (so a batch holding
     /// several updates of one shipment moves it step by step, and a courier event id repeated inside the
-    /// batch is a duplicate); the database sees a fixed number of statements per batch: two reads (the
-    /// event ids already taken, the batch's shipments) and multi-row writes, one UPDATE per shipment moved.
+    /// batch is a duplicate), after two reads (the event ids already taken, the batch's shipments). The
+    /// batch is one write of the group writer: batches of concurrent feeds share a transaction, each in
+    /// a savepoint of its own, and its statements run straight on the writer's connection.
     pub async fn ingest(
         &self,
+        updates: Vec<Update>,
+        source: Source,
+        now: OffsetDateTime,
+    ) -> Result<IngestReport, StoreError> {
+        if updates.is_empty() {
+            return Ok(IngestReport::default());
+        }
+        self.group.run(move |conn| Self::ingest_in(conn, &updates, source, now)).await?
+    }
+
+    /// [`Self::ingest`] inside the group writer's transaction (a savepoint of its own).
+    fn ingest_in(
+        conn: &mut Direct<'_>,
         updates: &[Update],
         source: Source,
         now: OffsetDateTime,
     ) -> Result<IngestReport, StoreError> {
         let mut report = IngestReport::default();
-        if updates.is_empty() {
-            return Ok(report);
-        }
         let json = |items: Vec<&str>| serde_json::to_string(&items).map_err(|e| StoreError::Corrupt(e.to_string()));
         let event_ids = json(updates.iter().map(|u| u.courier_event_id.as_str()).collect())?;
         let waybills = json(updates.iter().map(|u| u.waybill.as_str()).collect())?;
-        let mut tx = self.writer.begin().await?;
-        let mut seen: HashSet<String> = sqlx::query_scalar(
-            "SELECT courier_event_id FROM shipment_history WHERE courier_event_id IN (SELECT value FROM json_each($1))
-             UNION ALL
-             SELECT courier_event_id FROM unknown_waybill_updates
-             WHERE courier_event_id IN (SELECT value FROM json_each($1))",
-        )
-        .bind(&event_ids)
-        .fetch_all(&mut *tx)
-        .await?
-        .into_iter()
-        .collect();
+        let mut seen: HashSet<String> = conn
+            .query(
+                "SELECT courier_event_id FROM shipment_history WHERE courier_event_id IN (SELECT value FROM json_each($1))
+                 UNION ALL
+                 SELECT courier_event_id FROM unknown_waybill_updates
+                 WHERE courier_event_id IN (SELECT value FROM json_each($1))",
+                &[(&event_ids).into()],
+                |r| r.text(0),
+            )?
+            .into_iter()
+            .collect();
         let mut shipments: HashMap<String, ShipmentRecord> = HashMap::new();
-        for row in sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT {SHIPMENT_COLUMNS} FROM shipments WHERE waybill IN (SELECT DISTINCT value FROM json_each($1))"
-        )))
-        .bind(&waybills)
-        .fetch_all(&mut *tx)
-        .await?
-        {
-            let s = shipment_of(&row)?;
+        for s in conn.query(
+            &format!(
+                "SELECT {SHIPMENT_COLUMNS} FROM shipments WHERE waybill IN (SELECT DISTINCT value FROM json_each($1))"
+            ),
+            &[(&waybills).into()],
+            |r| Ok(shipment_of(r)),
+        )? {
+            let s = s?;
             shipments.insert(s.waybill.clone(), s);
         }
 
@@ -657,11 +656,19 @@ impl PostalStore {
                 }
             }
         }
-        insert_history(&mut tx, &history).await?;
-        insert_unknown(&mut tx, &unknown).await?;
-        save_progresses(&mut tx, moved.iter().filter_map(|w| shipments.get(*w))).await?;
-        insert_outbox(&mut tx, &outbox).await?;
-        tx.commit().await?;
+        // One prepared statement per table, run row by row on the writer's connection (no hand-off).
+        for row in &history {
+            conn.execute(INSERT_HISTORY, &row.values())?;
+        }
+        for row in &unknown {
+            conn.execute(INSERT_UNKNOWN, &row.values()[..8])?;
+        }
+        for s in moved.iter().filter_map(|w| shipments.get(*w)) {
+            conn.execute(SAVE_PROGRESS, &progress_values(s))?;
+        }
+        for row in &outbox {
+            conn.execute(INSERT_OUTBOX, &row.values())?;
+        }
         Ok(report)
     }
 

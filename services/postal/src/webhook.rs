@@ -139,7 +139,7 @@ pub async fn handle(postal: &Postal, head: &Head, body: &[u8]) -> Reply {
         Ok(u) => u,
         Err(r) => return Reply::error(400, r.reason, &r.message),
     };
-    match postal.ingest(&updates, Source::Webhook).await {
+    match postal.ingest(updates, Source::Webhook).await {
         Ok(r) => Reply {
             status: 200,
             body: serde_json::json!({
