@@ -10,7 +10,9 @@ use std::collections::HashMap;
 
 use socialcard_events::unix_micros as micros;
 
-use super::{CardWrite, Commit, PersonWrite, StoreError};
+use super::{
+    AuditRecord, BatchCommit, CardRecord, CardWrite, Commit, IdempotencyRecord, OutboxRecord, PersonWrite, StoreError,
+};
 use crate::seal::Sealer;
 
 /// The last audit hash of a card (none: the card's chain starts at genesis).
@@ -71,18 +73,7 @@ impl Commit {
         let mut out = Vec::new();
         // The key first: a concurrent twin of this request fails here, before any other write.
         if let Some(i) = &self.idempotency {
-            out.push(Statement::new(
-                "INSERT INTO idempotency (idempotency_key, operation, request_hash, response, created_at) VALUES ($1, $2, $3, $4, $5)",
-                vec![
-                    Param::Text(i.key.clone()),
-                    Param::Text(i.operation.clone()),
-                    Param::Blob(i.request_hash.clone()),
-                    // A stored answer may carry a person's name and phone.
-                    Param::Blob(sealer.seal_bytes(&i.response, &i.key).map_err(seal_error)?),
-                    Param::Int(now),
-                ],
-                || StoreError::IdempotencyConflict,
-            ));
+            out.push(idempotency_statement(sealer, i, now)?);
         }
         match &self.person {
             Some(PersonWrite::Insert(p)) => {
@@ -101,18 +92,16 @@ impl Commit {
                     || StoreError::Duplicate("person"),
                 ));
             }
-            Some(PersonWrite::Touch { citizen_id, expected_version }) => out.push(
-                Statement::new(
-                    "UPDATE persons SET version = version + 1 WHERE citizen_id = $1 AND version = $2",
-                    vec![Param::Text(sealer.blind_index(citizen_id)), Param::Int(*expected_version)],
-                    || StoreError::Duplicate("row"),
-                )
-                .one_row(),
-            ),
+            Some(PersonWrite::Touch { citizen_id, expected_version }) => {
+                out.push(touch_statement(sealer, citizen_id, *expected_version));
+            }
             None => {}
         }
         for w in &self.cards {
-            out.push(card_statement(sealer, w, now)?);
+            out.push(match w {
+                CardWrite::Insert(r) => card_statement(sealer, r, true, now)?,
+                CardWrite::Update(r) => card_statement(sealer, r, false, now)?,
+            });
         }
         Ok(out)
     }
@@ -133,61 +122,117 @@ impl Commit {
     pub(super) fn tail_statements(
         &self,
         sealer: &Sealer,
-        mut heads: HashMap<String, Vec<u8>>,
+        heads: HashMap<String, Vec<u8>>,
     ) -> Result<Vec<Statement>, StoreError> {
-        let mut out = Vec::with_capacity(self.audit.len() + self.outbox.len());
-        for a in &self.audit {
-            let prev = heads.get(&a.card_id).cloned().unwrap_or_else(|| crate::audit_chain::GENESIS.to_vec());
-            let hash = crate::audit_chain::link(&prev, a);
-            out.push(Statement::new(
-                "INSERT INTO audit_log (card_id, at, action, channel, actor, documents, from_state, to_state, idempotency_key,
-                     prev_hash, hash)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
-                vec![
-                    Param::Text(a.card_id.clone()),
-                    Param::Int(micros(a.at)),
-                    Param::Text(a.action.clone()),
-                    Param::Text(a.channel.clone()),
-                    // Who acted and with which papers (a caller's phone): sealed, bound to the card.
-                    Param::Text(sealer.seal(&a.actor, &a.card_id).map_err(seal_error)?),
-                    Param::Text(sealer.seal(&a.documents, &a.card_id).map_err(seal_error)?),
-                    Param::Text(a.from_state.clone()),
-                    Param::Text(a.to_state.clone()),
-                    Param::Text(a.idempotency_key.clone()),
-                    Param::Blob(prev),
-                    Param::Blob(hash.clone()),
-                ],
-                || StoreError::Duplicate("row"),
-            ));
-            heads.insert(a.card_id.clone(), hash);
-        }
-        for o in &self.outbox {
-            out.push(Statement::new(
-                "INSERT INTO outbox (event_id, topic, event_key, event_type, payload, occurred_at, bucket, source, traceparent)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
-                vec![
-                    Param::Text(o.event_id.clone()),
-                    Param::Text(o.topic.clone()),
-                    Param::Text(o.key.clone()),
-                    Param::Text(o.event_type.clone()),
-                    Param::Blob(o.payload.clone()),
-                    Param::Int(micros(o.occurred_at)),
-                    Param::Int(i64::from(socialcard_events::bucket_of(&o.key))),
-                    Param::Text(o.source.clone()),
-                    Param::OptText(o.traceparent.clone()),
-                ],
-                || StoreError::Duplicate("row"),
-            ));
-        }
+        let mut out = audit_statements(sealer, &self.audit, heads)?;
+        out.extend(self.outbox.iter().map(outbox_statement));
         Ok(out)
     }
 }
 
-fn card_statement(sealer: &Sealer, write: &CardWrite, now: i64) -> Result<Statement, StoreError> {
-    let (rec, insert) = match write {
-        CardWrite::Insert(r) => (r, true),
-        CardWrite::Update(r) => (r, false),
-    };
+impl BatchCommit {
+    /// Every row of an employer-batch chunk, as the one-card commits write them: keys first (a
+    /// concurrent import of the same rows fails there, before any other write), the holders' versions
+    /// bumped (a concurrent application for one of them makes the chunk plan again), new cards, their
+    /// audit chains from genesis and their events.
+    pub(super) fn statements(&self, sealer: &Sealer, now: i64) -> Result<Vec<Statement>, StoreError> {
+        let mut out = Vec::with_capacity(
+            self.idempotency.len() + self.touch_persons.len() + self.cards.len() + self.audit.len() + self.outbox.len(),
+        );
+        for i in &self.idempotency {
+            out.push(idempotency_statement(sealer, i, now)?);
+        }
+        out.extend(self.touch_persons.iter().map(|(id, version)| touch_statement(sealer, id, *version)));
+        for c in &self.cards {
+            out.push(card_statement(sealer, c, true, now)?);
+        }
+        out.extend(audit_statements(sealer, &self.audit, HashMap::new())?);
+        out.extend(self.outbox.iter().map(outbox_statement));
+        Ok(out)
+    }
+}
+
+fn idempotency_statement(sealer: &Sealer, i: &IdempotencyRecord, now: i64) -> Result<Statement, StoreError> {
+    Ok(Statement::new(
+        "INSERT INTO idempotency (idempotency_key, operation, request_hash, response, created_at) VALUES ($1, $2, $3, $4, $5)",
+        vec![
+            Param::Text(i.key.clone()),
+            Param::Text(i.operation.clone()),
+            Param::Blob(i.request_hash.clone()),
+            // A stored answer may carry a person's name and phone.
+            Param::Blob(sealer.seal_bytes(&i.response, &i.key).map_err(seal_error)?),
+            Param::Int(now),
+        ],
+        || StoreError::IdempotencyConflict,
+    ))
+}
+
+/// The holder's version bumped, as `SubmitApplication` does (R2): a concurrent change fails it.
+fn touch_statement(sealer: &Sealer, citizen_id: &str, expected_version: i64) -> Statement {
+    Statement::new(
+        "UPDATE persons SET version = version + 1 WHERE citizen_id = $1 AND version = $2",
+        vec![Param::Text(sealer.blind_index(citizen_id)), Param::Int(expected_version)],
+        || StoreError::Duplicate("row"),
+    )
+    .one_row()
+}
+
+/// The audit rows, each linked to its card's previous entry (`heads`: each card's last hash as read;
+/// a card not in it starts at genesis).
+fn audit_statements(
+    sealer: &Sealer,
+    audit: &[AuditRecord],
+    mut heads: HashMap<String, Vec<u8>>,
+) -> Result<Vec<Statement>, StoreError> {
+    let mut out = Vec::with_capacity(audit.len());
+    for a in audit {
+        let prev = heads.get(&a.card_id).cloned().unwrap_or_else(|| crate::audit_chain::GENESIS.to_vec());
+        let hash = crate::audit_chain::link(&prev, a);
+        out.push(Statement::new(
+            "INSERT INTO audit_log (card_id, at, action, channel, actor, documents, from_state, to_state, idempotency_key,
+                 prev_hash, hash)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+            vec![
+                Param::Text(a.card_id.clone()),
+                Param::Int(micros(a.at)),
+                Param::Text(a.action.clone()),
+                Param::Text(a.channel.clone()),
+                // Who acted and with which papers (a caller's phone): sealed, bound to the card.
+                Param::Text(sealer.seal(&a.actor, &a.card_id).map_err(seal_error)?),
+                Param::Text(sealer.seal(&a.documents, &a.card_id).map_err(seal_error)?),
+                Param::Text(a.from_state.clone()),
+                Param::Text(a.to_state.clone()),
+                Param::Text(a.idempotency_key.clone()),
+                Param::Blob(prev),
+                Param::Blob(hash.clone()),
+            ],
+            || StoreError::Duplicate("row"),
+        ));
+        heads.insert(a.card_id.clone(), hash);
+    }
+    Ok(out)
+}
+
+fn outbox_statement(o: &OutboxRecord) -> Statement {
+    Statement::new(
+        "INSERT INTO outbox (event_id, topic, event_key, event_type, payload, occurred_at, bucket, source, traceparent)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+        vec![
+            Param::Text(o.event_id.clone()),
+            Param::Text(o.topic.clone()),
+            Param::Text(o.key.clone()),
+            Param::Text(o.event_type.clone()),
+            Param::Blob(o.payload.clone()),
+            Param::Int(micros(o.occurred_at)),
+            Param::Int(i64::from(socialcard_events::bucket_of(&o.key))),
+            Param::Text(o.source.clone()),
+            Param::OptText(o.traceparent.clone()),
+        ],
+        || StoreError::Duplicate("row"),
+    )
+}
+
+fn card_statement(sealer: &Sealer, rec: &CardRecord, insert: bool, now: i64) -> Result<Statement, StoreError> {
     let c = &rec.card;
     let data = serde_json::to_string(c).map_err(|e| StoreError::Corrupt(e.to_string()))?;
     // The card's data holds its holder's ID, phone and address: sealed, bound to the card.

@@ -291,6 +291,22 @@ sql_store!(PgStore, sqlx::Postgres, sqlx::PgPool, ());
 impl SqliteStore {
     /// A commit goes to the group writer: it shares a transaction with the commits queued beside it,
     /// in a savepoint of its own, so a refused one rolls back alone (`socialcard_events::group`).
+    /// An employer-batch chunk goes to the group writer too, one write of its own, its rows one prepared
+    /// statement each, straight on the writer's connection.
+    pub(super) async fn commit_rows(&self, commit: BatchCommit) -> Result<(), StoreError> {
+        let sealer = self.sealer.clone();
+        self.group
+            .run(move |conn| {
+                let now = micros(OffsetDateTime::now_utc());
+                for s in commit.statements(&sealer, now)? {
+                    run_direct(conn, &s)?;
+                }
+                Ok(())
+            })
+            .await
+            .map_err(|e| StoreError::Unavailable(e.to_string()))?
+    }
+
     /// Its statements run straight on the writer's connection (`socialcard_events::direct`).
     async fn commit_one(&self, commit: Commit) -> Result<(), StoreError> {
         let sealer = self.sealer.clone();
@@ -302,23 +318,7 @@ impl SqliteStore {
 
     /// Writes one commit inside the group's transaction (in a savepoint of its own).
     fn commit_direct(conn: &mut Direct<'_>, sealer: &crate::seal::Sealer, commit: &Commit) -> Result<(), StoreError> {
-        let run = |conn: &mut Direct<'_>, s: &Statement| {
-            let params: Vec<Value<'_>> = s
-                .params
-                .iter()
-                .map(|p| match p {
-                    Param::Int(v) => Value::Int(*v),
-                    Param::Text(t) => Value::Text(t),
-                    Param::OptText(t) => t.as_deref().into(),
-                    Param::Blob(b) => Value::Blob(b),
-                })
-                .collect();
-            match conn.execute(s.sql, &params) {
-                Ok(changed) => s.check(changed),
-                Err(e) if e.is_unique_violation() => Err((s.expect.unique)()),
-                Err(e) => Err(StoreError::Unavailable(e.to_string())),
-            }
-        };
+        let run = run_direct;
         let now = micros(OffsetDateTime::now_utc());
         for s in commit.head_statements(sealer, now)? {
             run(conn, &s)?;
@@ -366,6 +366,25 @@ impl SqliteStore {
         };
         let group = socialcard_events::group::GroupWriter::spawn(writer.clone(), socialcard_events::group::MAX_GROUP);
         Ok(Self { pool, writer, sealer, group })
+    }
+}
+
+/// Runs one statement of a commit on the group writer's connection.
+pub(super) fn run_direct(conn: &mut Direct<'_>, s: &Statement) -> Result<(), StoreError> {
+    let params: Vec<Value<'_>> = s
+        .params
+        .iter()
+        .map(|p| match p {
+            Param::Int(v) => Value::Int(*v),
+            Param::Text(t) => Value::Text(t),
+            Param::OptText(t) => t.as_deref().into(),
+            Param::Blob(b) => Value::Blob(b),
+        })
+        .collect();
+    match conn.execute(s.sql, &params) {
+        Ok(changed) => s.check(changed),
+        Err(e) if e.is_unique_violation() => Err((s.expect.unique)()),
+        Err(e) => Err(StoreError::Unavailable(e.to_string())),
     }
 }
 
