@@ -261,8 +261,11 @@ impl<'h> Direct<'h> {
         }
         for (i, v) in params.iter().enumerate() {
             let at = column(i + 1);
-            // SAFETY: `at` is within the statement's parameters (checked above); SQLITE_TRANSIENT makes
-            // SQLite copy text and blobs before the call returns, so the borrows need not outlive it.
+            // SAFETY: `at` is within the statement's parameters (checked above). SQLITE_STATIC: SQLite
+            // reads text and blobs in place, without a copy; every caller of `bound` (execute, query,
+            // query_row) borrows `params` for its whole call and clears the bindings (`reset`) before it
+            // returns, and a statement left bound by a panic is reset and bound again before its next
+            // step (above), so SQLite never reads a value after its borrow ended.
             let rc = unsafe {
                 match *v {
                     Value::Null => ffi::sqlite3_bind_null(stmt.as_ptr(), at),
@@ -272,14 +275,14 @@ impl<'h> Direct<'h> {
                         at,
                         s.as_ptr().cast(),
                         c_int::try_from(s.len()).map_err(|_| DirectError::new("text too long"))?,
-                        ffi::SQLITE_TRANSIENT(),
+                        ffi::SQLITE_STATIC(),
                     ),
                     Value::Blob(b) => ffi::sqlite3_bind_blob(
                         stmt.as_ptr(),
                         at,
                         b.as_ptr().cast(),
                         c_int::try_from(b.len()).map_err(|_| DirectError::new("blob too long"))?,
-                        ffi::SQLITE_TRANSIENT(),
+                        ffi::SQLITE_STATIC(),
                     ),
                 }
             };
