@@ -389,9 +389,11 @@ mod tests {
             assert_eq!(none.ok(), Some(None));
             assert!(d.execute("SELECT 1; SELECT 2", &[]).is_err(), "one statement at a time");
         }
-        // The connection is sqlx's again and sees what was written.
+        // The connection is sqlx's again and sees what was written; every statement prepared here was
+        // finalized, so sqlx can close it (SQLite refuses to close a connection with live statements).
         let n: i64 =
             sqlx::query_scalar("SELECT COUNT(*) FROM t").fetch_one(&mut conn).await.unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(n, 2);
+        conn.close().await.unwrap_or_else(|e| panic!("{e}"));
     }
 }
