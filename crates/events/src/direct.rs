@@ -172,14 +172,15 @@ pub struct Direct<'h> {
 
 impl<'h> Direct<'h> {
     /// Statements on `handle`'s connection, for as long as the handle is locked.
-    pub fn new(handle: &'h mut sqlx::sqlite::LockedSqliteHandle<'_>) -> Self {
+    pub(crate) fn new(handle: &'h mut sqlx::sqlite::LockedSqliteHandle<'_>) -> Self {
         Self { db: handle.as_raw_handle(), statements: HashMap::new(), _handle: std::marker::PhantomData }
     }
 
     /// Runs a statement that returns no rows (or whose rows are not wanted); returns the rows it
     /// changed.
     pub fn execute(&mut self, sql: &str, params: &[Value<'_>]) -> Result<u64, DirectError> {
-        let stmt = self.bound(sql, params)?;
+        let bound = self.bound(sql, params)?;
+        let stmt = bound.0;
         let outcome = loop {
             // SAFETY: `stmt` is a live statement of `self.db`.
             match unsafe { ffi::sqlite3_step(stmt.as_ptr()) } {
@@ -188,7 +189,7 @@ impl<'h> Direct<'h> {
                 _ => break Err(self.error()),
             }
         };
-        self.reset(stmt);
+        drop(bound);
         outcome?;
         // SAFETY: `self.db` is open and ours while the handle is locked.
         Ok(u64::try_from(unsafe { ffi::sqlite3_changes(self.db.as_ptr()) }).unwrap_or(0))
@@ -201,7 +202,8 @@ impl<'h> Direct<'h> {
         params: &[Value<'_>],
         mut f: impl FnMut(&Row<'_>) -> Result<T, DirectError>,
     ) -> Result<Vec<T>, DirectError> {
-        let stmt = self.bound(sql, params)?;
+        let bound = self.bound(sql, params)?;
+        let stmt = bound.0;
         let mut out = Vec::new();
         let outcome = loop {
             // SAFETY: as in `execute`.
@@ -214,7 +216,6 @@ impl<'h> Direct<'h> {
                 _ => break Err(self.error()),
             }
         };
-        self.reset(stmt);
         outcome.map(|()| out)
     }
 
@@ -225,15 +226,14 @@ impl<'h> Direct<'h> {
         params: &[Value<'_>],
         f: impl FnOnce(&Row<'_>) -> Result<T, DirectError>,
     ) -> Result<Option<T>, DirectError> {
-        let stmt = self.bound(sql, params)?;
+        let bound = self.bound(sql, params)?;
+        let stmt = bound.0;
         // SAFETY: as in `execute`.
-        let outcome = match unsafe { ffi::sqlite3_step(stmt.as_ptr()) } {
+        match unsafe { ffi::sqlite3_step(stmt.as_ptr()) } {
             ffi::SQLITE_ROW => f(&Row { stmt, _statement: std::marker::PhantomData }).map(Some),
             ffi::SQLITE_DONE => Ok(None),
             _ => Err(self.error()),
-        };
-        self.reset(stmt);
-        outcome
+        }
     }
 
     /// Whether a transaction is open on the connection.
@@ -243,7 +243,7 @@ impl<'h> Direct<'h> {
     }
 
     /// The prepared statement for `sql` (prepared on first use), its parameters bound.
-    fn bound(&mut self, sql: &str, params: &[Value<'_>]) -> Result<NonNull<ffi::sqlite3_stmt>, DirectError> {
+    fn bound(&mut self, sql: &str, params: &[Value<'_>]) -> Result<Bound, DirectError> {
         let stmt = match self.statements.get(sql) {
             Some(s) => *s,
             None => {
@@ -252,8 +252,9 @@ impl<'h> Direct<'h> {
                 s
             }
         };
-        // A caller's row callback that panicked may have left the statement mid-way.
-        self.reset(stmt);
+        // From here on the statement is reset and its bindings cleared whenever `Bound` goes: when the
+        // caller is done with it, on any early return below, and on unwinding from a caller's panic.
+        let bound = Bound(stmt);
         // SAFETY: `stmt` is a live statement of `self.db`.
         let expected = unsafe { ffi::sqlite3_bind_parameter_count(stmt.as_ptr()) };
         if usize::try_from(expected).unwrap_or(0) != params.len() {
@@ -261,11 +262,11 @@ impl<'h> Direct<'h> {
         }
         for (i, v) in params.iter().enumerate() {
             let at = column(i + 1);
+            let len = |n: usize| c_int::try_from(n).map_err(|_| DirectError::new("value too long"));
             // SAFETY: `at` is within the statement's parameters (checked above). SQLITE_STATIC: SQLite
-            // reads text and blobs in place, without a copy; every caller of `bound` (execute, query,
-            // query_row) borrows `params` for its whole call and clears the bindings (`reset`) before it
-            // returns, and a statement left bound by a panic is reset and bound again before its next
-            // step (above), so SQLite never reads a value after its borrow ended.
+            // reads text and blobs in place, without a copy. Every caller of `bound` borrows `params`
+            // for longer than it keeps the returned `Bound`, whose drop clears the bindings, so SQLite
+            // never reads a value after its borrow ended.
             let rc = unsafe {
                 match *v {
                     Value::Null => ffi::sqlite3_bind_null(stmt.as_ptr(), at),
@@ -274,25 +275,23 @@ impl<'h> Direct<'h> {
                         stmt.as_ptr(),
                         at,
                         s.as_ptr().cast(),
-                        c_int::try_from(s.len()).map_err(|_| DirectError::new("text too long"))?,
+                        len(s.len())?,
                         ffi::SQLITE_STATIC(),
                     ),
                     Value::Blob(b) => ffi::sqlite3_bind_blob(
                         stmt.as_ptr(),
                         at,
                         b.as_ptr().cast(),
-                        c_int::try_from(b.len()).map_err(|_| DirectError::new("blob too long"))?,
+                        len(b.len())?,
                         ffi::SQLITE_STATIC(),
                     ),
                 }
             };
             if rc != ffi::SQLITE_OK {
-                let e = self.error();
-                self.reset(stmt);
-                return Err(e);
+                return Err(self.error());
             }
         }
-        Ok(stmt)
+        Ok(bound)
     }
 
     fn prepare(&mut self, sql: &str) -> Result<NonNull<ffi::sqlite3_stmt>, DirectError> {
@@ -321,15 +320,21 @@ impl<'h> Direct<'h> {
             unsafe { ffi::sqlite3_finalize(stmt.as_ptr()) };
             return Err(DirectError::new(format!("one statement at a time: {sql}")));
         }
-        Ok(stmt)
-    }
-
-    fn reset(&self, stmt: NonNull<ffi::sqlite3_stmt>) {
-        // SAFETY: `stmt` is a live statement; reset keeps it prepared, clear_bindings drops the values.
-        unsafe {
-            ffi::sqlite3_reset(stmt.as_ptr());
-            ffi::sqlite3_clear_bindings(stmt.as_ptr());
+        // Values are bound by position; sqlx binds `$n` by its number. They agree only when the
+        // parameters first appear in order (`$1`, then `$2`, ...), so anything else is refused here.
+        // SAFETY: `stmt` was just prepared; parameter names are NUL-terminated strings owned by it.
+        let count = unsafe { ffi::sqlite3_bind_parameter_count(stmt.as_ptr()) };
+        for i in 1..=count {
+            let name = unsafe { ffi::sqlite3_bind_parameter_name(stmt.as_ptr(), i) };
+            if !name.is_null() {
+                let name = unsafe { CStr::from_ptr(name) }.to_string_lossy();
+                if name != format!("${i}") && name != format!("?{i}") {
+                    unsafe { ffi::sqlite3_finalize(stmt.as_ptr()) };
+                    return Err(DirectError::new(format!("parameter {i} is {name}, not ${i}, in: {sql}")));
+                }
+            }
         }
+        Ok(stmt)
     }
 
     fn error(&self) -> DirectError {
@@ -338,6 +343,21 @@ impl<'h> Direct<'h> {
             let code = ffi::sqlite3_extended_errcode(self.db.as_ptr());
             let message = CStr::from_ptr(ffi::sqlite3_errmsg(self.db.as_ptr())).to_string_lossy().into_owned();
             DirectError { code, message }
+        }
+    }
+}
+
+/// A statement with its values bound; reset (bindings cleared) when dropped.
+struct Bound(NonNull<ffi::sqlite3_stmt>);
+
+impl Drop for Bound {
+    fn drop(&mut self) {
+        // SAFETY: the statement is live (statements are finalized only when `Direct` drops, and a `Bound`
+        // never outlives the `Direct` call that made it); reset keeps it prepared, clear_bindings drops
+        // the borrowed values.
+        unsafe {
+            ffi::sqlite3_reset(self.0.as_ptr());
+            ffi::sqlite3_clear_bindings(self.0.as_ptr());
         }
     }
 }
@@ -388,6 +408,18 @@ mod tests {
             let none = d.query_row("SELECT id FROM t WHERE id = $1", &[9.into()], |r| Ok(r.int(0)));
             assert_eq!(none.ok(), Some(None));
             assert!(d.execute("SELECT 1; SELECT 2", &[]).is_err(), "one statement at a time");
+            let swapped = d.execute("UPDATE t SET name = $2 WHERE id = $1", &[1.into(), "z".into()]).err();
+            assert!(
+                swapped.is_some_and(|e| e.message.contains("parameter 1 is $2")),
+                "bound by position, named out of order"
+            );
+            // A caller's callback that panics mid-query leaves the statement reset, usable again.
+            let all = "SELECT id FROM t ORDER BY id";
+            let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                let _ = d.query(all, &[], |_| -> Result<i64, DirectError> { panic!("a bug in a caller") });
+            }));
+            assert!(panicked.is_err());
+            assert_eq!(d.query(all, &[], |r| Ok(r.int(0))).ok(), Some(vec![1, 2]));
         }
         // The connection is sqlx's again and sees what was written; every statement prepared here was
         // finalized, so sqlx can close it (SQLite refuses to close a connection with live statements).

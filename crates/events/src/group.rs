@@ -130,29 +130,39 @@ async fn write_loop(pool: SqlitePool, mut queue: mpsc::Receiver<Job>, max_group:
 /// The connection's sqlx worker lets go of it for the whole group (one hand-off), and the writes run on
 /// it directly ([`Direct`]). On a multi-threaded runtime they run in `block_in_place`, so the group's
 /// statements and its `COMMIT` (a sync to disk where the database asks for one) do not hold up the
-/// runtime's other tasks; on a current-thread runtime (tests) they run in place.
+/// runtime's other tasks. On a current-thread runtime (tests) they run in place, blocking the runtime's
+/// one thread: a group waiting there for SQLite's write lock held by another connection of the same
+/// runtime waits out the busy timeout and fails, so such tests use a multi-threaded runtime.
 async fn commit_group(pool: &SqlitePool, group: Vec<Job>, delivers: &mut Vec<Deliver>) -> Result<(), GroupError> {
     let mut conn = pool.acquire().await?;
     let mut handle = conn.lock_handle().await?;
     let work = || {
         let mut direct = Direct::new(&mut handle);
-        let outcome = run_group(&mut direct, group, delivers);
-        if direct.in_transaction() {
-            // The group failed part-way (or its COMMIT did): leave the connection as sqlx expects it.
-            let _ = direct.execute("ROLLBACK", &[]);
+        // IMMEDIATE: the write lock is taken now (waiting out other writers in SQLite's busy handler), not
+        // at the first write, where a reader turned writer could be refused outright.
+        if let Err(e) = direct.execute("BEGIN IMMEDIATE", &[]) {
+            return (Err(e.into()), false);
         }
-        outcome
+        let outcome = run_group(&mut direct, group, delivers);
+        // The group failed part-way (or its COMMIT did): leave the connection as sqlx expects it, out of
+        // any transaction. If even ROLLBACK fails, the connection must not serve anyone again.
+        let stuck = direct.in_transaction() && direct.execute("ROLLBACK", &[]).is_err();
+        (outcome, stuck)
     };
-    match tokio::runtime::Handle::current().runtime_flavor() {
+    let (outcome, stuck) = match tokio::runtime::Handle::current().runtime_flavor() {
         tokio::runtime::RuntimeFlavor::MultiThread => tokio::task::block_in_place(work),
         _ => work(),
+    };
+    drop(handle);
+    if stuck {
+        tracing::error!("a failed group could not be rolled back; its connection is closed");
+        conn.close_on_drop();
     }
+    outcome
 }
 
+/// Runs the group's writes inside the transaction `commit_group` began, and commits.
 fn run_group(direct: &mut Direct<'_>, group: Vec<Job>, delivers: &mut Vec<Deliver>) -> Result<(), GroupError> {
-    // IMMEDIATE: the write lock is taken now (waiting out other writers in SQLite's busy handler), not
-    // at the first write, where a reader turned writer could be refused outright.
-    direct.execute("BEGIN IMMEDIATE", &[])?;
     if group.len() == 1 {
         // Alone: the transaction is the write's own, no savepoint needed.
         for job in group {
