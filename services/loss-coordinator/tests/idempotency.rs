@@ -58,6 +58,16 @@ macro_rules! conform {
     }};
 }
 
+/// Waits until the registry has mirrored `n` of the bank's freezes and unfreezes of the card (it applies
+/// them from the adapter's events, asynchronously).
+async fn mirrored(city: &City, card_id: &str, n: usize) {
+    let start = std::time::Instant::now();
+    while city.audited(card_id, "financial_freeze").await < n {
+        assert!(start.elapsed() < std::time::Duration::from_secs(20), "the registry never mirrored the bank's freeze");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_mutating_call_has_one_effect_under_a_hundred_concurrent_retries() {
     let city = City::start().await;
@@ -313,6 +323,9 @@ async fn every_mutating_call_has_one_effect_under_a_hundred_concurrent_retries()
     assert_eq!(case.state, loss::CaseState::Locked as i32);
     assert_eq!(city.audited(&card_id, "loss_lock").await, 1);
     assert_eq!(city.bank_events("icbc", &card_id, "socialcard.financial.v1.FinancialFrozen").await, 1);
+    // The registry mirrors the bank's freeze from its event, a change of the card of its own: let it land
+    // before counting the unlock's change.
+    mirrored(&city, &card_id, 1).await;
     let cases = lc
         .clone()
         .list_cases(loss::ListCasesRequest { card_id: card_id.clone(), ..Default::default() })
@@ -344,6 +357,7 @@ async fn every_mutating_call_has_one_effect_under_a_hundred_concurrent_retries()
         |r: bank::UnlockFinancialRequest| bank::UnlockFinancialRequest { branch_id: "branch-2".into(), ..r }
     );
     assert_eq!(city.bank_events("icbc", &card_id, "socialcard.financial.v1.FinancialUnfrozen").await, 1);
+    mirrored(&city, &card_id, 2).await;
 
     one_change!(
         card_id,
