@@ -114,7 +114,9 @@ async fn write_loop(pool: SqlitePool, mut queue: mpsc::Receiver<Job>, max_group:
     while queue.recv_many(&mut group, max_group).await > 0 {
         queued.fetch_sub(isize::try_from(group.len()).unwrap_or(isize::MAX), Ordering::SeqCst);
         let mut delivers = Vec::with_capacity(group.len());
-        let outcome = commit_group(&pool, std::mem::take(&mut group), &mut delivers).await;
+        let outcome = commit_group(&pool, &mut group, &mut delivers).await;
+        // Writes a failed group never reached are dropped (their callers hear so); the buffer is reused.
+        group.clear();
         if let Err(e) = &outcome {
             tracing::warn!(error = %e, writes = delivers.len(), "a group of writes was not committed");
         }
@@ -133,10 +135,10 @@ async fn write_loop(pool: SqlitePool, mut queue: mpsc::Receiver<Job>, max_group:
 /// runtime's other tasks. On a current-thread runtime (tests) they run in place, blocking the runtime's
 /// one thread: a group waiting there for SQLite's write lock held by another connection of the same
 /// runtime waits out the busy timeout and fails, so such tests use a multi-threaded runtime.
-async fn commit_group(pool: &SqlitePool, group: Vec<Job>, delivers: &mut Vec<Deliver>) -> Result<(), GroupError> {
+async fn commit_group(pool: &SqlitePool, group: &mut Vec<Job>, delivers: &mut Vec<Deliver>) -> Result<(), GroupError> {
     let mut conn = pool.acquire().await?;
     let mut handle = conn.lock_handle().await?;
-    let work = || {
+    let mut work = || {
         let mut direct = Direct::new(&mut handle);
         // IMMEDIATE: the write lock is taken now (waiting out other writers in SQLite's busy handler), not
         // at the first write, where a reader turned writer could be refused outright.
@@ -162,17 +164,17 @@ async fn commit_group(pool: &SqlitePool, group: Vec<Job>, delivers: &mut Vec<Del
 }
 
 /// Runs the group's writes inside the transaction `commit_group` began, and commits.
-fn run_group(direct: &mut Direct<'_>, group: Vec<Job>, delivers: &mut Vec<Deliver>) -> Result<(), GroupError> {
+fn run_group(direct: &mut Direct<'_>, group: &mut Vec<Job>, delivers: &mut Vec<Deliver>) -> Result<(), GroupError> {
     if group.len() == 1 {
         // Alone: the transaction is the write's own, no savepoint needed.
-        for job in group {
+        for job in group.drain(..) {
             if !run_job(direct, job, delivers) {
                 direct.execute("ROLLBACK", &[])?;
                 return Ok(());
             }
         }
     } else {
-        for job in group {
+        for job in group.drain(..) {
             direct.execute("SAVEPOINT write", &[])?;
             if !run_job(direct, job, delivers) {
                 direct.execute("ROLLBACK TO write", &[])?;

@@ -22,7 +22,7 @@ use prost::Message;
 use sha2::{Digest, Sha256};
 use socialcard_domain::{CardNumber, PartnerBank, Rejection, RejectionKind};
 use socialcard_events::Outbox;
-use socialcard_events::direct::{Direct, DirectError};
+use socialcard_events::direct::{Direct, DirectError, Value, bind_values};
 use socialcard_events::outbox::SqliteOutbox;
 use socialcard_proto::bank::v1 as bank;
 use socialcard_proto::events::v1 as ev;
@@ -596,38 +596,29 @@ const INSERT_EVENT: &str =
      VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)";
 
 impl EventRow {
+    /// The row's values in `INSERT_EVENT`'s order.
+    fn values(&self) -> [Value<'_>; 9] {
+        [
+            (&self.event_id).into(),
+            socialcard_events::topics::FINANCIAL.into(),
+            (&self.card_id).into(),
+            self.event_type.into(),
+            (&self.payload).into(),
+            self.occurred_at.into(),
+            socialcard_events::bucket_of(&self.card_id).into(),
+            (&self.source).into(),
+            self.traceparent.as_ref().into(),
+        ]
+    }
+
     /// Inserts the row on the group writer's connection.
     fn insert_direct(&self, conn: &mut Direct<'_>) -> Result<(), DirectError> {
-        conn.execute(
-            INSERT_EVENT,
-            &[
-                (&self.event_id).into(),
-                socialcard_events::topics::FINANCIAL.into(),
-                (&self.card_id).into(),
-                self.event_type.into(),
-                (&self.payload).into(),
-                self.occurred_at.into(),
-                socialcard_events::bucket_of(&self.card_id).into(),
-                (&self.source).into(),
-                self.traceparent.as_ref().into(),
-            ],
-        )?;
+        conn.execute(INSERT_EVENT, &self.values())?;
         Ok(())
     }
 
     async fn insert(&self, conn: &mut sqlx::SqliteConnection) -> Result<(), sqlx::Error> {
-        sqlx::query(INSERT_EVENT)
-            .bind(&self.event_id)
-            .bind(socialcard_events::topics::FINANCIAL)
-            .bind(&self.card_id)
-            .bind(self.event_type)
-            .bind(&self.payload)
-            .bind(self.occurred_at)
-            .bind(socialcard_events::bucket_of(&self.card_id))
-            .bind(&self.source)
-            .bind(&self.traceparent)
-            .execute(conn)
-            .await?;
+        bind_values(sqlx::query(INSERT_EVENT), &self.values()).execute(conn).await?;
         Ok(())
     }
 }

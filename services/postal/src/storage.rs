@@ -139,59 +139,59 @@ fn time_of(us: i64) -> Result<OffsetDateTime, StoreError> {
     from_unix_micros(us).ok_or_else(|| StoreError::Corrupt(format!("time {us} out of range")))
 }
 
-/// A row's columns, by the name and the position they have in [`SHIPMENT_COLUMNS`]: read through sqlx
-/// (by name) or on the group writer's connection (by position).
+/// A row of [`SHIPMENT_COLUMNS`], its columns by position: read through sqlx or on the group writer's
+/// connection.
 trait Columns {
-    fn int(&self, name: &str, at: usize) -> Result<i64, StoreError>;
-    fn text(&self, name: &str, at: usize) -> Result<String, StoreError>;
+    fn int(&self, at: usize) -> Result<i64, StoreError>;
+    fn text(&self, at: usize) -> Result<String, StoreError>;
 }
 
 impl Columns for SqliteRow {
-    fn int(&self, name: &str, _: usize) -> Result<i64, StoreError> {
-        Ok(self.try_get(name)?)
+    fn int(&self, at: usize) -> Result<i64, StoreError> {
+        Ok(self.try_get(at)?)
     }
 
-    fn text(&self, name: &str, _: usize) -> Result<String, StoreError> {
-        Ok(self.try_get(name)?)
+    fn text(&self, at: usize) -> Result<String, StoreError> {
+        Ok(self.try_get(at)?)
     }
 }
 
 impl Columns for socialcard_events::direct::Row<'_> {
-    fn int(&self, _: &str, at: usize) -> Result<i64, StoreError> {
+    fn int(&self, at: usize) -> Result<i64, StoreError> {
         Ok(socialcard_events::direct::Row::int(self, at))
     }
 
-    fn text(&self, _: &str, at: usize) -> Result<String, StoreError> {
+    fn text(&self, at: usize) -> Result<String, StoreError> {
         Ok(socialcard_events::direct::Row::text(self, at)?)
     }
 }
 
 fn shipment_of(r: &impl Columns) -> Result<ShipmentRecord, StoreError> {
-    let status = r.text("status", 10)?;
-    let milestone = r.text("milestone", 12)?;
-    let rank = r.int("status_rank", 11)?;
+    let status = r.text(10)?;
+    let milestone = r.text(12)?;
+    let rank = r.int(11)?;
     Ok(ShipmentRecord {
-        seq: r.int("seq", 0)?,
-        waybill: r.text("waybill", 1)?,
-        card_id: r.text("card_id", 2)?,
-        card_number: r.text("card_number", 3)?,
+        seq: r.int(0)?,
+        waybill: r.text(1)?,
+        card_id: r.text(2)?,
+        card_number: r.text(3)?,
         address: Address {
-            recipient: r.text("recipient", 4)?,
-            phone: r.text("phone", 5)?,
-            line: r.text("address_line", 6)?,
-            district: r.text("district", 7)?,
-            postal_code: r.text("postal_code", 8)?,
+            recipient: r.text(4)?,
+            phone: r.text(5)?,
+            line: r.text(6)?,
+            district: r.text(7)?,
+            postal_code: r.text(8)?,
         },
-        backup_point_id: r.text("backup_point_id", 9)?,
+        backup_point_id: r.text(9)?,
         progress: Progress {
             status: Status::from_label(&status).ok_or_else(|| StoreError::Corrupt(format!("status {status}")))?,
             rank: u8::try_from(rank).map_err(|_| StoreError::Corrupt(format!("rank {rank}")))?,
             milestone: Milestone::from_label(&milestone)
                 .ok_or_else(|| StoreError::Corrupt(format!("milestone {milestone}")))?,
         },
-        sub_reason: r.text("sub_reason", 13)?,
-        opened_at: time_of(r.int("opened_at", 14)?)?,
-        status_at: time_of(r.int("status_at", 15)?)?,
+        sub_reason: r.text(13)?,
+        opened_at: time_of(r.int(14)?)?,
+        status_at: time_of(r.int(15)?)?,
     })
 }
 

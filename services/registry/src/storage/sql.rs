@@ -289,8 +289,6 @@ sql_store!(SqliteStore, sqlx::Sqlite, sqlx::SqlitePool, socialcard_events::group
 sql_store!(PgStore, sqlx::Postgres, sqlx::PgPool, ());
 
 impl SqliteStore {
-    /// A commit goes to the group writer: it shares a transaction with the commits queued beside it,
-    /// in a savepoint of its own, so a refused one rolls back alone (`socialcard_events::group`).
     /// An employer-batch chunk goes to the group writer too, one write of its own, its rows one prepared
     /// statement each, straight on the writer's connection.
     pub(super) async fn commit_rows(&self, commit: BatchCommit) -> Result<(), StoreError> {
@@ -307,7 +305,9 @@ impl SqliteStore {
             .map_err(|e| StoreError::Unavailable(e.to_string()))?
     }
 
-    /// Its statements run straight on the writer's connection (`socialcard_events::direct`).
+    /// A commit goes to the group writer: it shares a transaction with the commits queued beside it,
+    /// in a savepoint of its own, so a refused one rolls back alone (`socialcard_events::group`). Its
+    /// statements run straight on the writer's connection (`socialcard_events::direct`).
     async fn commit_one(&self, commit: Commit) -> Result<(), StoreError> {
         let sealer = self.sealer.clone();
         self.group
@@ -318,10 +318,9 @@ impl SqliteStore {
 
     /// Writes one commit inside the group's transaction (in a savepoint of its own).
     fn commit_direct(conn: &mut Direct<'_>, sealer: &crate::seal::Sealer, commit: &Commit) -> Result<(), StoreError> {
-        let run = run_direct;
         let now = micros(OffsetDateTime::now_utc());
         for s in commit.head_statements(sealer, now)? {
-            run(conn, &s)?;
+            run_direct(conn, &s)?;
         }
         let mut heads = HashMap::new();
         for card in commit.audited_cards() {
@@ -333,7 +332,7 @@ impl SqliteStore {
             }
         }
         for s in commit.tail_statements(sealer, heads)? {
-            run(conn, &s)?;
+            run_direct(conn, &s)?;
         }
         Ok(())
     }
