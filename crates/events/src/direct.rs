@@ -8,17 +8,25 @@
 //! the connection until the lock is dropped, and direct SQLite calls are safe meanwhile. [`Direct`] is
 //! the small statement API the group writer ([`crate::group`]) hands its writes while it holds that
 //! lock: the connection stays sqlx's (opened, configured, migrated and pooled by sqlx); one hand-off
-//! per group of writes instead of one per statement.
+//! per run of back-to-back groups instead of one per statement.
 //!
 //! Statements are prepared once per `Direct` and finalized when it is dropped, before the lock is
 //! released, so sqlx never meets a statement it did not prepare.
+//!
+//! [`Readers`] applies the same to the hot paths' point reads: a few read-only connections held out of
+//! their workers for good, so a lookup by key runs on the calling thread with a statement prepared once.
 #![allow(unsafe_code)]
 
 use std::collections::HashMap;
 use std::ffi::{CStr, c_int};
+use std::mem::ManuallyDrop;
 use std::ptr::NonNull;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, PoisonError, TryLockError};
 
 use libsqlite3_sys as ffi;
+use sqlx::ConnectOptions;
+use sqlx::sqlite::{LockedSqliteHandle, SqliteConnectOptions, SqliteConnection};
 
 /// A value bound to a statement parameter (`$1`, `$2`, ... in order of first use).
 #[derive(Clone, Copy, Debug)]
@@ -158,6 +166,9 @@ impl Row<'_> {
     }
 }
 
+/// The most statements a [`Direct`] keeps prepared.
+const MAX_STATEMENTS: usize = 256;
+
 fn column(i: usize) -> c_int {
     c_int::try_from(i).unwrap_or(c_int::MAX)
 }
@@ -247,6 +258,11 @@ impl<'h> Direct<'h> {
         let stmt = match self.statements.get(sql) {
             Some(s) => *s,
             None => {
+                // Callers' statements are constants, so this only bounds a long-lived connection's
+                // cache against a caller that builds its SQL: start over rather than grow for ever.
+                if self.statements.len() >= MAX_STATEMENTS {
+                    self.finalize_all();
+                }
                 let s = self.prepare(sql)?;
                 self.statements.insert(sql.to_string(), s);
                 s
@@ -337,6 +353,14 @@ impl<'h> Direct<'h> {
         Ok(stmt)
     }
 
+    fn finalize_all(&mut self) {
+        for (_, stmt) in self.statements.drain() {
+            // SAFETY: each statement was prepared here and is finalized once; no `Bound` is alive (it
+            // borrows from a call on `&mut self`).
+            unsafe { ffi::sqlite3_finalize(stmt.as_ptr()) };
+        }
+    }
+
     fn error(&self) -> DirectError {
         // SAFETY: `self.db` is open; sqlite3_errmsg's text is copied before the next call.
         unsafe {
@@ -364,17 +388,120 @@ impl Drop for Bound {
 
 impl Drop for Direct<'_> {
     fn drop(&mut self) {
-        for (_, stmt) in self.statements.drain() {
-            // SAFETY: each statement was prepared here and is finalized once.
-            unsafe { ffi::sqlite3_finalize(stmt.as_ptr()) };
+        self.finalize_all();
+    }
+}
+
+/// Point reads without a hand-off: a few read-only connections, opened and configured by sqlx, whose
+/// sqlx workers let go of them for good when they are opened ([`SqliteConnection::lock_handle`], held
+/// until the readers are dropped). A read runs on the calling thread, on whichever connection is free,
+/// its statements prepared once per connection and kept.
+///
+/// For the hot paths' lookups by key (a card, an idempotency row): each is microseconds of SQLite work,
+/// and through sqlx's pool it was two thread wake-ups (the statement to the connection's worker, the row
+/// back). A read blocks its thread for its duration, so scans and listings stay on sqlx's pool.
+///
+/// In WAL mode a read sees every transaction committed before it started, as a read through the pool
+/// does.
+#[derive(Debug)]
+pub struct Readers {
+    conns: Box<[Mutex<Held>]>,
+    next: AtomicUsize,
+}
+
+impl Readers {
+    /// `count` read-only connections (at least one) to the database `options` names, which must exist.
+    pub async fn open(options: &SqliteConnectOptions, count: usize) -> Result<Self, sqlx::Error> {
+        let mut conns = Vec::with_capacity(count.max(1));
+        for _ in 0..count.max(1) {
+            conns.push(Mutex::new(Held::open(options.clone().read_only(true)).await?));
+        }
+        Ok(Self { conns: conns.into_boxed_slice(), next: AtomicUsize::new(0) })
+    }
+
+    /// As many connections as the machine has cores (2 to 4), for a service's hot reads.
+    pub async fn for_cores(options: &SqliteConnectOptions) -> Result<Self, sqlx::Error> {
+        let cores = std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get);
+        Self::open(options, cores.clamp(2, 4)).await
+    }
+
+    /// Runs `read` on a free connection (waiting for one if all are busy). `read` must only read: the
+    /// connections are read-only, and a statement that writes fails.
+    pub fn read<T>(&self, read: impl FnOnce(&mut Direct<'_>) -> T) -> T {
+        let n = self.conns.len();
+        let start = self.next.fetch_add(1, Ordering::Relaxed) % n;
+        // A read that panicked left its statements reset (`Bound`), so a poisoned lock is still usable.
+        for i in 0..n {
+            match self.conns[(start + i) % n].try_lock() {
+                Ok(mut held) => return read(&mut held.direct),
+                Err(TryLockError::Poisoned(p)) => return read(&mut p.into_inner().direct),
+                Err(TryLockError::WouldBlock) => {}
+            }
+        }
+        let mut held = self.conns[start].lock().unwrap_or_else(PoisonError::into_inner);
+        read(&mut held.direct)
+    }
+}
+
+/// A connection taken from its sqlx worker for as long as this lives (see [`Readers`]).
+struct Held {
+    direct: ManuallyDrop<Direct<'static>>,
+    handle: ManuallyDrop<LockedSqliteHandle<'static>>,
+    /// The connection, leaked from its box until `drop`; `handle` borrows it.
+    conn: NonNull<SqliteConnection>,
+}
+
+impl std::fmt::Debug for Held {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Held").field("statements", &self.direct.statements.len()).finish()
+    }
+}
+
+impl Held {
+    async fn open(options: SqliteConnectOptions) -> Result<Self, sqlx::Error> {
+        let conn = NonNull::from(Box::leak(Box::new(options.connect().await?)));
+        // SAFETY: `conn` is a live, leaked box that nothing else refers to; it is freed only in `drop`,
+        // after the handle borrowed from it (or right below, if locking failed and nothing borrows it).
+        let handle = match unsafe { &mut *conn.as_ptr() }.lock_handle().await {
+            Ok(h) => h,
+            Err(e) => {
+                drop(unsafe { Box::from_raw(conn.as_ptr()) });
+                return Err(e);
+            }
+        };
+        let mut handle = ManuallyDrop::new(handle);
+        let direct = ManuallyDrop::new(Direct {
+            db: handle.as_raw_handle(),
+            statements: HashMap::new(),
+            _handle: std::marker::PhantomData,
+        });
+        Ok(Self { direct, handle, conn })
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        // SAFETY: each is dropped once, in this order: the statements are finalized, the worker gets the
+        // connection back, then the connection goes (its worker closes it; no statement of ours is left).
+        unsafe {
+            ManuallyDrop::drop(&mut self.direct);
+            ManuallyDrop::drop(&mut self.handle);
+            drop(Box::from_raw(self.conn.as_ptr()));
         }
     }
 }
+
+// SAFETY: sqlx opens SQLite connections in multi-thread mode (SQLITE_OPEN_NOMUTEX): a connection may be
+// used from any thread, one at a time. A `Held` is only reached through its `Mutex` (one thread at a
+// time), its sqlx worker is parked on the lock `handle` holds, and the lock's guard may be released from
+// any thread (an async mutex).
+unsafe impl Send for Held {}
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use sqlx::Connection;
+    use std::sync::Arc;
 
     async fn memory() -> sqlx::SqliteConnection {
         let mut conn = sqlx::SqliteConnection::connect("sqlite::memory:").await.unwrap_or_else(|e| panic!("{e}"));
@@ -427,5 +554,54 @@ mod tests {
             sqlx::query_scalar("SELECT COUNT(*) FROM t").fetch_one(&mut conn).await.unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(n, 2);
         conn.close().await.unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn readers_see_commits_refuse_writes_and_give_their_connections_back() {
+        let dir = std::env::temp_dir().join(format!("socialcard-readers-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
+        let options = SqliteConnectOptions::new()
+            .filename(dir.join("r.db"))
+            .create_if_missing(true)
+            .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal);
+        let pool = crate::sqlite_pool(1).connect_with(options.clone()).await.unwrap_or_else(|e| panic!("{e}"));
+        sqlx::query("CREATE TABLE t (id INTEGER PRIMARY KEY, name TEXT)")
+            .execute(&pool)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let readers = Arc::new(Readers::open(&options, 2).await.unwrap_or_else(|e| panic!("{e}")));
+        let name = |readers: &Readers, id: i64| {
+            readers.read(|d| d.query_row("SELECT name FROM t WHERE id = $1", &[id.into()], |r| r.text(0)))
+        };
+        assert_eq!(name(&readers, 1).ok(), Some(None));
+        sqlx::query("INSERT INTO t (id, name) VALUES (1, 'a')").execute(&pool).await.unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(name(&readers, 1).ok(), Some(Some("a".to_string())), "a read sees what committed before it");
+        let write = readers.read(|d| d.execute("INSERT INTO t (id, name) VALUES (2, 'b')", &[]));
+        assert!(write.is_err_and(|e| e.code & 0xff == ffi::SQLITE_READONLY), "readers are read-only");
+
+        // Reads from many threads at once share the connections; a read that panicked leaves its
+        // connection usable.
+        let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            readers.read(|d| d.query("SELECT id FROM t", &[], |_| -> Result<i64, DirectError> { panic!("a bug") }))
+        }));
+        assert!(panicked.is_err());
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let readers = readers.clone();
+                std::thread::spawn(move || (0..200).filter(|_| name(&readers, 1).ok().flatten().is_some()).count())
+            })
+            .collect();
+        for t in threads {
+            assert_eq!(t.join().ok(), Some(200));
+        }
+
+        // Dropped, the readers finalize their statements (as `Direct` does, tested above) and give their
+        // connections back to sqlx, which closes them; the database is whole afterwards.
+        drop(readers);
+        let n: i64 =
+            sqlx::query_scalar("SELECT COUNT(*) FROM t").fetch_one(&pool).await.unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(n, 1);
+        pool.close().await;
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -69,6 +69,8 @@ pub struct BankAdapter {
     writer: SqlitePool,
     /// Activations are committed through `writer` in groups (`socialcard_events::group`).
     group: socialcard_events::group::GroupWriter,
+    /// The hot lookups by key (stored answers, freezes) without a hand-off.
+    readers: Arc<socialcard_events::direct::Readers>,
     outbox: Arc<dyn Outbox>,
     /// Where branch losses and unlocks go (the loss coordinator owns the cases).
     coordinator: Option<LossCoordinatorServiceClient<Channel>>,
@@ -128,6 +130,7 @@ impl BankAdapter {
             .foreign_keys(true);
         let pool = socialcard_events::sqlite_pool(4).connect_with(options.clone()).await?;
         sqlx::migrate!("./migrations").run(&pool).await.map_err(|e| sqlx::Error::Migrate(Box::new(e)))?;
+        let readers = Arc::new(socialcard_events::direct::Readers::for_cores(&options).await?);
         let writer = socialcard_events::sqlite_pool(1).connect_with(options).await?;
         let group = socialcard_events::group::GroupWriter::spawn(writer.clone(), socialcard_events::group::MAX_GROUP);
         let limiter =
@@ -138,6 +141,7 @@ impl BankAdapter {
             outbox: Arc::new(SqliteOutbox::new(pool.clone())),
             pool,
             group,
+            readers,
             writer,
             coordinator: None,
             limiter,
@@ -284,13 +288,17 @@ impl BankAdapter {
         key: &str,
         hash: &[u8],
     ) -> Result<Option<R>, ApiError> {
-        let row = sqlx::query("SELECT request_hash, response FROM idempotency WHERE idempotency_key = $1")
-            .bind(key)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(db)?;
-        let Some(row) = row else { return Ok(None) };
-        let stored: Vec<u8> = row.try_get("request_hash").map_err(db)?;
+        let row = self
+            .readers
+            .read(|d| {
+                d.query_row(
+                    "SELECT request_hash, response FROM idempotency WHERE idempotency_key = $1",
+                    &[key.into()],
+                    |r| Ok((r.blob(0), r.blob(1))),
+                )
+            })
+            .map_err(|e| ApiError::Unavailable(e.to_string()))?;
+        let Some((stored, response)) = row else { return Ok(None) };
         if stored != hash {
             return Err(reject(
                 RejectionKind::AlreadyExists,
@@ -298,7 +306,6 @@ impl BankAdapter {
                 "this idempotency key was used for another request",
             ));
         }
-        let response: Vec<u8> = row.try_get("response").map_err(db)?;
         R::decode(response.as_slice()).map(Some).map_err(|e| ApiError::Internal(e.to_string()))
     }
 

@@ -63,12 +63,15 @@ fn coordinator_error(status: &Status) -> ApiError {
 impl BankAdapter {
     /// The card's current freeze here, if any: (case id, loss kind).
     pub async fn current_freeze(&self, card_id: &str) -> Result<Option<(String, String)>, ApiError> {
-        let row = sqlx::query("SELECT case_id, loss_kind FROM freezes WHERE card_id = $1 AND released_at IS NULL")
-            .bind(card_id)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(db)?;
-        row.map(|r| Ok((r.try_get("case_id").map_err(db)?, r.try_get("loss_kind").map_err(db)?))).transpose()
+        self.readers
+            .read(|d| {
+                d.query_row(
+                    "SELECT case_id, loss_kind FROM freezes WHERE card_id = $1 AND released_at IS NULL",
+                    &[card_id.into()],
+                    |r| Ok((r.text(0)?, r.text(1)?)),
+                )
+            })
+            .map_err(|e| ApiError::Unavailable(e.to_string()))
     }
 
     /// R26: the coordinator freezes the financial function of one of this bank's cards.

@@ -52,8 +52,50 @@ pub(super) fn social_label(card: &socialcard_domain::Card) -> &'static str {
     card.social.as_str()
 }
 
+/// A row's columns by position, read through sqlx (either database) or on a direct read.
+pub(super) trait Columns {
+    fn text(&self, at: usize) -> Result<String, StoreError>;
+    fn bytes(&self, at: usize) -> Result<Vec<u8>, StoreError>;
+}
+
+impl Columns for sqlx::sqlite::SqliteRow {
+    fn text(&self, at: usize) -> Result<String, StoreError> {
+        self.try_get(at).map_err(db_error)
+    }
+
+    fn bytes(&self, at: usize) -> Result<Vec<u8>, StoreError> {
+        self.try_get(at).map_err(db_error)
+    }
+}
+
+impl Columns for sqlx::postgres::PgRow {
+    fn text(&self, at: usize) -> Result<String, StoreError> {
+        self.try_get(at).map_err(db_error)
+    }
+
+    fn bytes(&self, at: usize) -> Result<Vec<u8>, StoreError> {
+        self.try_get(at).map_err(db_error)
+    }
+}
+
+impl Columns for socialcard_events::direct::Row<'_> {
+    fn text(&self, at: usize) -> Result<String, StoreError> {
+        socialcard_events::direct::Row::text(self, at).map_err(|e| StoreError::Unavailable(e.to_string()))
+    }
+
+    fn bytes(&self, at: usize) -> Result<Vec<u8>, StoreError> {
+        Ok(self.blob(at))
+    }
+}
+
+/// A card row: `card_id, data, pin_digest`.
+const CARD_BY_ID: &str = "SELECT card_id, data, pin_digest FROM cards WHERE card_id = $1";
+const CARD_BY_NUMBER: &str = "SELECT card_id, data, pin_digest FROM cards WHERE card_number = $1";
+const IDEMPOTENCY: &str =
+    "SELECT idempotency_key, operation, request_hash, response FROM idempotency WHERE idempotency_key = $1";
+
 macro_rules! sql_store {
-    ($store:ident, $db:ty, $pool:ty, $group:ty) => {
+    ($store:ident, $db:ty, $pool:ty, $group:ty, $readers:ty) => {
         #[derive(Clone, Debug)]
         pub struct $store {
             pool: $pool,
@@ -65,6 +107,10 @@ macro_rules! sql_store {
             /// SQLite: commits `writer`'s queued commits in groups; PostgreSQL: `()`, never read.
             #[allow(dead_code)]
             group: $group,
+            /// SQLite: the hot lookups by key (cards, idempotency rows) without a hand-off (a file
+            /// database; an in-memory one reads through `pool`); PostgreSQL: `()`, never read.
+            #[allow(dead_code)]
+            readers: $readers,
         }
 
         impl $store {
@@ -81,14 +127,20 @@ macro_rules! sql_store {
                 &self.sealer
             }
 
-            fn card_row(&self, r: &<$db as sqlx::Database>::Row) -> Result<CardRecord, StoreError> {
-                let id: String = r.try_get("card_id").map_err(db_error)?;
-                let data = self.sealer.open(&r.try_get::<String, _>("data").map_err(db_error)?, &id).map_err(seal_error)?;
-                card_from_json(&data, r.try_get("pin_digest").map_err(db_error)?)
+            /// A row of [`CARD_BY_ID`]'s columns.
+            fn card_row(&self, r: &dyn Columns) -> Result<CardRecord, StoreError> {
+                let id = r.text(0)?;
+                let data = self.sealer.open(&r.text(1)?, &id).map_err(seal_error)?;
+                card_from_json(&data, r.bytes(2)?)
             }
 
             /// A sealed text column, bound to the row named by `row_column`.
-            fn open_text(&self, r: &<$db as sqlx::Database>::Row, column: &str, row_column: &str) -> Result<String, StoreError> {
+            fn open_text(
+                &self,
+                r: &<$db as sqlx::Database>::Row,
+                column: &str,
+                row_column: &str,
+            ) -> Result<String, StoreError> {
                 let row: String = r.try_get(row_column).map_err(db_error)?;
                 self.sealer.open(&r.try_get::<String, _>(column).map_err(db_error)?, &row).map_err(seal_error)
             }
@@ -98,16 +150,24 @@ macro_rules! sql_store {
         impl RegistryStore for $store {
             async fn person(&self, citizen_id: &str) -> Result<Option<PersonRecord>, StoreError> {
                 let index = self.sealer.blind_index(citizen_id);
-                let row = sqlx::query("SELECT citizen_id, name, phone, registered_at, version FROM persons WHERE citizen_id = $1")
-                    .bind(&index)
-                    .fetch_optional(&self.pool)
-                    .await
-                    .map_err(db_error)?;
+                let row = sqlx::query(
+                    "SELECT citizen_id, name, phone, registered_at, version FROM persons WHERE citizen_id = $1",
+                )
+                .bind(&index)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(db_error)?;
                 row.map(|r| {
                     Ok(PersonRecord {
                         citizen_id: citizen_id.to_string(),
-                        name: self.sealer.open(&r.try_get::<String, _>("name").map_err(db_error)?, &index).map_err(seal_error)?,
-                        phone: self.sealer.open(&r.try_get::<String, _>("phone").map_err(db_error)?, &index).map_err(seal_error)?,
+                        name: self
+                            .sealer
+                            .open(&r.try_get::<String, _>("name").map_err(db_error)?, &index)
+                            .map_err(seal_error)?,
+                        phone: self
+                            .sealer
+                            .open(&r.try_get::<String, _>("phone").map_err(db_error)?, &index)
+                            .map_err(seal_error)?,
                         registered_at: from_micros(r.try_get("registered_at").map_err(db_error)?)?,
                         version: r.try_get("version").map_err(db_error)?,
                     })
@@ -116,50 +176,33 @@ macro_rules! sql_store {
             }
 
             async fn card(&self, card_id: &str) -> Result<Option<CardRecord>, StoreError> {
-                let row = sqlx::query("SELECT card_id, data, pin_digest FROM cards WHERE card_id = $1")
-                    .bind(card_id)
-                    .fetch_optional(&self.pool)
-                    .await
-                    .map_err(db_error)?;
-                row.map(|r| self.card_row(&r)).transpose()
+                self.read_row(CARD_BY_ID, card_id, |r| self.card_row(r)).await
             }
 
             async fn card_by_number(&self, card_number: &str) -> Result<Option<CardRecord>, StoreError> {
-                let row = sqlx::query("SELECT card_id, data, pin_digest FROM cards WHERE card_number = $1")
-                    .bind(card_number)
-                    .fetch_optional(&self.pool)
-                    .await
-                    .map_err(db_error)?;
-                row.map(|r| self.card_row(&r)).transpose()
+                self.read_row(CARD_BY_NUMBER, card_number, |r| self.card_row(r)).await
             }
 
             async fn cards_of(&self, citizen_id: &str) -> Result<Vec<CardRecord>, StoreError> {
-                let rows = sqlx::query("SELECT card_id, data, pin_digest FROM cards WHERE citizen_id = $1 ORDER BY card_id")
-                    .bind(self.sealer.blind_index(citizen_id))
-                    .fetch_all(&self.pool)
-                    .await
-                    .map_err(db_error)?;
-                rows.iter().map(|r| self.card_row(r)).collect()
+                let rows =
+                    sqlx::query("SELECT card_id, data, pin_digest FROM cards WHERE citizen_id = $1 ORDER BY card_id")
+                        .bind(self.sealer.blind_index(citizen_id))
+                        .fetch_all(&self.pool)
+                        .await
+                        .map_err(db_error)?;
+                rows.iter().map(|r| self.card_row(r as &dyn Columns)).collect()
             }
 
             async fn idempotency(&self, key: &str) -> Result<Option<IdempotencyRecord>, StoreError> {
-                let row = sqlx::query("SELECT idempotency_key, operation, request_hash, response FROM idempotency WHERE idempotency_key = $1")
-                    .bind(key)
-                    .fetch_optional(&self.pool)
-                    .await
-                    .map_err(db_error)?;
-                row.map(|r| {
+                self.read_row(IDEMPOTENCY, key, |r| {
                     Ok(IdempotencyRecord {
-                        key: r.try_get("idempotency_key").map_err(db_error)?,
-                        operation: r.try_get("operation").map_err(db_error)?,
-                        request_hash: r.try_get("request_hash").map_err(db_error)?,
-                        response: self
-                            .sealer
-                            .open_bytes(&r.try_get::<Vec<u8>, _>("response").map_err(db_error)?, key)
-                            .map_err(seal_error)?,
+                        key: r.text(0)?,
+                        operation: r.text(1)?,
+                        request_hash: r.bytes(2)?,
+                        response: self.sealer.open_bytes(&r.bytes(3)?, key).map_err(seal_error)?,
                     })
                 })
-                .transpose()
+                .await
             }
 
             async fn audit_chain(
@@ -266,7 +309,11 @@ macro_rules! sql_store {
                 })
             }
 
-            async fn batch_snapshot(&self, citizen_ids: &[String], keys: &[String]) -> Result<BatchSnapshot, StoreError> {
+            async fn batch_snapshot(
+                &self,
+                citizen_ids: &[String],
+                keys: &[String],
+            ) -> Result<BatchSnapshot, StoreError> {
                 self.snapshot_rows(citizen_ids, keys).await
             }
 
@@ -285,10 +332,39 @@ macro_rules! sql_store {
     };
 }
 
-sql_store!(SqliteStore, sqlx::Sqlite, sqlx::SqlitePool, socialcard_events::group::GroupWriter);
-sql_store!(PgStore, sqlx::Postgres, sqlx::PgPool, ());
+sql_store!(
+    SqliteStore,
+    sqlx::Sqlite,
+    sqlx::SqlitePool,
+    socialcard_events::group::GroupWriter,
+    Option<Arc<socialcard_events::direct::Readers>>
+);
+sql_store!(PgStore, sqlx::Postgres, sqlx::PgPool, (), ());
 
 impl SqliteStore {
+    /// The row `sql` finds by `key`, if any, decoded by `decode`: on a reader (no hand-off) for a file
+    /// database, through the pool for an in-memory one.
+    async fn read_row<T>(
+        &self,
+        sql: &'static str,
+        key: &str,
+        decode: impl FnOnce(&dyn Columns) -> Result<T, StoreError>,
+    ) -> Result<Option<T>, StoreError> {
+        match &self.readers {
+            Some(readers) => readers
+                .read(|d| d.query_row(sql, &[key.into()], |r| Ok(decode(r))))
+                .map_err(|e| StoreError::Unavailable(e.to_string()))?
+                .transpose(),
+            None => sqlx::query(sql)
+                .bind(key)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(db_error)?
+                .map(|r| decode(&r))
+                .transpose(),
+        }
+    }
+
     /// An employer-batch chunk goes to the group writer too, one write of its own, its rows one prepared
     /// statement each, straight on the writer's connection.
     pub(super) async fn commit_rows(&self, commit: BatchCommit) -> Result<(), StoreError> {
@@ -358,13 +434,14 @@ impl SqliteStore {
             .await
             .map_err(db_error)?;
         sqlx::migrate!("./migrations/sqlite").run(&pool).await.map_err(|e| StoreError::Unavailable(e.to_string()))?;
-        let writer = if memory {
-            pool.clone()
+        let (writer, readers) = if memory {
+            (pool.clone(), None)
         } else {
-            socialcard_events::sqlite_pool(1).connect_with(options).await.map_err(db_error)?
+            let readers = socialcard_events::direct::Readers::for_cores(&options).await.map_err(db_error)?;
+            (socialcard_events::sqlite_pool(1).connect_with(options).await.map_err(db_error)?, Some(Arc::new(readers)))
         };
         let group = socialcard_events::group::GroupWriter::spawn(writer.clone(), socialcard_events::group::MAX_GROUP);
-        Ok(Self { pool, writer, sealer, group })
+        Ok(Self { pool, writer, sealer, group, readers })
     }
 }
 
@@ -388,6 +465,16 @@ pub(super) fn run_direct(conn: &mut Direct<'_>, s: &Statement) -> Result<(), Sto
 }
 
 impl PgStore {
+    /// The row `sql` finds by `key`, if any, decoded by `decode`.
+    async fn read_row<T>(
+        &self,
+        sql: &'static str,
+        key: &str,
+        decode: impl FnOnce(&dyn Columns) -> Result<T, StoreError>,
+    ) -> Result<Option<T>, StoreError> {
+        sqlx::query(sql).bind(key).fetch_optional(&self.pool).await.map_err(db_error)?.map(|r| decode(&r)).transpose()
+    }
+
     /// Writes one commit on `conn`, inside a transaction the caller owns.
     async fn commit_in(
         conn: &mut sqlx::PgConnection,
@@ -455,6 +542,6 @@ impl PgStore {
             .await
             .map_err(db_error)?;
         sqlx::migrate!("./migrations/postgres").run(&pool).await.map_err(|e| StoreError::Unavailable(e.to_string()))?;
-        Ok(Self { writer: pool.clone(), pool, sealer, group: () })
+        Ok(Self { writer: pool.clone(), pool, sealer, group: (), readers: () })
     }
 }
