@@ -18,7 +18,8 @@
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicIsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicIsize, Ordering};
+use std::time::{Duration, Instant};
 
 use sqlx::SqlitePool;
 use tokio::sync::{mpsc, oneshot};
@@ -63,13 +64,24 @@ pub struct GroupWriter {
 }
 
 impl GroupWriter {
-    /// Starts the writer task on the current runtime. It takes a connection from `pool` for each group
-    /// and gives it back after the group, so other users of `pool` take their turn between groups.
+    /// Starts the writer task on the current runtime. It takes a connection from `pool` for a run of
+    /// back-to-back groups (at most 20 ms of them) and gives it back after, so other users of `pool`
+    /// take their turn between runs.
     /// A group holds at most `max_group` writes (at least one).
+    ///
+    /// It also starts the database's checkpointer, which copies the WAL back off the writer's path and
+    /// stops with the writer.
     pub fn spawn(pool: SqlitePool, max_group: usize) -> Self {
         let (jobs, queue) = mpsc::channel(4 * max_group.max(1));
         let queued = Arc::new(AtomicIsize::new(0));
-        tokio::spawn(write_loop(pool, queue, max_group.max(1), queued.clone()));
+        let committed = Arc::new(AtomicBool::new(false));
+        let (running, stopped) = oneshot::channel::<()>();
+        tokio::spawn(checkpoint_loop((*pool.connect_options()).clone(), committed.clone(), stopped));
+        let counter = queued.clone();
+        tokio::spawn(async move {
+            write_loop(pool, queue, max_group.max(1), counter, &committed).await;
+            drop(running);
+        });
         Self { jobs, queued }
     }
 
@@ -109,49 +121,89 @@ impl GroupWriter {
     }
 }
 
-async fn write_loop(pool: SqlitePool, mut queue: mpsc::Receiver<Job>, max_group: usize, queued: Arc<AtomicIsize>) {
+async fn write_loop(
+    pool: SqlitePool,
+    mut queue: mpsc::Receiver<Job>,
+    max_group: usize,
+    queued: Arc<AtomicIsize>,
+    committed: &AtomicBool,
+) {
     let mut group = Vec::with_capacity(max_group);
     while queue.recv_many(&mut group, max_group).await > 0 {
-        queued.fetch_sub(isize::try_from(group.len()).unwrap_or(isize::MAX), Ordering::SeqCst);
-        let mut delivers = Vec::with_capacity(group.len());
-        let outcome = commit_group(&pool, &mut group, &mut delivers).await;
-        // Writes a failed group never reached are dropped (their callers hear so); the buffer is reused.
-        group.clear();
-        if let Err(e) = &outcome {
-            tracing::warn!(error = %e, writes = delivers.len(), "a group of writes was not committed");
-        }
-        for deliver in delivers {
-            deliver(outcome.clone());
+        let outcome = write_groups(&pool, &mut queue, &mut group, max_group, &queued).await;
+        committed.store(true, Ordering::Relaxed);
+        if let Err(e) = outcome {
+            // No connection: the writes taken are dropped, which tells their callers nothing was stored.
+            queued.fetch_sub(isize::try_from(group.len()).unwrap_or(isize::MAX), Ordering::SeqCst);
+            tracing::warn!(error = %e, writes = group.len(), "a group of writes was not committed");
+            group.clear();
         }
     }
 }
 
-/// Runs the group's writes in one transaction; a write that ran is in `delivers` whatever happens next.
-/// Writes not reached (the group failed first) are dropped, which tells their callers so.
+/// How long the writer keeps its connection over back-to-back groups. While it does, the groups'
+/// statements stay prepared and the connection is not handed back and forth with its sqlx worker; the
+/// pool's other users (a service's occasional sqlx transaction on the same writer) wait at most this
+/// long, plus a group, for their turn.
+const HOLD: Duration = Duration::from_millis(20);
+
+/// Commits `group`, then the groups that queued meanwhile, on one connection taken from `pool`, until
+/// the queue is empty or [`HOLD`] has passed. Each group is one transaction (see [`commit_group`]).
 ///
-/// The connection's sqlx worker lets go of it for the whole group (one hand-off), and the writes run on
-/// it directly ([`Direct`]). On a multi-threaded runtime they run in `block_in_place`, so the group's
-/// statements and its `COMMIT` (a sync to disk where the database asks for one) do not hold up the
-/// runtime's other tasks. On a current-thread runtime (tests) they run in place, blocking the runtime's
-/// one thread: a group waiting there for SQLite's write lock held by another connection of the same
-/// runtime waits out the busy timeout and fails, so such tests use a multi-threaded runtime.
-async fn commit_group(pool: &SqlitePool, group: &mut Vec<Job>, delivers: &mut Vec<Deliver>) -> Result<(), GroupError> {
+/// The connection's sqlx worker lets go of it once for all of them, and the writes run on it directly
+/// ([`Direct`]). On a multi-threaded runtime they run in `block_in_place`, so the statements and each
+/// `COMMIT` (a sync to disk where the database asks for one) do not hold up the runtime's other tasks.
+/// On a current-thread runtime (tests) they run in place, blocking the runtime's one thread (and so
+/// commit one group at a time): a group waiting there for SQLite's write lock held by another
+/// connection of the same runtime waits out the busy timeout and fails, so such tests use a
+/// multi-threaded runtime.
+async fn write_groups(
+    pool: &SqlitePool,
+    queue: &mut mpsc::Receiver<Job>,
+    group: &mut Vec<Job>,
+    max_group: usize,
+    queued: &AtomicIsize,
+) -> Result<(), GroupError> {
     let mut conn = pool.acquire().await?;
     let mut handle = conn.lock_handle().await?;
     let mut work = || {
         let mut direct = Direct::new(&mut handle);
-        // IMMEDIATE: the write lock is taken now (waiting out other writers in SQLite's busy handler), not
-        // at the first write, where a reader turned writer could be refused outright.
-        if let Err(e) = direct.execute("BEGIN IMMEDIATE", &[]) {
-            return (Err(e.into()), false);
+        // The checkpointer copies the WAL back off this path; the connection's own checkpoint in COMMIT
+        // is only a backstop for when it falls behind. (Cheap: the statement stays prepared.)
+        if let Err(e) = direct.execute(BACKSTOP_AUTOCHECKPOINT, &[]) {
+            tracing::warn!(error = %e, "could not set the writer's checkpoint backstop");
         }
-        let outcome = run_group(&mut direct, group, delivers);
-        // The group failed part-way (or its COMMIT did): leave the connection as sqlx expects it, out of
-        // any transaction. If even ROLLBACK fails, the connection must not serve anyone again.
-        let stuck = direct.in_transaction() && direct.execute("ROLLBACK", &[]).is_err();
-        (outcome, stuck)
+        let since = Instant::now();
+        loop {
+            queued.fetch_sub(isize::try_from(group.len()).unwrap_or(isize::MAX), Ordering::SeqCst);
+            let mut delivers = Vec::with_capacity(group.len());
+            let (outcome, stuck) = commit_group(&mut direct, group, &mut delivers);
+            // Writes a failed group never reached are dropped (their callers hear so); the buffer is reused.
+            group.clear();
+            if let Err(e) = &outcome {
+                tracing::warn!(error = %e, writes = delivers.len(), "a group of writes was not committed");
+            }
+            for deliver in delivers {
+                deliver(outcome.clone());
+            }
+            if stuck {
+                return true;
+            }
+            if since.elapsed() >= HOLD {
+                return false;
+            }
+            while group.len() < max_group {
+                match queue.try_recv() {
+                    Ok(job) => group.push(job),
+                    Err(_) => break,
+                }
+            }
+            if group.is_empty() {
+                return false;
+            }
+        }
     };
-    let (outcome, stuck) = match tokio::runtime::Handle::current().runtime_flavor() {
+    let stuck = match tokio::runtime::Handle::current().runtime_flavor() {
         tokio::runtime::RuntimeFlavor::MultiThread => tokio::task::block_in_place(work),
         _ => work(),
     };
@@ -160,7 +212,76 @@ async fn commit_group(pool: &SqlitePool, group: &mut Vec<Job>, delivers: &mut Ve
         tracing::error!("a failed group could not be rolled back; its connection is closed");
         conn.close_on_drop();
     }
-    outcome
+    Ok(())
+}
+
+/// The WAL size (pages) at which the writer's connection checkpoints in a `COMMIT` itself, a backstop:
+/// the checkpointer normally copies the WAL back well before (SQLite's default is 1,000 pages).
+const BACKSTOP_AUTOCHECKPOINT: &str = "PRAGMA wal_autocheckpoint = 10000";
+
+/// How often the checkpointer runs, when anything was written since it last did.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
+
+/// Copies the database's WAL back into the database file, on a connection of its own, off the writer's
+/// path: left to SQLite, the `COMMIT` that crosses the WAL's size limit copies it back itself (and syncs
+/// the database file), and every write of that group waits for it. A PASSIVE checkpoint never blocks
+/// the writer or the readers; it copies what no reader still needs, and SQLite starts the WAL over from
+/// its beginning once all of it was copied back. Ends (closing its connection) when `stopped` resolves.
+async fn checkpoint_loop(
+    options: sqlx::sqlite::SqliteConnectOptions,
+    committed: Arc<AtomicBool>,
+    mut stopped: oneshot::Receiver<()>,
+) {
+    let mut conn: Option<sqlx::SqliteConnection> = None;
+    let mut every = tokio::time::interval(CHECKPOINT_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = &mut stopped => break,
+            _ = every.tick() => {}
+        }
+        if !committed.swap(false, Ordering::Relaxed) {
+            continue;
+        }
+        if conn.is_none() {
+            conn = match sqlx::ConnectOptions::connect(&options).await {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    tracing::warn!(error = %e, "the checkpointer could not connect; the writer checkpoints itself");
+                    continue;
+                }
+            };
+        }
+        if let Some(c) = conn.as_mut()
+            && let Err(e) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)").execute(&mut *c).await
+        {
+            tracing::warn!(error = %e, "checkpoint failed; trying again with a new connection");
+            conn = None;
+        }
+    }
+    if let Some(c) = conn {
+        let _ = sqlx::Connection::close(c).await;
+    }
+}
+
+/// Runs the group's writes in one transaction; a write that ran is in `delivers` whatever happens next.
+/// Writes not reached (the group failed first) are dropped, which tells their callers so. Also says
+/// whether the connection is stuck in a transaction it could not roll back (it must then be closed).
+fn commit_group(
+    direct: &mut Direct<'_>,
+    group: &mut Vec<Job>,
+    delivers: &mut Vec<Deliver>,
+) -> (Result<(), GroupError>, bool) {
+    // IMMEDIATE: the write lock is taken now (waiting out other writers in SQLite's busy handler), not
+    // at the first write, where a reader turned writer could be refused outright.
+    if let Err(e) = direct.execute("BEGIN IMMEDIATE", &[]) {
+        return (Err(e.into()), false);
+    }
+    let outcome = run_group(direct, group, delivers);
+    // The group failed part-way (or its COMMIT did): leave the connection as sqlx expects it, out of
+    // any transaction. If even ROLLBACK fails, the connection must not serve anyone again.
+    let stuck = direct.in_transaction() && direct.execute("ROLLBACK", &[]).is_err();
+    (outcome, stuck)
 }
 
 /// Runs the group's writes inside the transaction `commit_group` began, and commits.

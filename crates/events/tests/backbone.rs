@@ -946,3 +946,72 @@ async fn a_write_that_panics_is_rolled_back_and_the_writer_goes_on() {
     let ids: Vec<i64> = sqlx::query_scalar("SELECT id FROM t ORDER BY id").fetch_all(&pool).await.unwrap();
     assert_eq!(ids, vec![1, 2, 3], "the panicked writes' rows were rolled back");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_writers_pool_serves_its_other_users_while_writes_keep_coming() {
+    let dir = TempDir::new();
+    let opts = SqliteConnectOptions::new()
+        .filename(dir.0.join("group.db"))
+        .create_if_missing(true)
+        .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal)
+        .busy_timeout(Duration::from_secs(10));
+    // One connection, as the services' writers have: the group writer and a plain sqlx transaction take
+    // turns on it.
+    let pool = socialcard_events::sqlite_pool(1).connect_with(opts).await.unwrap();
+    sqlx::query("CREATE TABLE t (id INTEGER PRIMARY KEY AUTOINCREMENT, who TEXT NOT NULL)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let group = GroupWriter::spawn(pool.clone(), 64);
+
+    // A chain of writes that never lets the queue run dry: each write, once running, waits until the
+    // next one is queued, so every group finds another waiting behind it.
+    let (entered_tx, mut entered) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let write = |group: &GroupWriter| {
+        let (go, wait) = std::sync::mpsc::channel::<()>();
+        let (group, entered_tx) = (group.clone(), entered_tx.clone());
+        let done = tokio::spawn(async move {
+            group
+                .run(move |conn| {
+                    conn.execute("INSERT INTO t (who) VALUES ('group')", &[])?;
+                    let _ = entered_tx.send(());
+                    let _ = wait.recv();
+                    Ok::<_, DirectError>(())
+                })
+                .await
+        });
+        (go, done)
+    };
+    let (mut go, first) = write(&group);
+    let mut done = vec![first];
+    entered.recv().await.unwrap();
+    let turn = tokio::spawn({
+        let pool = pool.clone();
+        async move {
+            let mut tx = pool.begin().await.unwrap();
+            sqlx::query("INSERT INTO t (who) VALUES ('sqlx')").execute(&mut *tx).await.unwrap();
+            tx.commit().await.unwrap();
+        }
+    });
+    let start = Instant::now();
+    // The sqlx transaction gets the connection (the writer gives it back at least every HOLD) while the
+    // chain goes on, rather than after it stops.
+    while !turn.is_finished() && start.elapsed() < Duration::from_secs(30) {
+        let (next_go, next) = write(&group);
+        done.push(next);
+        queued(&group, 1).await;
+        go.send(()).unwrap();
+        go = next_go;
+        entered.recv().await.unwrap();
+    }
+    let got_its_turn = turn.is_finished();
+    go.send(()).unwrap();
+    for d in done {
+        assert!(matches!(d.await.unwrap(), Ok(Ok(()))));
+    }
+    assert!(got_its_turn, "the pool's other user waited for the writes to stop");
+    turn.await.unwrap();
+    let sqlx_rows: i64 =
+        sqlx::query_scalar("SELECT COUNT(*) FROM t WHERE who = 'sqlx'").fetch_one(&pool).await.unwrap();
+    assert_eq!(sqlx_rows, 1);
+}
