@@ -425,21 +425,27 @@ impl Readers {
         Self::open(options, cores.clamp(2, 4)).await
     }
 
-    /// Runs `read` on a free connection (waiting for one if all are busy). `read` must only read: the
-    /// connections are read-only, and a statement that writes fails.
+    /// Runs `read` on a free connection (waiting for one, blocking the thread, if all are busy). `read`
+    /// must only read (the connections are read-only: a statement that writes fails) and must not call
+    /// `read` again (it could wait for the connection it holds).
     pub fn read<T>(&self, read: impl FnOnce(&mut Direct<'_>) -> T) -> T {
         let n = self.conns.len();
         let start = self.next.fetch_add(1, Ordering::Relaxed) % n;
         // A read that panicked left its statements reset (`Bound`), so a poisoned lock is still usable.
-        for i in 0..n {
-            match self.conns[(start + i) % n].try_lock() {
-                Ok(mut held) => return read(&mut held.direct),
-                Err(TryLockError::Poisoned(p)) => return read(&mut p.into_inner().direct),
-                Err(TryLockError::WouldBlock) => {}
-            }
+        let mut held = (0..n)
+            .find_map(|i| match self.conns[(start + i) % n].try_lock() {
+                Ok(held) => Some(held),
+                Err(TryLockError::Poisoned(p)) => Some(p.into_inner()),
+                Err(TryLockError::WouldBlock) => None,
+            })
+            .unwrap_or_else(|| self.conns[start].lock().unwrap_or_else(PoisonError::into_inner));
+        let out = read(&mut held.direct);
+        // A read that began a transaction and left it open would pin the WAL (no checkpoint could copy
+        // past it): end it.
+        if held.direct.in_transaction() && held.direct.execute("ROLLBACK", &[]).is_err() {
+            tracing::error!("a reader's transaction could not be rolled back");
         }
-        let mut held = self.conns[start].lock().unwrap_or_else(PoisonError::into_inner);
-        read(&mut held.direct)
+        out
     }
 }
 
@@ -457,7 +463,15 @@ impl std::fmt::Debug for Held {
     }
 }
 
+// `Held` hands its lock guard to whichever thread drops it (see the `Send` impl below).
+const _: fn() = || {
+    fn send<T: Send>() {}
+    send::<LockedSqliteHandle<'static>>();
+};
+
 impl Held {
+    /// Opened at a service's start. (Cancelled while waiting for the worker to let go, it leaks that one
+    /// connection: freeing it then could pull it from under the pending lock.)
     async fn open(options: SqliteConnectOptions) -> Result<Self, sqlx::Error> {
         let conn = NonNull::from(Box::leak(Box::new(options.connect().await?)));
         // SAFETY: `conn` is a live, leaked box that nothing else refers to; it is freed only in `drop`,
@@ -491,10 +505,9 @@ impl Drop for Held {
     }
 }
 
-// SAFETY: sqlx opens SQLite connections in multi-thread mode (SQLITE_OPEN_NOMUTEX): a connection may be
-// used from any thread, one at a time. A `Held` is only reached through its `Mutex` (one thread at a
-// time), its sqlx worker is parked on the lock `handle` holds, and the lock's guard may be released from
-// any thread (an async mutex).
+// SAFETY: SQLite is built thread-safe (the bundled build), so a connection may be used from any thread,
+// one at a time: a `Held` is only reached through its `Mutex`, and its sqlx worker is parked on the lock
+// `handle` holds. The lock's guard is `Send` (checked above).
 unsafe impl Send for Held {}
 
 #[cfg(test)]

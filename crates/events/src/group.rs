@@ -165,13 +165,34 @@ async fn write_groups(
     queued: &AtomicIsize,
 ) -> Result<(), GroupError> {
     let mut conn = pool.acquire().await?;
-    let mut handle = conn.lock_handle().await?;
+    let (outcome, broken) = write_held(&mut conn, queue, group, max_group, queued).await;
+    if broken {
+        conn.close_on_drop();
+    }
+    outcome
+}
+
+/// [`write_groups`] on `conn`; also says whether the connection must be closed rather than returned to
+/// the pool (its worker is gone, or it is stuck in a transaction it could not roll back).
+async fn write_held(
+    conn: &mut sqlx::pool::PoolConnection<sqlx::Sqlite>,
+    queue: &mut mpsc::Receiver<Job>,
+    group: &mut Vec<Job>,
+    max_group: usize,
+    queued: &AtomicIsize,
+) -> (Result<(), GroupError>, bool) {
+    let mut handle = match conn.lock_handle().await {
+        Ok(h) => h,
+        Err(e) => return (Err(e.into()), true),
+    };
     let mut work = || {
         let mut direct = Direct::new(&mut handle);
         // The checkpointer copies the WAL back off this path; the connection's own checkpoint in COMMIT
-        // is only a backstop for when it falls behind. (Cheap: the statement stays prepared.)
-        if let Err(e) = direct.execute(BACKSTOP_AUTOCHECKPOINT, &[]) {
-            tracing::warn!(error = %e, "could not set the writer's checkpoint backstop");
+        // is only a backstop for when it falls behind. (Set on every run: a pooled connection may be new.)
+        for pragma in WRITER_PRAGMAS {
+            if let Err(e) = direct.execute(pragma, &[]) {
+                tracing::warn!(error = %e, pragma, "could not set the writer's checkpoint backstop");
+            }
         }
         let since = Instant::now();
         loop {
@@ -210,14 +231,15 @@ async fn write_groups(
     drop(handle);
     if stuck {
         tracing::error!("a failed group could not be rolled back; its connection is closed");
-        conn.close_on_drop();
     }
-    Ok(())
+    (Ok(()), stuck)
 }
 
 /// The WAL size (pages) at which the writer's connection checkpoints in a `COMMIT` itself, a backstop:
 /// the checkpointer normally copies the WAL back well before (SQLite's default is 1,000 pages).
-const BACKSTOP_AUTOCHECKPOINT: &str = "PRAGMA wal_autocheckpoint = 10000";
+/// With it, the size the WAL file is cut back to once SQLite starts it over (else it keeps its largest
+/// size on disk).
+const WRITER_PRAGMAS: [&str; 2] = ["PRAGMA wal_autocheckpoint = 10000", "PRAGMA journal_size_limit = 16777216"];
 
 /// How often the checkpointer runs, when anything was written since it last did.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
@@ -226,7 +248,8 @@ const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
 /// path: left to SQLite, the `COMMIT` that crosses the WAL's size limit copies it back itself (and syncs
 /// the database file), and every write of that group waits for it. A PASSIVE checkpoint never blocks
 /// the writer or the readers; it copies what no reader still needs, and SQLite starts the WAL over from
-/// its beginning once all of it was copied back. Ends (closing its connection) when `stopped` resolves.
+/// its beginning once all of it was copied back. Ends (closing its connection) when `stopped` resolves,
+/// or at once for a database not in WAL mode (an in-memory one: nothing to copy back).
 async fn checkpoint_loop(
     options: sqlx::sqlite::SqliteConnectOptions,
     committed: Arc<AtomicBool>,
@@ -244,19 +267,32 @@ async fn checkpoint_loop(
             continue;
         }
         if conn.is_none() {
-            conn = match sqlx::ConnectOptions::connect(&options).await {
-                Ok(c) => Some(c),
+            let mut c = match sqlx::ConnectOptions::connect(&options).await {
+                Ok(c) => c,
                 Err(e) => {
                     tracing::warn!(error = %e, "the checkpointer could not connect; the writer checkpoints itself");
                     continue;
                 }
             };
+            let mode: Result<String, _> = sqlx::query_scalar("PRAGMA journal_mode").fetch_one(&mut c).await;
+            if !mode.is_ok_and(|m| m.eq_ignore_ascii_case("wal")) {
+                let _ = sqlx::Connection::close(c).await;
+                return;
+            }
+            conn = Some(c);
         }
         if let Some(c) = conn.as_mut()
             && let Err(e) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)").execute(&mut *c).await
         {
-            tracing::warn!(error = %e, "checkpoint failed; trying again with a new connection");
-            conn = None;
+            // Busy or locked: another checkpoint runs (the writer's backstop); try at the next tick.
+            let busy = e
+                .as_database_error()
+                .and_then(|d| d.code())
+                .is_some_and(|c| c.parse::<i32>().is_ok_and(|c| matches!(c & 0xff, 5 | 6)));
+            if !busy {
+                tracing::warn!(error = %e, "checkpoint failed; trying again with a new connection");
+                conn = None;
+            }
         }
     }
     if let Some(c) = conn {

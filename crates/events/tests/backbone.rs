@@ -1015,3 +1015,38 @@ async fn the_writers_pool_serves_its_other_users_while_writes_keep_coming() {
         sqlx::query_scalar("SELECT COUNT(*) FROM t WHERE who = 'sqlx'").fetch_one(&pool).await.unwrap();
     assert_eq!(sqlx_rows, 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_checkpointer_copies_the_wal_back_without_the_writer() {
+    let dir = TempDir::new();
+    let pool = sqlite(&dir, "group.db").await;
+    sqlx::query("CREATE TABLE t (id INTEGER PRIMARY KEY, data BLOB NOT NULL)").execute(&pool).await.unwrap();
+    let group = GroupWriter::spawn(pool.clone(), 64);
+    // About 2,500 pages of 4 KiB: past SQLite's default limit (1,000), below the writer's own backstop
+    // (10,000), so only the checkpointer copies them into the database file.
+    let data = vec![7_u8; 4000];
+    for chunk in 0..10 {
+        let data = data.clone();
+        group
+            .run(move |conn| {
+                for i in 0..250 {
+                    conn.execute(
+                        "INSERT INTO t (id, data) VALUES ($1, $2)",
+                        &[(chunk * 250 + i).into(), (&data).into()],
+                    )?;
+                }
+                Ok::<_, DirectError>(())
+            })
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    let file = dir.0.join("group.db");
+    let start = Instant::now();
+    while std::fs::metadata(&file).unwrap().len() < 8 * 1024 * 1024 {
+        assert!(start.elapsed() < Duration::from_secs(20), "the WAL was never copied back into the database");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM t").fetch_one(&pool).await.unwrap();
+    assert_eq!(n, 2500);
+}

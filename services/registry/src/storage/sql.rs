@@ -80,10 +80,16 @@ impl Columns for sqlx::postgres::PgRow {
 
 impl Columns for socialcard_events::direct::Row<'_> {
     fn text(&self, at: usize) -> Result<String, StoreError> {
-        socialcard_events::direct::Row::text(self, at).map_err(|e| StoreError::Unavailable(e.to_string()))
+        if self.is_null(at) {
+            return Err(StoreError::Corrupt(format!("column {at} is NULL")));
+        }
+        socialcard_events::direct::Row::text(self, at).map_err(|e| StoreError::Corrupt(e.to_string()))
     }
 
     fn bytes(&self, at: usize) -> Result<Vec<u8>, StoreError> {
+        if self.is_null(at) {
+            return Err(StoreError::Corrupt(format!("column {at} is NULL")));
+        }
         Ok(self.blob(at))
     }
 }
