@@ -94,6 +94,46 @@ impl Columns for socialcard_events::direct::Row<'_> {
     }
 }
 
+/// Where a store's lookups by key run without sqlx: SQLite's readers, or nowhere (`()`, PostgreSQL).
+trait DirectReads {
+    /// The row `sql` finds by `key`, decoded; `None` when there is no reader (read through the pool).
+    fn read_row<T>(
+        &self,
+        sql: &'static str,
+        key: &str,
+        decode: &dyn Fn(&dyn Columns) -> Result<T, StoreError>,
+    ) -> Option<Result<Option<T>, StoreError>>;
+}
+
+impl DirectReads for () {
+    fn read_row<T>(
+        &self,
+        _: &'static str,
+        _: &str,
+        _: &dyn Fn(&dyn Columns) -> Result<T, StoreError>,
+    ) -> Option<Result<Option<T>, StoreError>> {
+        None
+    }
+}
+
+/// A file database's readers; `None` for an in-memory one.
+impl DirectReads for Option<Arc<socialcard_events::direct::Readers>> {
+    fn read_row<T>(
+        &self,
+        sql: &'static str,
+        key: &str,
+        decode: &dyn Fn(&dyn Columns) -> Result<T, StoreError>,
+    ) -> Option<Result<Option<T>, StoreError>> {
+        let readers = self.as_ref()?;
+        Some(
+            readers
+                .read(|d| d.query_row(sql, &[key.into()], |r| Ok(decode(r))))
+                .map_err(|e| StoreError::Unavailable(e.to_string()))
+                .and_then(Option::transpose),
+        )
+    }
+}
+
 /// A card row: `card_id, data, pin_digest`.
 const CARD_BY_ID: &str = "SELECT card_id, data, pin_digest FROM cards WHERE card_id = $1";
 const CARD_BY_NUMBER: &str = "SELECT card_id, data, pin_digest FROM cards WHERE card_number = $1";
@@ -114,8 +154,7 @@ macro_rules! sql_store {
             #[allow(dead_code)]
             group: $group,
             /// SQLite: the hot lookups by key (cards, idempotency rows) without a hand-off (a file
-            /// database; an in-memory one reads through `pool`); PostgreSQL: `()`, never read.
-            #[allow(dead_code)]
+            /// database; an in-memory one reads through `pool`); PostgreSQL: `()`, reads through `pool`.
             readers: $readers,
         }
 
@@ -131,6 +170,26 @@ macro_rules! sql_store {
 
             pub(super) fn sealer(&self) -> &crate::seal::Sealer {
                 &self.sealer
+            }
+
+            /// The row `sql` finds by `key`, if any, decoded by `decode`: on a reader where the store has
+            /// them, else through the pool.
+            async fn read_row<T>(
+                &self,
+                sql: &'static str,
+                key: &str,
+                decode: impl Fn(&dyn Columns) -> Result<T, StoreError>,
+            ) -> Result<Option<T>, StoreError> {
+                if let Some(row) = self.readers.read_row(sql, key, &decode) {
+                    return row;
+                }
+                sqlx::query(sql)
+                    .bind(key)
+                    .fetch_optional(&self.pool)
+                    .await
+                    .map_err(db_error)?
+                    .map(|r| decode(&r))
+                    .transpose()
             }
 
             /// A row of [`CARD_BY_ID`]'s columns.
@@ -348,29 +407,6 @@ sql_store!(
 sql_store!(PgStore, sqlx::Postgres, sqlx::PgPool, (), ());
 
 impl SqliteStore {
-    /// The row `sql` finds by `key`, if any, decoded by `decode`: on a reader (no hand-off) for a file
-    /// database, through the pool for an in-memory one.
-    async fn read_row<T>(
-        &self,
-        sql: &'static str,
-        key: &str,
-        decode: impl FnOnce(&dyn Columns) -> Result<T, StoreError>,
-    ) -> Result<Option<T>, StoreError> {
-        match &self.readers {
-            Some(readers) => readers
-                .read(|d| d.query_row(sql, &[key.into()], |r| Ok(decode(r))))
-                .map_err(|e| StoreError::Unavailable(e.to_string()))?
-                .transpose(),
-            None => sqlx::query(sql)
-                .bind(key)
-                .fetch_optional(&self.pool)
-                .await
-                .map_err(db_error)?
-                .map(|r| decode(&r))
-                .transpose(),
-        }
-    }
-
     /// An employer-batch chunk goes to the group writer too, one write of its own, its rows one prepared
     /// statement each, straight on the writer's connection.
     pub(super) async fn commit_rows(&self, commit: BatchCommit) -> Result<(), StoreError> {
@@ -471,16 +507,6 @@ pub(super) fn run_direct(conn: &mut Direct<'_>, s: &Statement) -> Result<(), Sto
 }
 
 impl PgStore {
-    /// The row `sql` finds by `key`, if any, decoded by `decode`.
-    async fn read_row<T>(
-        &self,
-        sql: &'static str,
-        key: &str,
-        decode: impl FnOnce(&dyn Columns) -> Result<T, StoreError>,
-    ) -> Result<Option<T>, StoreError> {
-        sqlx::query(sql).bind(key).fetch_optional(&self.pool).await.map_err(db_error)?.map(|r| decode(&r)).transpose()
-    }
-
     /// Writes one commit on `conn`, inside a transaction the caller owns.
     async fn commit_in(
         conn: &mut sqlx::PgConnection,
