@@ -189,10 +189,8 @@ async fn write_held(
         let mut direct = Direct::new(&mut handle);
         // The checkpointer copies the WAL back off this path; the connection's own checkpoint in COMMIT
         // is only a backstop for when it falls behind. (Set on every run: a pooled connection may be new.)
-        for pragma in WRITER_PRAGMAS {
-            if let Err(e) = direct.execute(pragma, &[]) {
-                tracing::warn!(error = %e, pragma, "could not set the writer's checkpoint backstop");
-            }
+        if let Err(e) = direct.execute(BACKSTOP_AUTOCHECKPOINT, &[]) {
+            tracing::warn!(error = %e, "could not set the writer's checkpoint backstop");
         }
         let since = Instant::now();
         loop {
@@ -239,7 +237,7 @@ async fn write_held(
 /// the checkpointer normally copies the WAL back well before (SQLite's default is 1,000 pages).
 /// (Tried beside it and dropped: `journal_size_limit`, to cut the WAL file back after a burst; the
 /// truncations cost activations 6 % of their throughput and 5 ms of p99.)
-const WRITER_PRAGMAS: [&str; 1] = ["PRAGMA wal_autocheckpoint = 10000"];
+const BACKSTOP_AUTOCHECKPOINT: &str = "PRAGMA wal_autocheckpoint = 10000";
 
 /// How often the checkpointer runs, when anything was written since it last did.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
