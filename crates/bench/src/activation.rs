@@ -15,7 +15,7 @@ use socialcard_proto::bank::v1::bank_card_service_client::BankCardServiceClient;
 use socialcard_proto::registry::v1 as reg;
 use socialcard_proto::registry::v1::registry_service_client::RegistryServiceClient;
 use socialcard_registry::RegistryConfig;
-use socialcard_registry::fixtures::collected_card;
+use socialcard_registry::fixtures::opened_at_bank;
 use socialcard_server::SystemClock;
 use sqlx::SqlitePool;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
@@ -159,7 +159,7 @@ pub async fn run(quick: bool, postgres: Option<String>) -> anyhow::Result<Table>
         columns: vec!["registry db", "in flight", "activations/s", "p50 ms", "p99 ms", "baseline/s", "base p50 ms", "base p99 ms", "ratio"],
         rows,
         notes: vec![
-            format!("{per_level} activations per level through ActivateFinancial (gRPC: bank core -> adapter -> registry), each on a fresh collected card"),
+            format!("{per_level} activations per level through ActivateFinancial (gRPC: bank core -> adapter -> registry), each on a fresh collected card whose account icbc opened through its adapter"),
             "baseline: the same rows written directly with sqlx, same databases, same concurrency; targets: ratio >= 0.5, p99 <= 25 ms at 64 in flight".into(),
         ],
     })
@@ -231,12 +231,10 @@ async fn one_storage(quick: bool, postgres: Option<String>) -> anyhow::Result<Ve
     let mut rows = Vec::new();
     let mut made = 0u64;
     for &in_flight in levels {
-        let mut numbers = Vec::with_capacity(per_level);
-        for _ in 0..per_level {
-            numbers.push(collected_card(&mut registry_client, made, "icbc", "621226").await?.card_number);
-            made += 1;
-        }
-        let numbers = Arc::new(numbers);
+        let cards =
+            opened_at_bank(&mut registry_client, &mut client.clone(), made, per_level as u64, "icbc", "621226").await?;
+        made += per_level as u64;
+        let numbers: Arc<Vec<String>> = Arc::new(cards.into_iter().map(|c| c.card_number).collect());
         let c = client.clone();
         let (mut latency, elapsed) = drive(per_level, in_flight, move |i| {
             let mut c = c.clone();

@@ -1,7 +1,7 @@
 //! `memory`: the all-in-one embedded process (`socialcard up`, the binary built beside this one) as an
 //! operator sees it: start-up time from spawn to every announced gRPC server answering SERVING on
 //! `grpc.health.v1`, idle RSS, and peak RSS (VmHWM) while the `activation` load runs against it
-//! (cards made through the registry's API, then dual activations at the icbc adapter, 64 in flight).
+//! (cards made through the registry's API and icbc's account opening, then dual activations at the icbc adapter, 64 in flight).
 //! Target: peak at most 200 MB.
 //!
 //! `up` runs every service in one process, so per-service idle RSS comes from this binary started again
@@ -19,7 +19,7 @@ use socialcard_domain::BankDirectory;
 use socialcard_proto::bank::v1 as bank;
 use socialcard_proto::bank::v1::bank_card_service_client::BankCardServiceClient;
 use socialcard_proto::registry::v1::registry_service_client::RegistryServiceClient;
-use socialcard_registry::fixtures::collected_card;
+use socialcard_registry::fixtures::opened_at_bank;
 use socialcard_server::SystemClock;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::net::TcpListener;
@@ -247,11 +247,8 @@ pub async fn run(quick: bool) -> anyhow::Result<Table> {
         })
     };
     let cards = if quick { 40 } else { 2_000 };
-    let mut numbers = Vec::with_capacity(cards);
-    for n in 0..cards {
-        numbers.push(collected_card(&mut registry_client, n as u64, "icbc", "621226").await?.card_number);
-    }
-    let numbers = Arc::new(numbers);
+    let made = opened_at_bank(&mut registry_client, &mut client.clone(), 0, cards as u64, "icbc", "621226").await?;
+    let numbers: Arc<Vec<String>> = Arc::new(made.into_iter().map(|c| c.card_number).collect());
     let next = Arc::new(AtomicUsize::new(0));
     let t = Instant::now();
     let mut workers = tokio::task::JoinSet::new();
@@ -289,7 +286,7 @@ pub async fn run(quick: bool) -> anyhow::Result<Table> {
         rows,
         notes: vec![
             format!(
-                "up: {servers} gRPC servers; load: {cards} cards made through the registry, then {cards} ActivateFinancial at 64 in flight in {:.1} s; RSS after the load {after:.1} MiB; target: peak <= 200 MiB",
+                "up: {servers} gRPC servers; load: {cards} cards made through the registry and icbc's account opening, then {cards} ActivateFinancial at 64 in flight in {:.1} s; RSS after the load {after:.1} MiB; target: peak <= 200 MiB",
                 load.as_secs_f64()
             ),
             "start-up: spawn to every announced gRPC server answering SERVING; floor: this binary serving only health and reflection".into(),

@@ -20,7 +20,7 @@ use socialcard_proto::bank::v1::bank_card_service_client::BankCardServiceClient;
 use socialcard_proto::registry::v1 as reg;
 use socialcard_proto::registry::v1::registry_service_client::RegistryServiceClient;
 use socialcard_registry::RegistryConfig;
-use socialcard_registry::fixtures::{adult_citizen_id, collected_card};
+use socialcard_registry::fixtures::{adult_citizen_id, collected_card, opened_at_bank};
 use socialcard_server::SystemClock;
 use sqlx::{QueryBuilder, Row};
 use tokio::net::TcpListener;
@@ -204,13 +204,10 @@ async fn measure(
     })
     .await?;
     let mut registry = sys.registry.clone();
-    let mut fresh = Vec::with_capacity(activations);
-    for k in 0..activations as u64 {
-        fresh.push(
-            collected_card(&mut registry, first + k, "icbc", "621226").await.context("fixture card")?.card_number,
-        );
-    }
-    let fresh = Arc::new(fresh);
+    let made = opened_at_bank(&mut registry, &mut sys.adapter.clone(), first, activations as u64, "icbc", "621226")
+        .await
+        .context("fixture cards")?;
+    let fresh: Arc<Vec<String>> = Arc::new(made.into_iter().map(|c| c.card_number).collect());
     let a = sys.adapter.clone();
     let (_, elapsed) = drive(activations, 64, move |i| {
         let mut a = a.clone();
@@ -365,7 +362,7 @@ pub async fn run(quick: bool, postgres: Option<String>) -> anyhow::Result<Table>
         ],
         rows,
         notes: vec![
-            "GetCard by card number over gRPC, random cards, 8 in flight; activations: ActivateFinancial through the icbc adapter, 64 in flight, fresh cards made through the API".into(),
+            "GetCard by card number over gRPC, random cards, 8 in flight; activations: ActivateFinancial through the icbc adapter, 64 in flight, fresh cards made through the API with their accounts opened through the adapter".into(),
             "baseline: the same measurements against an empty registry in the same run (ratio = full / empty)".into(),
         ],
     })

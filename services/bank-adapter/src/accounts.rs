@@ -15,7 +15,7 @@ use socialcard_server::error::reason_of;
 use time::OffsetDateTime;
 use tonic::{Code, Request};
 
-use crate::{BankAdapter, Budget, reject, store_answer, text};
+use crate::{BankAdapter, Budget, REMEMBER_CARD, db, micros, reject, store_answer, text};
 
 /// The most results one batch may carry.
 pub const MAX_BATCH_RESULTS: usize = 10_000;
@@ -97,6 +97,8 @@ impl BankAdapter {
         let checked = check(&req.results)?;
         let budget = Budget::new(deadline);
         let mut outcomes = Vec::with_capacity(checked.len());
+        // The cards whose accounts this bank opened: from now on the adapter knows them by number.
+        let mut opened = Vec::new();
         for c in checked {
             let mut lookup = Request::new(reg::GetCardRequest {
                 lookup: Some(reg::get_card_request::Lookup::CardId(c.card_id.clone())),
@@ -134,11 +136,16 @@ impl BankAdapter {
             call.set_timeout(budget.left());
             socialcard_telemetry::inject(&mut call);
             match self.registry.clone().record_production_result(call).await {
-                Ok(_) => outcomes.push(bank::AccountOpeningOutcome {
-                    card_id: c.card_id,
-                    accepted: true,
-                    reason: String::new(),
-                }),
+                Ok(_) => {
+                    if !card.card_number.is_empty() {
+                        opened.push((card.card_number, c.card_id.clone()));
+                    }
+                    outcomes.push(bank::AccountOpeningOutcome {
+                        card_id: c.card_id,
+                        accepted: true,
+                        reason: String::new(),
+                    });
+                }
                 // The cards recorded so far stay recorded; the bank's retry with the same key replays them.
                 Err(s) if is_transport(&s) => return Err(unavailable(&s)),
                 Err(s) => outcomes.push(refused(&c.card_id, &s)),
@@ -147,7 +154,19 @@ impl BankAdapter {
         let accepted = u32::try_from(outcomes.iter().filter(|o| o.accepted).count()).unwrap_or(u32::MAX);
         let rejected = u32::try_from(outcomes.len()).unwrap_or(u32::MAX).saturating_sub(accepted);
         let response = bank::ConfirmAccountOpeningResponse { accepted, rejected, outcomes };
-        store_answer(&self.writer, &key, &hash, &response, OffsetDateTime::now_utc()).await?;
+        let now = OffsetDateTime::now_utc();
+        let mut tx = self.writer.begin().await.map_err(db)?;
+        for (number, card_id) in &opened {
+            sqlx::query(REMEMBER_CARD)
+                .bind(number)
+                .bind(card_id)
+                .bind(micros(now))
+                .execute(&mut *tx)
+                .await
+                .map_err(db)?;
+        }
+        store_answer(&mut *tx, &key, &hash, &response, now).await?;
+        tx.commit().await.map_err(db)?;
         Ok(self.stored_answer(&key, &hash).await?.unwrap_or(response))
     }
 }

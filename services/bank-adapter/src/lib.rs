@@ -184,6 +184,40 @@ impl BankAdapter {
         Ok(card)
     }
 
+    /// Which of this bank's cards `card_number` is: from the adapter's own `bank_cards` when it knows the
+    /// card (a card's number and bank never change), else from the registry, refusing another bank's card.
+    /// A card learned from the registry is not stored here; the caller stores it with its own writes
+    /// ([`OwnCard::learned`]).
+    pub(crate) async fn card_ref(&self, card_number: &str, timeout: Duration) -> Result<OwnCard, ApiError> {
+        let number = CardNumber::parse(card_number)?;
+        let known = self
+            .readers
+            .read(|d| {
+                d.query_row("SELECT card_id FROM bank_cards WHERE card_number = $1", &[number.as_str().into()], |r| {
+                    r.text(0)
+                })
+            })
+            .map_err(|e| ApiError::Unavailable(e.to_string()))?;
+        if let Some(card_id) = known {
+            return Ok(OwnCard { card_id, card_number: number.as_str().to_string(), learned: false });
+        }
+        let card = self.own_card(number.as_str(), timeout).await?;
+        Ok(OwnCard { card_id: card.card_id, card_number: card.card_number, learned: true })
+    }
+
+    /// Stores a card learned from the registry in `bank_cards` (a group write of its own).
+    pub(crate) async fn remember(&self, card: &OwnCard) -> Result<(), ApiError> {
+        if !card.learned {
+            return Ok(());
+        }
+        let (number, id, at) = (card.card_number.clone(), card.card_id.clone(), micros(OffsetDateTime::now_utc()));
+        self.group
+            .run(move |conn| conn.execute(REMEMBER_CARD, &[(&number).into(), (&id).into(), at.into()]).map(drop))
+            .await
+            .map_err(|e| ApiError::Unavailable(e.to_string()))?
+            .map_err(|e| ApiError::Unavailable(e.to_string()))
+    }
+
     pub async fn activate_financial(
         &self,
         req: bank::ActivateFinancialRequest,
@@ -198,7 +232,7 @@ impl BankAdapter {
         let branch = text("branch_id", &req.branch_id)?;
         let face = text("face_verification_ref", &req.face_verification_ref)?;
         let budget = Budget::new(deadline);
-        let card = self.own_card(&req.card_number, budget.left()).await?;
+        let card = self.card_ref(&req.card_number, budget.left()).await?;
         if self.current_freeze(&card.card_id).await?.is_some() {
             return Err(reject(
                 RejectionKind::FailedPrecondition,
@@ -476,7 +510,7 @@ impl BankAdapter {
     #[allow(clippy::too_many_arguments)]
     async fn record(
         &self,
-        card: &reg::Card,
+        card: &OwnCard,
         teller: &str,
         branch: &str,
         key: &str,
@@ -502,7 +536,7 @@ impl BankAdapter {
         };
         let event = self.event_row(&card.card_id, "socialcard.financial.v1.FinancialActivated", &event, now);
         let answer = response.map(|r| (key.to_string(), hash.to_vec(), r.encode_to_vec()));
-        let (card_id, card_number) = (card.card_id.clone(), card.card_number.clone());
+        let (card_id, card_number, learned) = (card.card_id.clone(), card.card_number.clone(), card.learned);
         let (teller, branch, at) = (teller.to_string(), branch.to_string(), micros(now));
         self.group
             .run(move |conn| {
@@ -524,6 +558,9 @@ impl BankAdapter {
                 }
                 if inserted {
                     event.insert_direct(conn)?;
+                }
+                if learned {
+                    conn.execute(REMEMBER_CARD, &[(&card_number).into(), (&card_id).into(), at.into()])?;
                 }
                 Ok::<_, DirectError>(stored)
             })
@@ -567,6 +604,19 @@ pub(crate) async fn store_answer<'c>(
     store_encoded_answer(executor, key, hash, &response.encode_to_vec(), micros(now)).await.map_err(db)?;
     Ok(())
 }
+
+/// One of this bank's cards, as an operation on it needs it.
+#[derive(Clone, Debug)]
+pub(crate) struct OwnCard {
+    pub(crate) card_id: String,
+    pub(crate) card_number: String,
+    /// Learned from the registry just now: not in `bank_cards` yet.
+    pub(crate) learned: bool,
+}
+
+/// Stores one of this bank's cards (number to id); a card stored already stays as it is.
+pub(crate) const REMEMBER_CARD: &str =
+    "INSERT INTO bank_cards (card_number, card_id, learned_at) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING";
 
 /// Stores an answer unless one is stored already under its key (a concurrent twin's first answer stands).
 const STORE_ANSWER: &str =

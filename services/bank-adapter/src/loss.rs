@@ -297,7 +297,8 @@ impl BankAdapter {
             }
         };
         let budget = Budget::new(deadline);
-        let card = self.own_card(&req.card_number, budget.left()).await?;
+        let card = self.card_ref(&req.card_number, budget.left()).await?;
+        self.remember(&card).await?;
         let mut call = Request::new(loss::ReportLossRequest {
             idempotency_key: format!("bank:{}:{key}", self.bank.code),
             card_id: card.card_id,
@@ -353,7 +354,8 @@ impl BankAdapter {
             ));
         }
         let budget = Budget::new(deadline);
-        let card = self.own_card(&req.card_number, budget.left()).await?;
+        let card = self.card_ref(&req.card_number, budget.left()).await?;
+        self.remember(&card).await?;
         let mut call = Request::new(loss::UnlockRequest {
             idempotency_key: format!("bank:{}:{key}", self.bank.code),
             case_id: String::new(),

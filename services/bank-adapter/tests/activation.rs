@@ -425,3 +425,55 @@ async fn a_rollback_after_the_window_is_refused_and_changes_nothing() {
     assert_eq!(w.store.counts().await.unwrap(), before);
     assert_eq!(card(&mut w, &cid).await.financial_state, reg::FinancialState::Active as i32);
 }
+
+/// A card whose account icbc opened through its adapter (`ConfirmAccountOpening`) is known to the adapter
+/// by number, so its activation needs no registry lookup: with the registry out of reach it is recorded
+/// and the adapter's event finishes it. A card the adapter never saw cannot be resolved then: Unavailable,
+/// and nothing is recorded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_card_whose_account_the_bank_opened_is_activated_while_the_registry_is_out_of_reach() {
+    use socialcard_registry::fixtures::{account_number, collect, started_card};
+    let mut w = world().await;
+    let known = started_card(&mut w.registry_client, 11, "icbc").await.unwrap();
+    let opened = w.adapters[0]
+        .2
+        .confirm_account_opening(bank::ConfirmAccountOpeningRequest {
+            idempotency_key: key(),
+            batch_id: "batch-11".into(),
+            results: vec![bank::AccountOpeningResult {
+                card_id: known.card_id.clone(),
+                result: Some(bank::account_opening_result::Result::AccountNumber(account_number(11, "621226"))),
+            }],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((opened.accepted, opened.rejected), (1, 0));
+    collect(&mut w.registry_client, &known.card_id).await.unwrap();
+    let (unseen_id, unseen_number) = collected_icbc_card(&mut w.registry_client, 12).await;
+
+    // The icbc adapter restarted with its registry link pointing nowhere.
+    let bank = BankDirectory::shanghai().get("icbc").unwrap().clone();
+    let channel = Channel::from_shared("http://127.0.0.1:1").unwrap().connect_lazy();
+    let cut_off = BankAdapter::open(bank, &w._dir.0.join("bank-icbc.db"), channel).await.unwrap();
+
+    let unseen = tonic::Status::from(cut_off.activate_financial(activation(&unseen_number), None).await.unwrap_err());
+    assert_eq!(unseen.code(), Code::Unavailable, "{}", unseen.message());
+    assert_ne!(reason_of(&unseen).as_deref(), Some("SOCIAL_ACTIVATION_PENDING"), "an unknown card is not recorded");
+    assert_eq!(cut_off.unconfirmed().await.unwrap(), 0);
+
+    let pending = cut_off.activate_financial(activation(&known.card_number), None).await.unwrap_err();
+    let pending = tonic::Status::from(pending);
+    assert_eq!(
+        (pending.code(), reason_of(&pending).as_deref()),
+        (Code::Unavailable, Some("SOCIAL_ACTIVATION_PENDING"))
+    );
+    assert_eq!(cut_off.unconfirmed().await.unwrap(), 1);
+
+    // The registry applies the adapter's event: both functions on, once; the unseen card is untouched.
+    let applying = apply_bank_events(&w, 0);
+    until_both_on(&mut w, &known.card_id).await;
+    applying.stop().await;
+    assert_eq!(activations_in_trail(&mut w, &known.card_id).await, 1);
+    assert_eq!(card(&mut w, &unseen_id).await.financial_state, reg::FinancialState::NotActivated as i32);
+}

@@ -4,6 +4,8 @@
 
 use socialcard_domain::citizen_id::check_char;
 use socialcard_domain::numbers::luhn_check_digit;
+use socialcard_proto::bank::v1 as bank_pb;
+use socialcard_proto::bank::v1::bank_card_service_client::BankCardServiceClient;
 use socialcard_proto::registry::v1 as pb;
 use socialcard_proto::registry::v1::registry_service_client::RegistryServiceClient;
 use tonic::transport::Channel;
@@ -60,15 +62,7 @@ pub async fn collected_card(
     bin: &str,
 ) -> Result<FixtureCard, tonic::Status> {
     let card = produced_card(c, n, bank, bin).await?;
-    c.record_collection(pb::RecordCollectionRequest {
-        idempotency_key: key(),
-        card_id: card.card_id.clone(),
-        actor: actor(pb::Channel::CommunityPoint),
-        method: pb::CollectionMethod::PickedUpAtPoint as i32,
-        collected_at: None,
-        documents: in_person(),
-    })
-    .await?;
+    collect(c, &card.card_id).await?;
     Ok(card)
 }
 
@@ -78,6 +72,30 @@ pub async fn produced_card(
     n: u64,
     bank: &str,
     bin: &str,
+) -> Result<FixtureCard, tonic::Status> {
+    let card = started_card(c, n, bank).await?;
+    c.record_production_result(pb::RecordProductionResultRequest {
+        idempotency_key: key(),
+        card_id: card.card_id.clone(),
+        actor: actor(pb::Channel::Production),
+        result: Some(pb::record_production_result_request::Result::AccountNumber(account_number(n, bin))),
+    })
+    .await?;
+    Ok(card)
+}
+
+/// The `n`-th account number under the bank's `bin` (Luhn-checked, 19 digits).
+pub fn account_number(n: u64, bin: &str) -> String {
+    let body = format!("{bin}{:0width$}", n, width = 18usize.saturating_sub(bin.len()));
+    format!("{body}{}", luhn_check_digit(&body))
+}
+
+/// The same card sent to production with its card number drawn (three card events), waiting for the
+/// bank's account: what a bank's account opening (`ConfirmAccountOpening`) answers for.
+pub async fn started_card(
+    c: &mut RegistryServiceClient<Channel>,
+    n: u64,
+    bank: &str,
 ) -> Result<FixtureCard, tonic::Status> {
     let id = adult_citizen_id(n);
     c.register_person(pb::RegisterPersonRequest {
@@ -124,18 +142,66 @@ pub async fn produced_card(
         .into_inner()
         .card
         .unwrap_or_default();
-    let body = format!("{bin}{:0width$}", n, width = 18usize.saturating_sub(bin.len()));
-    c.record_production_result(pb::RecordProductionResultRequest {
+    Ok(FixtureCard { card_id, card_number: started.card_number })
+}
+
+/// Records a produced card's collection at a community point (the holder in person).
+pub async fn collect(c: &mut RegistryServiceClient<Channel>, card_id: &str) -> Result<(), tonic::Status> {
+    c.record_collection(pb::RecordCollectionRequest {
         idempotency_key: key(),
-        card_id: card_id.clone(),
-        actor: actor(pb::Channel::Production),
-        result: Some(pb::record_production_result_request::Result::AccountNumber(format!(
-            "{body}{}",
-            luhn_check_digit(&body)
-        ))),
+        card_id: card_id.to_string(),
+        actor: actor(pb::Channel::CommunityPoint),
+        method: pb::CollectionMethod::PickedUpAtPoint as i32,
+        collected_at: None,
+        documents: in_person(),
     })
     .await?;
-    Ok(FixtureCard { card_id, card_number: started.card_number })
+    Ok(())
+}
+
+/// Cards `first..first + count` at the bank behind `adapter`, made the way a bank's cards are: sent to
+/// production at the registry, their accounts opened through the bank's adapter (`ConfirmAccountOpening`,
+/// which also makes the adapter know them), then collected. Returns them in order.
+pub async fn opened_at_bank(
+    registry: &mut RegistryServiceClient<Channel>,
+    adapter: &mut BankCardServiceClient<Channel>,
+    first: u64,
+    count: u64,
+    bank: &str,
+    bin: &str,
+) -> Result<Vec<FixtureCard>, tonic::Status> {
+    let mut cards = Vec::new();
+    for n in first..first + count {
+        cards.push(started_card(registry, n, bank).await?);
+    }
+    let numbered: Vec<(u64, &FixtureCard)> = (first..).zip(&cards).collect();
+    for chunk in numbered.chunks(100) {
+        let results = chunk
+            .iter()
+            .map(|&(n, c)| bank_pb::AccountOpeningResult {
+                card_id: c.card_id.clone(),
+                result: Some(bank_pb::account_opening_result::Result::AccountNumber(account_number(n, bin))),
+            })
+            .collect();
+        let answer = adapter
+            .confirm_account_opening(bank_pb::ConfirmAccountOpeningRequest {
+                idempotency_key: key(),
+                batch_id: format!("fixture-{first}"),
+                results,
+            })
+            .await?
+            .into_inner();
+        if let Some(refused) = answer.outcomes.iter().find(|o| !o.accepted) {
+            return Err(tonic::Status::failed_precondition(format!(
+                "the bank refused card {}: {}",
+                refused.card_id, refused.reason
+            )));
+        }
+    }
+    for c in &cards {
+        collect(registry, &c.card_id).await?;
+    }
+    Ok(cards)
 }
 
 /// A test's hook on the writes of the registry's real store (see [`HookedStore`]).
