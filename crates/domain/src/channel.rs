@@ -71,17 +71,26 @@ impl Channel {
     }
 }
 
-/// Who acted through the channel.
+/// Who acted through the channel. Stored (sealed) with every audit row, as JSON that leaves out what
+/// is absent: three audit rows per card of a batch import made these a sixth of its bytes.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Actor {
     /// Teller, clerk or operator id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub operator_id: Option<String>,
     /// Branch, service point, hospital or batch site.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub site_id: Option<String>,
     /// The calling number on hotlines.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub caller_phone: Option<String>,
     /// The identity check's reference for online and bank-branch face verification.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub verification_ref: Option<String>,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -92,15 +101,23 @@ pub enum Presenter {
     Agent,
 }
 
-/// Documents presented at a counter (R19, R31).
+/// Documents presented at a counter (R19, R31). As JSON, only the documents presented are written
+/// (a missing one reads as not presented), as with [`Actor`].
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Documents {
     pub presenter: Presenter,
+    #[serde(skip_serializing_if = "is_false")]
     pub holder_id_card: bool,
+    #[serde(skip_serializing_if = "is_false")]
     pub household_register: bool,
+    #[serde(skip_serializing_if = "is_false")]
     pub card_presented: bool,
+    #[serde(skip_serializing_if = "is_false")]
     pub guardianship_proof: bool,
+    #[serde(skip_serializing_if = "is_false")]
     pub written_authorization: bool,
+    #[serde(skip_serializing_if = "is_false")]
     pub agent_id_card: bool,
 }
 
@@ -203,5 +220,27 @@ impl Context {
             ));
         }
         self.require_counter_documents(false, card_required)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn actors_and_documents_store_what_is_there_and_read_both_forms() {
+        let actor = Actor { site_id: Some("branch-310105".into()), ..Actor::default() };
+        let documents = Documents { holder_id_card: true, card_presented: true, ..Documents::default() };
+        let (a, d) = (serde_json::to_string(&actor).unwrap(), serde_json::to_string(&documents).unwrap());
+        assert_eq!(a, r#"{"site_id":"branch-310105"}"#);
+        assert_eq!(d, r#"{"presenter":"Holder","holder_id_card":true,"card_presented":true}"#);
+        assert_eq!(serde_json::from_str::<Actor>(&a).unwrap(), actor);
+        assert_eq!(serde_json::from_str::<Documents>(&d).unwrap(), documents);
+        // Rows written before, with every field spelled out, read the same.
+        let full_actor =
+            r#"{"operator_id":null,"site_id":"branch-310105","caller_phone":null,"verification_ref":null}"#;
+        let full_documents = r#"{"presenter":"Holder","holder_id_card":true,"household_register":false,"card_presented":true,"guardianship_proof":false,"written_authorization":false,"agent_id_card":false}"#;
+        assert_eq!(serde_json::from_str::<Actor>(full_actor).unwrap(), actor);
+        assert_eq!(serde_json::from_str::<Documents>(full_documents).unwrap(), documents);
     }
 }
