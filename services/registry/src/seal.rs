@@ -77,14 +77,7 @@ impl Sealer {
 
     /// Seals `plaintext`, bound to `row` (the row's key).
     pub fn seal(&self, plaintext: &str, row: &str) -> Result<String, SealError> {
-        let nonce = fresh_nonce();
-        let mut buf = plaintext.as_bytes().to_vec();
-        self.aead
-            .seal_in_place_append_tag(Nonce::assume_unique_for_key(nonce), Aad::from(row.as_bytes()), &mut buf)
-            .map_err(|_| SealError::Open)?;
-        let mut raw = Vec::with_capacity(NONCE_LEN + buf.len());
-        raw.extend_from_slice(&nonce);
-        raw.extend_from_slice(&buf);
+        let raw = self.seal_after(&[], plaintext.as_bytes(), row)?;
         let mut out = String::with_capacity(PREFIX.len() + (raw.len() * 4).div_ceil(3));
         out.push_str(PREFIX);
         STANDARD_NO_PAD.encode_string(&raw, &mut out);
@@ -94,29 +87,47 @@ impl Sealer {
     /// Seals bytes for `row`: `0x01` + nonce + ciphertext + tag (a stored protobuf never starts with
     /// byte 1, field number 0 being invalid, so older unsealed values stay readable).
     pub fn seal_bytes(&self, plaintext: &[u8], row: &str) -> Result<Vec<u8>, SealError> {
+        self.seal_after(&[1], plaintext, row)
+    }
+
+    /// `head` + nonce + ciphertext + tag of `plaintext` sealed for `row`, built in one buffer.
+    fn seal_after(&self, head: &[u8], plaintext: &[u8], row: &str) -> Result<Vec<u8>, SealError> {
         let nonce = fresh_nonce();
-        let mut buf = plaintext.to_vec();
-        self.aead
-            .seal_in_place_append_tag(Nonce::assume_unique_for_key(nonce), Aad::from(row.as_bytes()), &mut buf)
-            .map_err(|_| SealError::Open)?;
-        let mut out = Vec::with_capacity(1 + NONCE_LEN + buf.len());
-        out.push(1);
+        let start = head.len() + NONCE_LEN;
+        let mut out = Vec::with_capacity(start + plaintext.len() + self.aead.algorithm().tag_len());
+        out.extend_from_slice(head);
         out.extend_from_slice(&nonce);
-        out.extend_from_slice(&buf);
+        out.extend_from_slice(plaintext);
+        let tag = self
+            .aead
+            .seal_in_place_separate_tag(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::from(row.as_bytes()),
+                &mut out[start..],
+            )
+            .map_err(|_| SealError::Open)?;
+        out.extend_from_slice(tag.as_ref());
         Ok(out)
+    }
+
+    /// Opens nonce + ciphertext + tag sealed for `row`.
+    fn open_sealed(&self, raw: &[u8], row: &str) -> Result<Vec<u8>, SealError> {
+        if raw.len() < NONCE_LEN {
+            return Err(SealError::Open);
+        }
+        let (nonce, sealed) = raw.split_at(NONCE_LEN);
+        let nonce = Nonce::try_assume_unique_for_key(nonce).map_err(|_| SealError::Open)?;
+        let mut buf = sealed.to_vec();
+        let len =
+            self.aead.open_in_place(nonce, Aad::from(row.as_bytes()), &mut buf).map_err(|_| SealError::Open)?.len();
+        buf.truncate(len);
+        Ok(buf)
     }
 
     /// Opens bytes sealed for `row` (unsealed older values pass through).
     pub fn open_bytes(&self, stored: &[u8], row: &str) -> Result<Vec<u8>, SealError> {
         match stored.split_first() {
-            Some((1, rest)) if rest.len() >= NONCE_LEN => {
-                let (nonce, sealed) = rest.split_at(NONCE_LEN);
-                let nonce = Nonce::try_assume_unique_for_key(nonce).map_err(|_| SealError::Open)?;
-                let mut buf = sealed.to_vec();
-                let plain =
-                    self.aead.open_in_place(nonce, Aad::from(row.as_bytes()), &mut buf).map_err(|_| SealError::Open)?;
-                Ok(plain.to_vec())
-            }
+            Some((1, rest)) if rest.len() >= NONCE_LEN => self.open_sealed(rest, row),
             _ => Ok(stored.to_vec()),
         }
     }
@@ -131,14 +142,7 @@ impl Sealer {
         } else {
             return Ok(stored.to_string());
         };
-        if raw.len() < NONCE_LEN {
-            return Err(SealError::Open);
-        }
-        let (nonce, sealed) = raw.split_at(NONCE_LEN);
-        let nonce = Nonce::try_assume_unique_for_key(nonce).map_err(|_| SealError::Open)?;
-        let mut buf = sealed.to_vec();
-        let plain = self.aead.open_in_place(nonce, Aad::from(row.as_bytes()), &mut buf).map_err(|_| SealError::Open)?;
-        String::from_utf8(plain.to_vec()).map_err(|_| SealError::Open)
+        String::from_utf8(self.open_sealed(&raw, row)?).map_err(|_| SealError::Open)
     }
 }
 
