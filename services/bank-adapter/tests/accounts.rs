@@ -8,12 +8,12 @@ use std::sync::Arc;
 
 use socialcard_bank_adapter::BankAdapter;
 use socialcard_domain::BankDirectory;
-use socialcard_domain::numbers::luhn_check_digit;
 use socialcard_proto::bank::v1 as bank;
 use socialcard_proto::bank::v1::bank_card_service_client::BankCardServiceClient;
 use socialcard_proto::registry::v1 as reg;
 use socialcard_proto::registry::v1::registry_service_client::RegistryServiceClient;
 use socialcard_registry::RegistryConfig;
+use socialcard_registry::fixtures::account_number;
 use socialcard_server::SystemClock;
 use socialcard_server::error::reason_of;
 use tokio::net::TcpListener;
@@ -37,77 +37,15 @@ fn key() -> String {
     uuid::Uuid::now_v7().to_string()
 }
 
-fn actor(channel: reg::Channel) -> Option<reg::Actor> {
-    Some(reg::Actor {
-        channel: channel as i32,
-        operator_id: "clerk".into(),
-        site_id: "site".into(),
-        ..Default::default()
-    })
-}
-
 /// A card of `bank` sent to production (waiting for its account); returns its id.
 async fn in_production(c: &mut RegistryServiceClient<Channel>, n: u64, bank: &str) -> String {
-    let id = socialcard_registry::fixtures::adult_citizen_id(n);
-    c.register_person(reg::RegisterPersonRequest {
-        idempotency_key: key(),
-        citizen_id: id.clone(),
-        name: "Li Lei".into(),
-        phone: "13800000000".into(),
-    })
-    .await
-    .unwrap();
-    let card = c
-        .submit_application(reg::SubmitApplicationRequest {
-            idempotency_key: key(),
-            citizen_id: id,
-            actor: actor(reg::Channel::CommunityPoint),
-            documents: Some(reg::Documents {
-                presenter: reg::Presenter::Holder as i32,
-                holder_id_card: true,
-                ..Default::default()
-            }),
-            card_type: reg::CardType::Adult as i32,
-            holder_status: reg::HolderStatus::Unemployed as i32,
-            bank_code: bank.into(),
-            photo: Some(reg::Photo { source: reg::PhotoSource::CommunityPoint as i32, ..Default::default() }),
-            backup_point_id: "point-1".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .card
-        .unwrap();
-    c.review_application(reg::ReviewApplicationRequest {
-        idempotency_key: key(),
-        card_id: card.card_id.clone(),
-        actor: actor(reg::Channel::BureauWindow),
-        decision: reg::ReviewDecision::Approve as i32,
-        reason: String::new(),
-    })
-    .await
-    .unwrap();
-    c.start_production(reg::StartProductionRequest {
-        idempotency_key: key(),
-        card_id: card.card_id.clone(),
-        actor: actor(reg::Channel::Production),
-        batch_id: "batch-7".into(),
-    })
-    .await
-    .unwrap();
-    card.card_id
+    socialcard_registry::fixtures::started_card(c, n, bank).await.unwrap().card_id
 }
 
-fn account(bin: &str, n: u64) -> String {
-    let body = format!("{bin}{n:012}");
-    format!("{body}{}", luhn_check_digit(&body))
-}
-
-fn opened(card_id: &str, account_number: String) -> bank::AccountOpeningResult {
+fn opened(card_id: &str, account: String) -> bank::AccountOpeningResult {
     bank::AccountOpeningResult {
         card_id: card_id.into(),
-        result: Some(bank::account_opening_result::Result::AccountNumber(account_number)),
+        result: Some(bank::account_opening_result::Result::AccountNumber(account)),
     }
 }
 
@@ -156,7 +94,7 @@ async fn a_batch_records_each_account_and_reports_each_refusal() {
             bank::ConfirmAccountOpeningRequest {
                 idempotency_key: key(),
                 batch_id: String::new(),
-                results: vec![opened(&ok, account("621226", 1))],
+                results: vec![opened(&ok, account_number(1, "621226"))],
             },
             "FIELD_REQUIRED",
         ),
@@ -168,7 +106,7 @@ async fn a_batch_records_each_account_and_reports_each_refusal() {
             bank::ConfirmAccountOpeningRequest {
                 idempotency_key: key(),
                 batch_id: "b".into(),
-                results: vec![opened(&ok, account("621226", 1)), opened(&ok, account("621226", 2))],
+                results: vec![opened(&ok, account_number(1, "621226")), opened(&ok, account_number(2, "621226"))],
             },
             "DUPLICATE_CARD",
         ),
@@ -200,13 +138,13 @@ async fn a_batch_records_each_account_and_reports_each_refusal() {
         idempotency_key: key(),
         batch_id: "batch-7".into(),
         results: vec![
-            opened(&ok, account("621226", 11)),
+            opened(&ok, account_number(11, "621226")),
             bank::AccountOpeningResult {
                 card_id: failed.clone(),
                 result: Some(bank::account_opening_result::Result::FailureReason("KYC incomplete".into())),
             },
-            opened(&outside_bin, account("999999", 12)),
-            opened(&other_bank, account("621226", 13)),
+            opened(&outside_bin, account_number(12, "999999")),
+            opened(&other_bank, account_number(13, "621226")),
         ],
     };
     let answer = bank_client.confirm_account_opening(batch.clone()).await.unwrap().into_inner();
