@@ -153,18 +153,28 @@ impl Row<'_> {
     }
 
     pub fn text(&self, i: usize) -> Result<String, DirectError> {
-        // SAFETY: as for `blob`; the text is copied out at once.
+        self.str(i).map(str::to_owned)
+    }
+
+    /// A text column, borrowed from the statement (no copy): valid while the row is.
+    pub fn str(&self, i: usize) -> Result<&str, DirectError> {
+        // SAFETY: as for `blob`. The text stays valid until the statement is stepped, reset or
+        // finalised, none of which can happen while `self` (borrowed for the returned lifetime) lives:
+        // a `Row` is only lent to a callback for the duration of one row.
         let bytes = unsafe {
             let p = ffi::sqlite3_column_text(self.stmt.as_ptr(), column(i));
             let n = ffi::sqlite3_column_bytes(self.stmt.as_ptr(), column(i));
             if p.is_null() || n <= 0 {
-                return Ok(String::new());
+                return Ok("");
             }
-            std::slice::from_raw_parts(p, n as usize).to_vec()
+            std::slice::from_raw_parts(p, n as usize)
         };
-        String::from_utf8(bytes).map_err(|e| DirectError::new(format!("column {i}: {e}")))
+        std::str::from_utf8(bytes).map_err(|e| DirectError::new(format!("column {i}: {e}")))
     }
 }
+
+/// Rows per statement in [`Direct::insert_rows`].
+pub const ROWS_PER_INSERT: usize = 64;
 
 /// The most statements a [`Direct`] keeps prepared.
 const MAX_STATEMENTS: usize = 256;
@@ -206,6 +216,39 @@ impl<'h> Direct<'h> {
         Ok(u64::try_from(unsafe { ffi::sqlite3_changes(self.db.as_ptr()) }).unwrap_or(0))
     }
 
+    /// Writes `rows` with multi-row statements: `insert` is an INSERT up to its `VALUES`, `row` one
+    /// row's tuple with `?` for each of its `N` values (constants allowed). Rows go in statements of
+    /// [`ROWS_PER_INSERT`], the rest in halving sizes, so a table needs at most eight statements
+    /// prepared. One statement runs a row's table and index cursors once for all its rows, about a
+    /// third less work per row than a statement per row.
+    pub fn insert_rows<const N: usize>(
+        &mut self,
+        insert: &str,
+        row: &str,
+        rows: &[[Value<'_>; N]],
+    ) -> Result<(), DirectError> {
+        let mut rest = rows;
+        let mut size = ROWS_PER_INSERT;
+        while !rest.is_empty() {
+            while size > rest.len() {
+                size /= 2;
+            }
+            let (chunk, after) = rest.split_at(size);
+            let mut sql = String::with_capacity(insert.len() + 8 + size * (row.len() + 1));
+            sql.push_str(insert);
+            sql.push_str(" VALUES ");
+            for i in 0..size {
+                if i > 0 {
+                    sql.push(',');
+                }
+                sql.push_str(row);
+            }
+            self.execute(&sql, chunk.as_flattened())?;
+            rest = after;
+        }
+        Ok(())
+    }
+
     /// Runs a query and hands each row to `f`, in order.
     pub fn query<T>(
         &mut self,
@@ -244,6 +287,27 @@ impl<'h> Direct<'h> {
             ffi::SQLITE_ROW => f(&Row { stmt, _statement: std::marker::PhantomData }).map(Some),
             ffi::SQLITE_DONE => Ok(None),
             _ => Err(self.error()),
+        }
+    }
+
+    /// The main database's write-ahead log file, for a database on disk (whether or not it is in WAL
+    /// mode); `None` for an in-memory or temporary one.
+    pub fn wal_path(&self) -> Option<std::path::PathBuf> {
+        // SAFETY: `self.db` is open and ours while the handle is locked. sqlite3_db_filename returns a
+        // database filename object (or null) that stays valid while the database is attached, and
+        // sqlite3_filename_wal takes exactly such an object; both strings are copied out at once.
+        unsafe {
+            let name = ffi::sqlite3_db_filename(self.db.as_ptr(), c"main".as_ptr());
+            if name.is_null() || *name == 0 {
+                return None;
+            }
+            let wal = ffi::sqlite3_filename_wal(name);
+            if wal.is_null() || *wal == 0 {
+                return None;
+            }
+            Some(std::path::PathBuf::from(<std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(
+                CStr::from_ptr(wal).to_bytes(),
+            )))
         }
     }
 

@@ -839,6 +839,40 @@ async fn queued(group: &GroupWriter, n: usize) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_syncing_database_answers_every_write_and_its_connection_still_syncs_for_sqlx() {
+    let dir = TempDir::new();
+    // One connection: the writer's is the one sqlx's own transactions get after it.
+    let opts = SqliteConnectOptions::new()
+        .filename(dir.0.join("sync.db"))
+        .create_if_missing(true)
+        .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal)
+        .synchronous(sqlx::sqlite::SqliteSynchronous::Full)
+        .busy_timeout(Duration::from_secs(10));
+    let pool = SqlitePoolOptions::new().max_connections(1).connect_with(opts).await.unwrap();
+    sqlx::query("CREATE TABLE t (id INTEGER PRIMARY KEY)").execute(&pool).await.unwrap();
+    let group = GroupWriter::spawn(pool.clone(), 64);
+    // Concurrent writes (groups of several) and writes queued back to back without waiting in between.
+    let mut writes: Vec<_> = (0..40).map(|id| insert(&group, "INSERT INTO t (id) VALUES ($1)", id)).collect();
+    let mut queued = Vec::new();
+    for id in 40..60_i64 {
+        queued
+            .push(group.queue(move |conn| conn.execute("INSERT INTO t (id) VALUES ($1)", &[id.into()])).await.unwrap());
+    }
+    for w in writes.drain(..) {
+        assert!(matches!(w.await.unwrap(), Ok(Ok(()))));
+    }
+    for q in queued {
+        assert!(matches!(q.await, Ok(Ok(1))));
+    }
+    let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM t").fetch_one(&pool).await.unwrap();
+    assert_eq!(n, 60);
+    // The writer committed without a sync in COMMIT (its sync thread synced); sqlx's transactions on
+    // the same connection must sync in their COMMIT again (2 = FULL).
+    let level: i64 = sqlx::query_scalar("PRAGMA synchronous").fetch_one(&pool).await.unwrap();
+    assert_eq!(level, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_write_rolls_back_alone_and_its_group_commits() {
     let dir = TempDir::new();
     let pool = sqlite(&dir, "group.db").await;
