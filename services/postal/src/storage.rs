@@ -68,6 +68,35 @@ pub struct ShipmentRecord {
     pub status_at: OffsetDateTime,
 }
 
+/// What taking a courier update needs of a shipment: whose card it carries, where a failed delivery
+/// sends it and how far it got. Ingest reads only this, not the address.
+#[derive(Clone, Debug)]
+struct Tracked {
+    seq: i64,
+    waybill: String,
+    card_id: String,
+    backup_point_id: String,
+    progress: Progress,
+    sub_reason: String,
+    opened_at: OffsetDateTime,
+    status_at: OffsetDateTime,
+}
+
+impl Tracked {
+    fn of(s: &ShipmentRecord) -> Self {
+        Self {
+            seq: s.seq,
+            waybill: s.waybill.clone(),
+            card_id: s.card_id.clone(),
+            backup_point_id: s.backup_point_id.clone(),
+            progress: s.progress,
+            sub_reason: s.sub_reason.clone(),
+            opened_at: s.opened_at,
+            status_at: s.status_at,
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HistoryRecord {
     pub courier_event_id: String,
@@ -166,10 +195,34 @@ impl Columns for socialcard_events::direct::Row<'_> {
     }
 }
 
+/// A shipment's progress from its status, rank and milestone columns.
+fn progress_of(status: &str, rank: i64, milestone: &str) -> Result<Progress, StoreError> {
+    Ok(Progress {
+        status: Status::from_label(status).ok_or_else(|| StoreError::Corrupt(format!("status {status}")))?,
+        rank: u8::try_from(rank).map_err(|_| StoreError::Corrupt(format!("rank {rank}")))?,
+        milestone: Milestone::from_label(milestone)
+            .ok_or_else(|| StoreError::Corrupt(format!("milestone {milestone}")))?,
+    })
+}
+
+/// The columns [`tracked_of`] reads, in its order.
+const TRACKED_COLUMNS: &str =
+    "seq, waybill, card_id, backup_point_id, status, status_rank, milestone, sub_reason, opened_at, status_at";
+
+fn tracked_of(r: &socialcard_events::direct::Row<'_>) -> Result<Tracked, StoreError> {
+    Ok(Tracked {
+        seq: r.int(0),
+        waybill: r.text(1)?,
+        card_id: r.text(2)?,
+        backup_point_id: r.text(3)?,
+        progress: progress_of(r.str(4)?, r.int(5), r.str(6)?)?,
+        sub_reason: r.text(7)?,
+        opened_at: time_of(r.int(8))?,
+        status_at: time_of(r.int(9))?,
+    })
+}
+
 fn shipment_of(r: &impl Columns) -> Result<ShipmentRecord, StoreError> {
-    let status = r.text(10)?;
-    let milestone = r.text(12)?;
-    let rank = r.int(11)?;
     Ok(ShipmentRecord {
         seq: r.int(0)?,
         waybill: r.text(1)?,
@@ -183,12 +236,7 @@ fn shipment_of(r: &impl Columns) -> Result<ShipmentRecord, StoreError> {
             postal_code: r.text(8)?,
         },
         backup_point_id: r.text(9)?,
-        progress: Progress {
-            status: Status::from_label(&status).ok_or_else(|| StoreError::Corrupt(format!("status {status}")))?,
-            rank: u8::try_from(rank).map_err(|_| StoreError::Corrupt(format!("rank {rank}")))?,
-            milestone: Milestone::from_label(&milestone)
-                .ok_or_else(|| StoreError::Corrupt(format!("milestone {milestone}")))?,
-        },
+        progress: progress_of(&r.text(10)?, r.int(11)?, &r.text(12)?)?,
         sub_reason: r.text(13)?,
         opened_at: time_of(r.int(14)?)?,
         status_at: time_of(r.int(15)?)?,
@@ -244,7 +292,7 @@ pub fn timestamp(t: OffsetDateTime) -> prost_types::Timestamp {
 
 /// A shipment's milestone event, written to the outbox in the caller's transaction.
 struct MilestoneEvent<'a> {
-    shipment: &'a ShipmentRecord,
+    shipment: &'a Tracked,
     milestone: Milestone,
     implied: bool,
     occurred_at: OffsetDateTime,
@@ -291,9 +339,14 @@ fn milestone_row(e: MilestoneEvent<'_>) -> OutboxRow {
     }
 }
 
-const INSERT_OUTBOX: &str =
-    "INSERT INTO outbox (event_id, topic, event_key, event_type, payload, occurred_at, bucket, source)
-     VALUES ($1, $2, $3, $4, $5, $6, $7, 'postal')";
+/// An outbox row's INSERT, up to its values (also for [`Direct::insert_rows`]).
+macro_rules! outbox_into {
+    () => {
+        "INSERT INTO outbox (event_id, topic, event_key, event_type, payload, occurred_at, bucket, source)"
+    };
+}
+const OUTBOX_ROW: &str = "(?, ?, ?, ?, ?, ?, ?, 'postal')";
+const INSERT_OUTBOX: &str = concat!(outbox_into!(), " VALUES (?, ?, ?, ?, ?, ?, ?, 'postal')");
 
 impl OutboxRow {
     fn values(&self) -> [Value<'_>; 7] {
@@ -322,9 +375,15 @@ struct HistoryRow<'a> {
     outcome: Outcome,
 }
 
-const INSERT_HISTORY: &str = "INSERT INTO shipment_history (waybill, courier_event_id, status, sub_reason, point_id,
-         occurred_at, received_at, source, outcome)
-     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)";
+/// A history row's INSERT, up to its values (also for [`Direct::insert_rows`]).
+macro_rules! history_into {
+    () => {
+        "INSERT INTO shipment_history (waybill, courier_event_id, status, sub_reason, point_id, occurred_at,
+             received_at, source, outcome)"
+    };
+}
+const HISTORY_ROW: &str = "(?, ?, ?, ?, ?, ?, ?, ?, ?)";
+const INSERT_HISTORY: &str = concat!(history_into!(), " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)");
 
 const INSERT_UNKNOWN: &str = "INSERT INTO unknown_waybill_updates (waybill, courier_event_id, status, sub_reason,
          point_id, occurred_at, received_at, source)
@@ -347,21 +406,31 @@ impl HistoryRow<'_> {
     }
 }
 
+/// Moves a shipment that stays open. `closed_at` is left alone: setting it, even to NULL again, would
+/// rewrite the shipment's entry in the open-shipments index.
 const SAVE_PROGRESS: &str = "UPDATE shipments SET status = $1, status_rank = $2, milestone = $3, sub_reason = $4,
-         status_at = $5, closed_at = $6
-     WHERE waybill = $7";
+         status_at = $5
+     WHERE seq = $6";
 
-fn progress_values(s: &ShipmentRecord) -> [Value<'_>; 7] {
-    let closed_at = s.progress.status.is_final().then(|| unix_micros(s.status_at));
-    [
-        s.progress.status.as_str().into(),
-        i64::from(s.progress.rank).into(),
-        s.progress.milestone.as_str().into(),
-        (&s.sub_reason).into(),
-        unix_micros(s.status_at).into(),
-        closed_at.into(),
-        (&s.waybill).into(),
-    ]
+/// Moves a shipment to a final status and closes it.
+const SAVE_CLOSED: &str = "UPDATE shipments SET status = $1, status_rank = $2, milestone = $3, sub_reason = $4,
+         status_at = $5, closed_at = $5
+     WHERE seq = $6";
+
+/// The statement that saves `s`'s progress, and its values.
+fn progress_values(s: &Tracked) -> (&'static str, [Value<'_>; 6]) {
+    let sql = if s.progress.status.is_final() { SAVE_CLOSED } else { SAVE_PROGRESS };
+    (
+        sql,
+        [
+            s.progress.status.as_str().into(),
+            i64::from(s.progress.rank).into(),
+            s.progress.milestone.as_str().into(),
+            (&s.sub_reason).into(),
+            unix_micros(s.status_at).into(),
+            s.seq.into(),
+        ],
+    )
 }
 
 async fn insert_outbox(tx: &mut sqlx::SqliteConnection, row: &OutboxRow) -> Result<(), StoreError> {
@@ -374,8 +443,9 @@ async fn insert_history(tx: &mut sqlx::SqliteConnection, row: &HistoryRow<'_>) -
     Ok(())
 }
 
-async fn save_progress(tx: &mut sqlx::SqliteConnection, s: &ShipmentRecord) -> Result<(), StoreError> {
-    bind_values(sqlx::query(SAVE_PROGRESS), &progress_values(s)).execute(tx).await?;
+async fn save_progress(tx: &mut sqlx::SqliteConnection, s: &Tracked) -> Result<(), StoreError> {
+    let (sql, values) = progress_values(s);
+    bind_values(sqlx::query(sql), &values).execute(tx).await?;
     Ok(())
 }
 
@@ -471,7 +541,7 @@ impl PostalStore {
         };
         insert_history(&mut tx, &entry).await?;
         let opened = milestone_row(MilestoneEvent {
-            shipment: &record,
+            shipment: &Tracked::of(&record),
             milestone: Milestone::Opened,
             implied: false,
             occurred_at: now,
@@ -508,7 +578,7 @@ impl PostalStore {
             tx.commit().await?;
             return Ok(None);
         };
-        let mut s = shipment_of(&row)?;
+        let mut s = Tracked::of(&shipment_of(&row)?);
         s.progress = Progress { status: Status::Withdrawn, rank: 6, milestone: s.progress.milestone };
         s.sub_reason = reason.to_string();
         s.status_at = now;
@@ -545,10 +615,28 @@ impl PostalStore {
         source: Source,
         now: OffsetDateTime,
     ) -> Result<IngestReport, StoreError> {
-        if updates.is_empty() {
-            return Ok(IngestReport::default());
-        }
-        self.group.run(move |conn| Self::ingest_in(conn, &updates, source, now)).await?
+        self.queue_ingest(updates, source, now).await?.await
+    }
+
+    /// [`Self::ingest`] in two steps: returns once the batch is in the writer's queue, with its outcome
+    /// to come. Batches queued one after the other are written in that order.
+    pub async fn queue_ingest(
+        &self,
+        updates: Vec<Update>,
+        source: Source,
+        now: OffsetDateTime,
+    ) -> Result<impl Future<Output = Result<IngestReport, StoreError>> + Send + 'static, StoreError> {
+        let queued = if updates.is_empty() {
+            None
+        } else {
+            Some(self.group.queue(move |conn| Self::ingest_in(conn, &updates, source, now)).await?)
+        };
+        Ok(async move {
+            match queued {
+                Some(written) => written.await?,
+                None => Ok(IngestReport::default()),
+            }
+        })
     }
 
     /// [`Self::ingest`] inside the group writer's transaction (a savepoint of its own).
@@ -562,7 +650,8 @@ impl PostalStore {
         let json = |items: Vec<&str>| serde_json::to_string(&items).map_err(|e| StoreError::Corrupt(e.to_string()));
         let event_ids = json(updates.iter().map(|u| u.courier_event_id.as_str()).collect())?;
         let waybills = json(updates.iter().map(|u| u.waybill.as_str()).collect())?;
-        let mut seen: HashSet<String> = conn
+        // Courier event ids taken before (stored), and those of this batch (borrowed from it).
+        let stored: HashSet<String> = conn
             .query(
                 "SELECT courier_event_id FROM shipment_history WHERE courier_event_id IN (SELECT value FROM json_each($1))
                  UNION ALL
@@ -573,13 +662,14 @@ impl PostalStore {
             )?
             .into_iter()
             .collect();
-        let mut shipments: HashMap<String, ShipmentRecord> = HashMap::new();
+        let mut seen: HashSet<&str> = HashSet::with_capacity(updates.len());
+        let mut shipments: HashMap<String, Tracked> = HashMap::with_capacity(updates.len());
         for s in conn.query(
             &format!(
-                "SELECT {SHIPMENT_COLUMNS} FROM shipments WHERE waybill IN (SELECT DISTINCT value FROM json_each($1))"
+                "SELECT {TRACKED_COLUMNS} FROM shipments WHERE waybill IN (SELECT DISTINCT value FROM json_each($1))"
             ),
             &[(&waybills).into()],
-            |r| Ok(shipment_of(r)),
+            |r| Ok(tracked_of(r)),
         )? {
             let s = s?;
             shipments.insert(s.waybill.clone(), s);
@@ -592,7 +682,7 @@ impl PostalStore {
         // Shipments moved, in the order they first moved.
         let mut moved: Vec<&str> = Vec::new();
         for u in updates {
-            if !seen.insert(u.courier_event_id.clone()) {
+            if stored.contains(&u.courier_event_id) || !seen.insert(&u.courier_event_id) {
                 report.duplicates += 1;
                 continue;
             }
@@ -657,18 +747,17 @@ impl PostalStore {
             }
         }
         // One prepared statement per table, run row by row on the writer's connection (no hand-off).
-        for row in &history {
-            conn.execute(INSERT_HISTORY, &row.values())?;
-        }
+        let history: Vec<_> = history.iter().map(HistoryRow::values).collect();
+        conn.insert_rows(history_into!(), HISTORY_ROW, &history)?;
         for row in &unknown {
             conn.execute(INSERT_UNKNOWN, &row.values()[..8])?;
         }
         for s in moved.iter().filter_map(|w| shipments.get(*w)) {
-            conn.execute(SAVE_PROGRESS, &progress_values(s))?;
+            let (sql, values) = progress_values(s);
+            conn.execute(sql, &values)?;
         }
-        for row in &outbox {
-            conn.execute(INSERT_OUTBOX, &row.values())?;
-        }
+        let outbox: Vec<_> = outbox.iter().map(OutboxRow::values).collect();
+        conn.insert_rows(outbox_into!(), OUTBOX_ROW, &outbox)?;
         Ok(report)
     }
 
