@@ -168,33 +168,6 @@ fn time_of(us: i64) -> Result<OffsetDateTime, StoreError> {
     from_unix_micros(us).ok_or_else(|| StoreError::Corrupt(format!("time {us} out of range")))
 }
 
-/// A row of [`SHIPMENT_COLUMNS`], its columns by position: read through sqlx or on the group writer's
-/// connection.
-trait Columns {
-    fn int(&self, at: usize) -> Result<i64, StoreError>;
-    fn text(&self, at: usize) -> Result<String, StoreError>;
-}
-
-impl Columns for SqliteRow {
-    fn int(&self, at: usize) -> Result<i64, StoreError> {
-        Ok(self.try_get(at)?)
-    }
-
-    fn text(&self, at: usize) -> Result<String, StoreError> {
-        Ok(self.try_get(at)?)
-    }
-}
-
-impl Columns for socialcard_events::direct::Row<'_> {
-    fn int(&self, at: usize) -> Result<i64, StoreError> {
-        Ok(socialcard_events::direct::Row::int(self, at))
-    }
-
-    fn text(&self, at: usize) -> Result<String, StoreError> {
-        Ok(socialcard_events::direct::Row::text(self, at)?)
-    }
-}
-
 /// A shipment's progress from its status, rank and milestone columns.
 fn progress_of(status: &str, rank: i64, milestone: &str) -> Result<Progress, StoreError> {
     Ok(Progress {
@@ -222,24 +195,25 @@ fn tracked_of(r: &socialcard_events::direct::Row<'_>) -> Result<Tracked, StoreEr
     })
 }
 
-fn shipment_of(r: &impl Columns) -> Result<ShipmentRecord, StoreError> {
+/// A row of [`SHIPMENT_COLUMNS`], its columns by position.
+fn shipment_of(r: &SqliteRow) -> Result<ShipmentRecord, StoreError> {
     Ok(ShipmentRecord {
-        seq: r.int(0)?,
-        waybill: r.text(1)?,
-        card_id: r.text(2)?,
-        card_number: r.text(3)?,
+        seq: r.try_get(0)?,
+        waybill: r.try_get(1)?,
+        card_id: r.try_get(2)?,
+        card_number: r.try_get(3)?,
         address: Address {
-            recipient: r.text(4)?,
-            phone: r.text(5)?,
-            line: r.text(6)?,
-            district: r.text(7)?,
-            postal_code: r.text(8)?,
+            recipient: r.try_get(4)?,
+            phone: r.try_get(5)?,
+            line: r.try_get(6)?,
+            district: r.try_get(7)?,
+            postal_code: r.try_get(8)?,
         },
-        backup_point_id: r.text(9)?,
-        progress: progress_of(&r.text(10)?, r.int(11)?, &r.text(12)?)?,
-        sub_reason: r.text(13)?,
-        opened_at: time_of(r.int(14)?)?,
-        status_at: time_of(r.int(15)?)?,
+        backup_point_id: r.try_get(9)?,
+        progress: progress_of(r.try_get(10)?, r.try_get(11)?, r.try_get(12)?)?,
+        sub_reason: r.try_get(13)?,
+        opened_at: time_of(r.try_get(14)?)?,
+        status_at: time_of(r.try_get(15)?)?,
     })
 }
 
@@ -679,8 +653,9 @@ impl PostalStore {
         let mut history = Vec::new();
         let mut unknown = Vec::new();
         let mut outbox = Vec::new();
-        // Shipments moved, in the order they first moved.
+        // Shipments moved, in the order they first moved (the set: to know a repeat without a scan).
         let mut moved: Vec<&str> = Vec::new();
+        let mut moved_set: HashSet<&str> = HashSet::new();
         for u in updates {
             if stored.contains(&u.courier_event_id) || !seen.insert(&u.courier_event_id) {
                 report.duplicates += 1;
@@ -721,7 +696,7 @@ impl PostalStore {
                         shipment.progress = progress;
                         shipment.sub_reason = u.sub_reason.clone();
                         shipment.status_at = u.occurred_at.max(shipment.status_at);
-                        if !moved.contains(&waybill) {
+                        if moved_set.insert(waybill) {
                             moved.push(waybill);
                         }
                     }
