@@ -290,27 +290,6 @@ impl<'h> Direct<'h> {
         }
     }
 
-    /// The main database's write-ahead log file, for a database on disk (whether or not it is in WAL
-    /// mode); `None` for an in-memory or temporary one.
-    pub fn wal_path(&self) -> Option<std::path::PathBuf> {
-        // SAFETY: `self.db` is open and ours while the handle is locked. sqlite3_db_filename returns a
-        // database filename object (or null) that stays valid while the database is attached, and
-        // sqlite3_filename_wal takes exactly such an object; both strings are copied out at once.
-        unsafe {
-            let name = ffi::sqlite3_db_filename(self.db.as_ptr(), c"main".as_ptr());
-            if name.is_null() || *name == 0 {
-                return None;
-            }
-            let wal = ffi::sqlite3_filename_wal(name);
-            if wal.is_null() || *wal == 0 {
-                return None;
-            }
-            Some(std::path::PathBuf::from(<std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(
-                CStr::from_ptr(wal).to_bytes(),
-            )))
-        }
-    }
-
     /// Whether a transaction is open on the connection.
     pub fn in_transaction(&self) -> bool {
         // SAFETY: `self.db` is open and ours while the handle is locked.

@@ -15,21 +15,8 @@
 //! whose answer was lost on the way; the operations put through here are idempotent for that reason.
 //! A write that panics is rolled back like a failed one (its caller gets a [`GroupError`]) and the
 //! writer goes on with the rest of its group: one bad request must not stop a service's writes.
-//!
-//! **Durability off the writer's path.** A database that syncs its commits to disk (`synchronous`
-//! FULL or EXTRA in WAL mode: what a service keeps when an answer it gives must survive a power cut)
-//! would have the writer sit idle in every `COMMIT` while the log is synced, milliseconds in which no
-//! other group can run. The writer instead commits with `synchronous = NORMAL` (the `COMMIT` writes
-//! the log and returns) and hands the group's answers to a sync thread of the database's own, which
-//! syncs the write-ahead log and only then answers: one sync for every group committed before it
-//! began, while the writer goes on with the next group. A caller is still answered only once its
-//! write is on disk. (Until then other connections may already read it, as they read any committed
-//! transaction; if the sync fails, its callers get a [`GroupError`], and their writes, idempotent, are
-//! retried.) The connection's own level is set back whenever the writer hands it back to the pool,
-//! so sqlx's transactions on it sync in their `COMMIT` as configured.
 
 use std::panic::AssertUnwindSafe;
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicIsize, Ordering};
 use std::time::{Duration, Instant};
@@ -44,9 +31,8 @@ type Deliver = Box<dyn FnOnce(Result<(), GroupError>) + Send>;
 /// A queued write: runs on the group's connection, says whether it succeeded and how to answer.
 type Job = Box<dyn FnOnce(&mut Direct<'_>) -> (bool, Deliver) + Send>;
 
-/// The group a write belonged to could not be committed (or the writer is gone): nothing of the write
-/// was stored. Or, for a database that syncs its commits, the sync after the commit failed: the write
-/// was committed but is not known to be on disk.
+/// The group a write belonged to could not be committed (or the writer is gone); nothing of the write
+/// was stored.
 #[derive(Clone, Debug, thiserror::Error)]
 #[error("write not committed: {0}")]
 pub struct GroupError(pub String);
@@ -105,7 +91,7 @@ impl GroupWriter {
     }
 
     /// Runs `write` on the writer's connection inside the next group and returns its result once the
-    /// group committed (and, on a database that syncs its commits, was synced to disk). `Ok(Err(e))`: the write failed and was rolled back alone. `Err`: the write
+    /// group committed. `Ok(Err(e))`: the write failed and was rolled back alone. `Err`: the write
     /// succeeded but its group was not committed, so nothing of it was stored.
     ///
     /// `write` runs synchronously on the writer's connection ([`Direct`]: no hand-off per statement),
@@ -121,8 +107,7 @@ impl GroupWriter {
     }
 
     /// Queues `write` as [`Self::run`] does and returns once it is in the queue, with its outcome to
-    /// come. Writes run in the order they were queued, so a caller can queue its next write before the
-    /// one before it has committed and still have them run one after the other.
+    /// come. Writes run in the order they were queued.
     pub async fn queue<T, E, F>(&self, write: F) -> Result<Queued<T, E>, GroupError>
     where
         T: Send + 'static,
@@ -170,10 +155,8 @@ async fn write_loop(
     committed: &AtomicBool,
 ) {
     let mut group = Vec::with_capacity(max_group);
-    // Started at the first run that needs it; stops (after answering what it holds) when this loop ends.
-    let mut syncer: Option<Syncer> = None;
     while queue.recv_many(&mut group, max_group).await > 0 {
-        let outcome = write_groups(&pool, &mut queue, &mut group, max_group, &queued, &mut syncer).await;
+        let outcome = write_groups(&pool, &mut queue, &mut group, max_group, &queued).await;
         committed.store(true, Ordering::Relaxed);
         if let Err(e) = outcome {
             // No connection: the writes taken are dropped, which tells their callers nothing was stored.
@@ -206,10 +189,9 @@ async fn write_groups(
     group: &mut Vec<Job>,
     max_group: usize,
     queued: &AtomicIsize,
-    syncer: &mut Option<Syncer>,
 ) -> Result<(), GroupError> {
     let mut conn = pool.acquire().await?;
-    let (outcome, broken) = write_held(&mut conn, queue, group, max_group, queued, syncer).await;
+    let (outcome, broken) = write_held(&mut conn, queue, group, max_group, queued).await;
     if broken {
         conn.close_on_drop();
     }
@@ -217,15 +199,13 @@ async fn write_groups(
 }
 
 /// [`write_groups`] on `conn`; also says whether the connection must be closed rather than returned to
-/// the pool (its worker is gone, it is stuck in a transaction it could not roll back, or its sync level
-/// could not be set back).
+/// the pool (its worker is gone, or it is stuck in a transaction it could not roll back).
 async fn write_held(
     conn: &mut sqlx::pool::PoolConnection<sqlx::Sqlite>,
     queue: &mut mpsc::Receiver<Job>,
     group: &mut Vec<Job>,
     max_group: usize,
     queued: &AtomicIsize,
-    syncer: &mut Option<Syncer>,
 ) -> (Result<(), GroupError>, bool) {
     let mut handle = match conn.lock_handle().await {
         Ok(h) => h,
@@ -238,10 +218,8 @@ async fn write_held(
         if let Err(e) = direct.execute(BACKSTOP_AUTOCHECKPOINT, &[]) {
             tracing::warn!(error = %e, "could not set the writer's checkpoint backstop");
         }
-        // Some(level): this run's commits are synced by the syncer; the connection's level goes back after.
-        let pipelined = pipeline(&mut direct, syncer);
         let since = Instant::now();
-        let stuck = loop {
+        loop {
             queued.fetch_sub(isize::try_from(group.len()).unwrap_or(isize::MAX), Ordering::SeqCst);
             let mut delivers = Vec::with_capacity(group.len());
             let (outcome, stuck) = commit_group(&mut direct, group, &mut delivers);
@@ -250,19 +228,14 @@ async fn write_held(
             if let Err(e) = &outcome {
                 tracing::warn!(error = %e, writes = delivers.len(), "a group of writes was not committed");
             }
-            match (&outcome, pipelined.and(syncer.as_ref())) {
-                (Ok(()), Some(syncer)) => syncer.answer_when_synced(delivers),
-                _ => {
-                    for deliver in delivers {
-                        deliver(outcome.clone());
-                    }
-                }
+            for deliver in delivers {
+                deliver(outcome.clone());
             }
             if stuck {
-                break true;
+                return true;
             }
             if since.elapsed() >= HOLD {
-                break false;
+                return false;
             }
             while group.len() < max_group {
                 match queue.try_recv() {
@@ -271,19 +244,9 @@ async fn write_held(
                 }
             }
             if group.is_empty() {
-                break false;
+                return false;
             }
-        };
-        // Back to the level sqlx's users of the connection expect; a connection that cannot be set back
-        // must not serve them at all.
-        let restored = pipelined.is_none_or(|level| {
-            let set = direct.execute(&format!("PRAGMA synchronous = {level}"), &[]);
-            if let Err(e) = &set {
-                tracing::error!(error = %e, "the writer's connection could not be set back to sync its commits; it is closed");
-            }
-            set.is_ok()
-        });
-        stuck || !restored
+        }
     };
     let stuck = match tokio::runtime::Handle::current().runtime_flavor() {
         tokio::runtime::RuntimeFlavor::MultiThread => tokio::task::block_in_place(work),
@@ -291,97 +254,9 @@ async fn write_held(
     };
     drop(handle);
     if stuck {
-        tracing::error!(
-            "the writer's connection is closed: a failed group could not be rolled back, or its sync level set back"
-        );
+        tracing::error!("a failed group could not be rolled back; its connection is closed");
     }
     (Ok(()), stuck)
-}
-
-/// Whether this run's commits can leave their sync to the syncer: the connection syncs in `COMMIT`
-/// (`synchronous` FULL or EXTRA) on a database on disk in WAL mode. If so, sets the connection to
-/// `synchronous = NORMAL` for the run (starting the syncer if it is not yet running) and returns the
-/// level to set back after it.
-fn pipeline(direct: &mut Direct<'_>, syncer: &mut Option<Syncer>) -> Option<i64> {
-    let level = direct.query_row("PRAGMA synchronous", &[], |r| Ok(r.int(0))).ok().flatten()?;
-    // 2: FULL, 3: EXTRA. OFF and NORMAL never sync in a WAL-mode COMMIT: nothing to take off the path.
-    if level < 2 {
-        return None;
-    }
-    let mode = direct.query_row("PRAGMA journal_mode", &[], |r| r.text(0)).ok().flatten()?;
-    if !mode.eq_ignore_ascii_case("wal") {
-        return None;
-    }
-    if syncer.is_none() {
-        let wal = direct.wal_path()?;
-        match Syncer::start(wal) {
-            Ok(s) => *syncer = Some(s),
-            Err(e) => {
-                tracing::warn!(error = %e, "no sync thread; the writer syncs in each commit");
-                return None;
-            }
-        }
-    }
-    direct.execute("PRAGMA synchronous = NORMAL", &[]).ok()?;
-    Some(level)
-}
-
-/// Syncs a database's write-ahead log to disk on a thread of its own, then answers the writes of the
-/// groups committed before the sync began (see the module docs).
-struct Syncer {
-    wal: PathBuf,
-    groups: std::sync::mpsc::Sender<Vec<Deliver>>,
-}
-
-impl Syncer {
-    fn start(wal: PathBuf) -> std::io::Result<Self> {
-        let (groups, queue) = std::sync::mpsc::channel();
-        let path = wal.clone();
-        std::thread::Builder::new()
-            .name("sqlite-sync".into())
-            .stack_size(256 * 1024)
-            .spawn(move || sync_loop(&path, &queue))?;
-        Ok(Self { wal, groups })
-    }
-
-    /// Answers a committed group's writes once the log is synced.
-    fn answer_when_synced(&self, delivers: Vec<Deliver>) {
-        if let Err(std::sync::mpsc::SendError(delivers)) = self.groups.send(delivers) {
-            // The thread is gone (it panicked): sync here.
-            let outcome = sync_wal(&self.wal);
-            for deliver in delivers {
-                deliver(outcome.clone());
-            }
-        }
-    }
-}
-
-/// The sync thread: each sync answers every group that was queued when it began. Ends when the writer
-/// (the queue's sender) is gone and the queue is drained.
-fn sync_loop(wal: &Path, queue: &std::sync::mpsc::Receiver<Vec<Deliver>>) {
-    while let Ok(mut delivers) = queue.recv() {
-        while let Ok(more) = queue.try_recv() {
-            delivers.extend(more);
-        }
-        let outcome = sync_wal(wal);
-        if let Err(e) = &outcome {
-            tracing::error!(error = %e, writes = delivers.len(), "committed writes could not be synced to disk");
-        }
-        for deliver in delivers {
-            deliver(outcome.clone());
-        }
-    }
-}
-
-/// Syncs the write-ahead log's data to disk, as SQLite's own `COMMIT` does at `synchronous = FULL`.
-/// The file is opened for each sync: SQLite may have removed the log and started a new one meanwhile.
-fn sync_wal(wal: &Path) -> Result<(), GroupError> {
-    match std::fs::File::open(wal) {
-        Ok(file) => file.sync_data().map_err(|e| GroupError(format!("the write-ahead log could not be synced: {e}"))),
-        // SQLite removes the log only after copying it into the database file and syncing that.
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(GroupError(format!("the write-ahead log could not be opened to sync it: {e}"))),
-    }
 }
 
 /// The WAL size (pages) at which the writer's connection checkpoints in a `COMMIT` itself, a backstop:

@@ -839,37 +839,30 @@ async fn queued(group: &GroupWriter, n: usize) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_syncing_database_answers_every_write_and_its_connection_still_syncs_for_sqlx() {
+async fn writes_queued_one_after_the_other_run_in_that_order_and_each_is_answered() {
     let dir = TempDir::new();
-    // One connection: the writer's is the one sqlx's own transactions get after it.
-    let opts = SqliteConnectOptions::new()
-        .filename(dir.0.join("sync.db"))
-        .create_if_missing(true)
-        .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal)
-        .synchronous(sqlx::sqlite::SqliteSynchronous::Full)
-        .busy_timeout(Duration::from_secs(10));
-    let pool = SqlitePoolOptions::new().max_connections(1).connect_with(opts).await.unwrap();
-    sqlx::query("CREATE TABLE t (id INTEGER PRIMARY KEY)").execute(&pool).await.unwrap();
-    let group = GroupWriter::spawn(pool.clone(), 64);
-    // Concurrent writes (groups of several) and writes queued back to back without waiting in between.
-    let mut writes: Vec<_> = (0..40).map(|id| insert(&group, "INSERT INTO t (id) VALUES ($1)", id)).collect();
+    let pool = sqlite(&dir, "queue.db").await;
+    sqlx::query("CREATE TABLE t (seq INTEGER PRIMARY KEY AUTOINCREMENT, id INTEGER NOT NULL UNIQUE)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let (group, release, blocker) = held_writer(&pool).await;
+    // Queued while the writer is busy, without waiting for any answer in between; the third is refused
+    // (a taken id) and must be rolled back alone.
     let mut queued = Vec::new();
-    for id in 40..60_i64 {
+    for id in [5_i64, 3, 5, 9, 1] {
         queued
             .push(group.queue(move |conn| conn.execute("INSERT INTO t (id) VALUES ($1)", &[id.into()])).await.unwrap());
     }
-    for w in writes.drain(..) {
-        assert!(matches!(w.await.unwrap(), Ok(Ok(()))));
-    }
+    release.send(()).unwrap();
+    blocker.await.unwrap();
+    let mut answers = Vec::new();
     for q in queued {
-        assert!(matches!(q.await, Ok(Ok(1))));
+        answers.push(q.await.unwrap().map_err(|e| e.is_unique_violation()));
     }
-    let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM t").fetch_one(&pool).await.unwrap();
-    assert_eq!(n, 60);
-    // The writer committed without a sync in COMMIT (its sync thread synced); sqlx's transactions on
-    // the same connection must sync in their COMMIT again (2 = FULL).
-    let level: i64 = sqlx::query_scalar("PRAGMA synchronous").fetch_one(&pool).await.unwrap();
-    assert_eq!(level, 2);
+    assert_eq!(answers, vec![Ok(1), Ok(1), Err(true), Ok(1), Ok(1)]);
+    let ids: Vec<i64> = sqlx::query_scalar("SELECT id FROM t ORDER BY seq").fetch_all(&pool).await.unwrap();
+    assert_eq!(ids, vec![5, 3, 9, 1]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -20,9 +20,10 @@ use crate::storage::{HistoryRecord, IngestReport, ShipmentRecord, status_to_pb, 
 
 /// Updates taken into one transaction at most, when a stream sends faster than they are written.
 const STREAM_BATCH: usize = 512;
-/// A stream's batches in the writer's queue at most: the one being written and the next, so the
-/// writer goes from one to the other without waiting for the stream (or for the first one's sync).
-const IN_FLIGHT: usize = 2;
+/// A stream's batches in the writer's queue at most. One: the next batch waits for the last one's
+/// answer, so a batch is never applied after one before it failed (a second batch queued behind a
+/// failing one would still be applied, and its updates would come before the first one's retry).
+const IN_FLIGHT: usize = 1;
 const MAX_PAGE: u32 = 500;
 const DEFAULT_PAGE: u32 = 100;
 
@@ -225,8 +226,8 @@ impl PostalService for PostalGrpc {
     }
 
     /// Pipelined: while a batch is being written, the next one is received and checked; batches are
-    /// written one after the other, in the order they arrived. A batch is queued when it is full (behind
-    /// at most one other: [`IN_FLIGHT`]), or as soon as the oldest write is done (or, with none
+    /// written one after the other, in the order they arrived. A batch is queued when it is full (once the
+    /// write before it is answered: [`IN_FLIGHT`]), or as soon as that write is done (or, with none
     /// queued, the sender pauses).
     async fn stream_status_updates(
         &self,
