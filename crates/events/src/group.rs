@@ -103,17 +103,6 @@ impl GroupWriter {
         E: Send + 'static,
         F: FnOnce(&mut Direct<'_>) -> Result<T, E> + Send + 'static,
     {
-        self.queue(write).await?.await
-    }
-
-    /// Queues `write` as [`Self::run`] does and returns once it is in the queue, with its outcome to
-    /// come. Writes run in the order they were queued.
-    pub async fn queue<T, E, F>(&self, write: F) -> Result<Queued<T, E>, GroupError>
-    where
-        T: Send + 'static,
-        E: Send + 'static,
-        F: FnOnce(&mut Direct<'_>) -> Result<T, E> + Send + 'static,
-    {
         let (answer, outcome) = oneshot::channel();
         let job: Job = Box::new(move |conn| {
             let result = write(conn);
@@ -128,22 +117,7 @@ impl GroupWriter {
         });
         self.jobs.send(job).await.map_err(|_| GroupError("the writer has stopped".into()))?;
         self.queued.fetch_add(1, Ordering::SeqCst);
-        Ok(Queued(outcome))
-    }
-}
-
-/// A write in a [`GroupWriter`]'s queue: resolves to its outcome, as [`GroupWriter::run`] returns it.
-/// Dropping it does not take the write back.
-#[derive(Debug)]
-pub struct Queued<T, E>(oneshot::Receiver<Result<Result<T, E>, GroupError>>);
-
-impl<T, E> std::future::Future for Queued<T, E> {
-    type Output = Result<Result<T, E>, GroupError>;
-
-    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Self::Output> {
-        std::pin::Pin::new(&mut self.0).poll(cx).map(|answer| {
-            answer.unwrap_or_else(|_| Err(GroupError("the writer stopped before the write committed".into())))
-        })
+        outcome.await.map_err(|_| GroupError("the writer stopped before the write committed".into()))?
     }
 }
 

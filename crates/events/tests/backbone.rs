@@ -839,33 +839,6 @@ async fn queued(group: &GroupWriter, n: usize) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn writes_queued_one_after_the_other_run_in_that_order_and_each_is_answered() {
-    let dir = TempDir::new();
-    let pool = sqlite(&dir, "queue.db").await;
-    sqlx::query("CREATE TABLE t (seq INTEGER PRIMARY KEY AUTOINCREMENT, id INTEGER NOT NULL UNIQUE)")
-        .execute(&pool)
-        .await
-        .unwrap();
-    let (group, release, blocker) = held_writer(&pool).await;
-    // Queued while the writer is busy, without waiting for any answer in between; the third is refused
-    // (a taken id) and must be rolled back alone.
-    let mut queued = Vec::new();
-    for id in [5_i64, 3, 5, 9, 1] {
-        queued
-            .push(group.queue(move |conn| conn.execute("INSERT INTO t (id) VALUES ($1)", &[id.into()])).await.unwrap());
-    }
-    release.send(()).unwrap();
-    blocker.await.unwrap();
-    let mut answers = Vec::new();
-    for q in queued {
-        answers.push(q.await.unwrap().map_err(|e| e.is_unique_violation()));
-    }
-    assert_eq!(answers, vec![Ok(1), Ok(1), Err(true), Ok(1), Ok(1)]);
-    let ids: Vec<i64> = sqlx::query_scalar("SELECT id FROM t ORDER BY seq").fetch_all(&pool).await.unwrap();
-    assert_eq!(ids, vec![5, 3, 9, 1]);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_write_rolls_back_alone_and_its_group_commits() {
     let dir = TempDir::new();
     let pool = sqlite(&dir, "group.db").await;

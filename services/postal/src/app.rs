@@ -101,18 +101,7 @@ impl Postal {
 
     /// Takes checked updates from a feed, all in one transaction.
     pub async fn ingest(&self, updates: Vec<Update>, source: Source) -> Result<IngestReport, ApiError> {
-        self.queue_ingest(updates, source).await?.await
-    }
-
-    /// [`Self::ingest`] in two steps: returns once the updates are in the writer's queue, with their
-    /// outcome to come. Batches queued one after the other are written in that order.
-    pub async fn queue_ingest(
-        &self,
-        updates: Vec<Update>,
-        source: Source,
-    ) -> Result<impl Future<Output = Result<IngestReport, ApiError>> + Send + 'static, ApiError> {
-        let written = self.store.queue_ingest(updates, source, self.clock.now()).await.map_err(store_error)?;
-        Ok(async move { written.await.map_err(store_error) })
+        self.store.ingest(updates, source, self.clock.now()).await.map_err(store_error)
     }
 
     pub async fn shipment(

@@ -1,9 +1,6 @@
 //! The gRPC transport (`socialcard.postal.v1.PostalService`): wire types to checked domain values at
 //! the edge, then the use cases in [`crate::app`]. Refusals carry their code and an `ErrorInfo` reason.
 
-use std::collections::VecDeque;
-use std::future::Future;
-use std::pin::Pin;
 use std::time::Duration;
 
 use socialcard_domain::Rejection;
@@ -20,10 +17,6 @@ use crate::storage::{HistoryRecord, IngestReport, ShipmentRecord, status_to_pb, 
 
 /// Updates taken into one transaction at most, when a stream sends faster than they are written.
 const STREAM_BATCH: usize = 512;
-/// A stream's batches in the writer's queue at most. One: the next batch waits for the last one's
-/// answer, so a batch is never applied after one before it failed (a second batch queued behind a
-/// failing one would still be applied, and its updates would come before the first one's retry).
-const IN_FLIGHT: usize = 1;
 const MAX_PAGE: u32 = 500;
 const DEFAULT_PAGE: u32 = 100;
 
@@ -41,21 +34,28 @@ impl PostalGrpc {
         PostalServiceServer::new(self)
     }
 
-    /// Queues `batch` (taken, leaving it empty) behind the stream's writes already queued.
-    async fn write(&self, batch: &mut Vec<Update>, writing: &mut VecDeque<Write>) -> Result<(), Status> {
+    /// Starts writing `batch` (taken, leaving it empty) in its own task.
+    fn write(&self, batch: &mut Vec<Update>) -> Write {
+        let postal = self.postal.clone();
         let batch = std::mem::replace(batch, Vec::with_capacity(STREAM_BATCH));
-        writing.push_back(Box::pin(self.postal.queue_ingest(batch, Source::Stream).await?));
-        Ok(())
+        tokio::spawn(async move { postal.ingest(batch, Source::Stream).await })
     }
 }
 
-/// A batch of a stream in the writer's queue: its outcome to come.
-type Write = Pin<Box<dyn Future<Output = Result<IngestReport, ApiError>> + Send>>;
+/// A batch of a stream being written.
+type Write = tokio::task::JoinHandle<Result<IngestReport, ApiError>>;
 
-/// Waits for the stream's queued writes, oldest first, and adds what they did to `report`.
-async fn finish(writing: &mut VecDeque<Write>, report: &mut IngestReport) -> Result<(), Status> {
-    while let Some(oldest) = writing.pop_front() {
-        report.add(oldest.await?);
+fn joined(done: Result<Result<IngestReport, ApiError>, tokio::task::JoinError>) -> Result<IngestReport, Status> {
+    match done {
+        Ok(written) => Ok(written?),
+        Err(e) => Err(Status::internal(format!("a batch write failed: {e}"))),
+    }
+}
+
+/// Waits for the running write, if any, and adds what it did to `report`.
+async fn finish(writing: &mut Option<Write>, report: &mut IngestReport) -> Result<(), Status> {
+    if let Some(running) = writing.take() {
+        report.add(joined(running.await)?);
     }
     Ok(())
 }
@@ -225,10 +225,9 @@ impl PostalService for PostalGrpc {
         }))
     }
 
-    /// Pipelined: while a batch is being written, the next one is received and checked; batches are
-    /// written one after the other, in the order they arrived. A batch is queued when it is full (once the
-    /// write before it is answered: [`IN_FLIGHT`]), or as soon as that write is done (or, with none
-    /// queued, the sender pauses).
+    /// Pipelined: while one batch is being written, the next one is received and checked; batches are
+    /// written one at a time, in the order they arrived. A batch is written when it is full, or as soon
+    /// as the previous write is done (or, with none running, the sender pauses).
     async fn stream_status_updates(
         &self,
         request: Request<Streaming<pb::StatusUpdate>>,
@@ -236,36 +235,31 @@ impl PostalService for PostalGrpc {
         let mut stream = request.into_inner();
         let mut report = IngestReport::default();
         let mut batch: Vec<Update> = Vec::with_capacity(STREAM_BATCH);
-        let mut writing: VecDeque<Write> = VecDeque::with_capacity(IN_FLIGHT);
+        let mut writing: Option<Write> = None;
         let mut received: u64 = 0;
         loop {
             if batch.len() >= STREAM_BATCH {
-                if writing.len() >= IN_FLIGHT
-                    && let Some(oldest) = writing.pop_front()
-                {
-                    report.add(oldest.await?);
-                }
-                self.write(&mut batch, &mut writing).await?;
+                finish(&mut writing, &mut report).await?;
+                writing = Some(self.write(&mut batch));
             }
-            let next = match writing.front_mut() {
+            let next = match writing.as_mut() {
                 // Nothing waits to be written: wait for the sender.
                 _ if batch.is_empty() => stream.message().await,
-                // A write is queued: take what arrives until the oldest is done, then queue what arrived.
-                Some(oldest) => tokio::select! {
+                // A write is running: take what arrives until it is done, then write what arrived.
+                Some(running) => tokio::select! {
                     biased;
-                    done = oldest => {
-                        writing.pop_front();
-                        report.add(done?);
-                        self.write(&mut batch, &mut writing).await?;
+                    done = running => {
+                        report.add(joined(done)?);
+                        writing = Some(self.write(&mut batch));
                         continue;
                     }
                     next = stream.message() => next,
                 },
-                // None queued: write as soon as the sender pauses.
+                // No write running: write as soon as the sender pauses.
                 None => match tokio::time::timeout(Duration::ZERO, stream.message()).await {
                     Ok(next) => next,
                     Err(_) => {
-                        self.write(&mut batch, &mut writing).await?;
+                        writing = Some(self.write(&mut batch));
                         continue;
                     }
                 },

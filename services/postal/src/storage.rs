@@ -589,28 +589,10 @@ impl PostalStore {
         source: Source,
         now: OffsetDateTime,
     ) -> Result<IngestReport, StoreError> {
-        self.queue_ingest(updates, source, now).await?.await
-    }
-
-    /// [`Self::ingest`] in two steps: returns once the batch is in the writer's queue, with its outcome
-    /// to come. Batches queued one after the other are written in that order.
-    pub async fn queue_ingest(
-        &self,
-        updates: Vec<Update>,
-        source: Source,
-        now: OffsetDateTime,
-    ) -> Result<impl Future<Output = Result<IngestReport, StoreError>> + Send + 'static, StoreError> {
-        let queued = if updates.is_empty() {
-            None
-        } else {
-            Some(self.group.queue(move |conn| Self::ingest_in(conn, &updates, source, now)).await?)
-        };
-        Ok(async move {
-            match queued {
-                Some(written) => written.await?,
-                None => Ok(IngestReport::default()),
-            }
-        })
+        if updates.is_empty() {
+            return Ok(IngestReport::default());
+        }
+        self.group.run(move |conn| Self::ingest_in(conn, &updates, source, now)).await?
     }
 
     /// [`Self::ingest`] inside the group writer's transaction (a savepoint of its own).
