@@ -49,8 +49,13 @@ impl SqliteOffsets {
         Ok(())
     }
 
+    /// Keeps `event` as dead, once: an event dead-lettered again (its poll delivered anew after a failure
+    /// before the position moved) keeps its first entry.
     async fn dead_letter(&self, group: &str, event: &crate::Envelope, error: &str) -> Result<(), EventError> {
-        sqlx::query("INSERT INTO dead_letters (consumer_group, topic, event_id, error, payload, at) VALUES ($1, $2, $3, $4, $5, $6)")
+        sqlx::query(
+            "INSERT INTO dead_letters (consumer_group, topic, event_id, error, payload, at) VALUES ($1, $2, $3, $4, $5, $6)
+             ON CONFLICT (consumer_group, event_id) DO NOTHING",
+        )
             .bind(group)
             .bind(&event.topic)
             .bind(&event.id)

@@ -677,6 +677,42 @@ async fn embedded_log_delivers_in_order_once_and_survives_restart() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_log_keeps_a_dead_letter_once_when_its_poll_is_delivered_again() {
+    let dir = TempDir::new();
+    let source = source_db(&dir).await;
+    let topic = "socialcard.card.v1";
+    append(&source, topic, "card-0", "card-0:1").await;
+    append(&source, topic, "card-0", "poison").await;
+    append(&source, topic, "card-0", "card-0:2").await;
+    let log: Arc<dyn Outbox> = Arc::new(SqliteOutbox::new(source.clone()));
+    let ledger = Ledger::new(&dir, "ledger.db").await;
+    let offsets = SqliteOffsets::new(ledger.pool.clone());
+    let mut consumer = EmbeddedConsumer::new("ledger", topic, log, offsets.clone(), ledger.clone());
+    consumer.retry_backoff = Duration::from_millis(1);
+    assert_eq!(consumer.poll_once().await.unwrap(), 3);
+    assert_eq!(offsets.dead_letter_count("ledger").await.unwrap(), 1);
+
+    // The poll delivered again, as after a crash between its dead letter and its position: the poison
+    // event fails again and stays one dead letter; the others are duplicates.
+    offsets.commit("ledger", topic, 0).await.unwrap();
+    assert_eq!(consumer.poll_once().await.unwrap(), 3);
+    assert_eq!(offsets.dead_letter_count("ledger").await.unwrap(), 1, "the poison event is kept once");
+    assert_eq!(ledger.count("applied").await, 2);
+    assert_eq!(ledger.duplicates.load(Ordering::SeqCst), 2);
+    // Another consumer of the same database keeps its own dead letter of the same event.
+    let mut other = EmbeddedConsumer::new(
+        "audit",
+        topic,
+        Arc::new(SqliteOutbox::new(source.clone())),
+        offsets.clone(),
+        ledger.clone(),
+    );
+    other.retry_backoff = Duration::from_millis(1);
+    assert_eq!(other.poll_once().await.unwrap(), 3);
+    assert_eq!(offsets.dead_letter_count("audit").await.unwrap(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn embedded_log_applies_a_poll_in_one_transaction_and_a_poison_event_alone() {
     let dir = TempDir::new();
     let source = source_db(&dir).await;
