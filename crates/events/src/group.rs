@@ -148,12 +148,13 @@ async fn write_loop(
 const HOLD: Duration = Duration::from_millis(20);
 
 /// Commits `group`, then the groups that queued meanwhile, on one connection taken from `pool`, until
-/// the queue is empty or [`HOLD`] has passed. Each group is one transaction (see [`commit_group`]).
+/// the queue stays empty for [`LINGER`] or [`HOLD`] has passed. Each group is one transaction (see
+/// [`commit_group`]).
 ///
 /// The connection's sqlx worker lets go of it once for all of them, and the writes run on it directly
-/// ([`Direct`]). On a multi-threaded runtime they run in `block_in_place`, so the statements and each
-/// `COMMIT` (a sync to disk where the database asks for one) do not hold up the runtime's other tasks.
-/// On a current-thread runtime (tests) they run in place, blocking the runtime's one thread (and so
+/// ([`Direct`]). On a multi-threaded runtime they run in `block_in_place`, so the statements, each
+/// `COMMIT` (a sync to disk where the database asks for one) and the linger do not hold up the
+/// runtime's other tasks. On a current-thread runtime (tests) they run in place, without the linger, blocking the runtime's one thread (and so
 /// commit one group at a time): a group waiting there for SQLite's write lock held by another
 /// connection of the same runtime waits out the busy timeout and fails, so such tests use a
 /// multi-threaded runtime.
@@ -185,12 +186,18 @@ async fn write_held(
         Ok(h) => h,
         Err(e) => return (Err(e.into()), true),
     };
+    // Only off the runtime's threads (`block_in_place`) may the writer wait for the next write.
+    let lingers =
+        matches!(tokio::runtime::Handle::current().runtime_flavor(), tokio::runtime::RuntimeFlavor::MultiThread);
     let mut work = || {
         let mut direct = Direct::new(&mut handle);
         // The checkpointer copies the WAL back off this path; the connection's own checkpoint in COMMIT
         // is only a backstop for when it falls behind. (Set on every run: a pooled connection may be new.)
         if let Err(e) = direct.execute(BACKSTOP_AUTOCHECKPOINT, &[]) {
             tracing::warn!(error = %e, "could not set the writer's checkpoint backstop");
+        }
+        if let Err(e) = direct.execute(SUBJOURNALS_IN_MEMORY, &[]) {
+            tracing::warn!(error = %e, "could not keep the writer's savepoint journals in memory");
         }
         let since = Instant::now();
         loop {
@@ -217,21 +224,39 @@ async fn write_held(
                     Err(_) => break,
                 }
             }
+            if group.is_empty() && lingers {
+                // A caller that writes again as soon as it hears back (a stream's next batch) is
+                // usually a few microseconds behind: wait for it briefly rather than let go of the
+                // connection and prepare every statement again for its write.
+                let left = HOLD.saturating_sub(since.elapsed()).min(LINGER);
+                if let Ok(Some(job)) =
+                    tokio::runtime::Handle::current().block_on(tokio::time::timeout(left, queue.recv()))
+                {
+                    group.push(job);
+                }
+            }
             if group.is_empty() {
                 return false;
             }
         }
     };
-    let stuck = match tokio::runtime::Handle::current().runtime_flavor() {
-        tokio::runtime::RuntimeFlavor::MultiThread => tokio::task::block_in_place(work),
-        _ => work(),
-    };
+    let stuck = if lingers { tokio::task::block_in_place(work) } else { work() };
     drop(handle);
     if stuck {
         tracing::error!("a failed group could not be rolled back; its connection is closed");
     }
     (Ok(()), stuck)
 }
+
+/// How long the writer, its queue empty, waits for another write before it lets go of the connection
+/// (never past [`HOLD`]).
+const LINGER: Duration = Duration::from_millis(1);
+
+/// A savepoint (each write of a group) and a multi-row statement keep the pages they change first in a
+/// journal of their own, to roll back to. SQLite keeps the first 64 KiB in memory and spills the rest
+/// to a temporary file; a postal batch, writing a few MiB, spent more time in those files' `pwrite`s
+/// than in the WAL's. Nothing in them needs to outlive the transaction.
+const SUBJOURNALS_IN_MEMORY: &str = "PRAGMA temp_store = MEMORY";
 
 /// The WAL size (pages) at which the writer's connection checkpoints in a `COMMIT` itself, a backstop:
 /// the checkpointer normally copies the WAL back well before (SQLite's default is 1,000 pages).

@@ -1052,6 +1052,17 @@ async fn the_writers_pool_serves_its_other_users_while_writes_keep_coming() {
     assert_eq!(sqlx_rows, 1);
 }
 
+/// A write's savepoint (and a multi-row statement's) journal stays in memory: spilled to temporary
+/// files, it cost a postal batch more `pwrite`s than its WAL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_groups_savepoint_journals_stay_in_memory() {
+    let dir = TempDir::new();
+    let pool = sqlite(&dir, "group.db").await;
+    let group = GroupWriter::spawn(pool.clone(), 64);
+    let level = group.run(|conn| conn.query_row("PRAGMA temp_store", &[], |r| Ok(r.int(0)))).await.unwrap().unwrap();
+    assert_eq!(level, Some(2), "temp_store = MEMORY on the writer's connection");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_checkpointer_copies_the_wal_back_without_the_writer() {
     let dir = TempDir::new();
