@@ -54,7 +54,10 @@ fn updates(waybills: &[String], feed: usize, start: OffsetDateTime) -> Vec<pb::S
 
 /// Streams `feeds` shipments' updates over `feeds` concurrent streams; returns updates/s.
 async fn through_stream(quick: bool, feeds: usize) -> anyhow::Result<(usize, f64)> {
-    let shipments = if quick { 50 } else { 5_000 };
+    // SOCIALCARD_BENCH_INGEST_SHIPMENTS overrides the size, for profiling.
+    let default = if quick { 50 } else { 5_000 };
+    let shipments =
+        std::env::var("SOCIALCARD_BENCH_INGEST_SHIPMENTS").ok().and_then(|v| v.parse().ok()).unwrap_or(default);
     let dir = Dir(std::env::temp_dir().join(format!("socialcard-bench-ingest-{}", uuid::Uuid::new_v4().simple())));
     std::fs::create_dir_all(&dir.0)?;
     let postal =
