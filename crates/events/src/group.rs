@@ -72,6 +72,15 @@ impl GroupWriter {
     /// It also starts the database's checkpointer, which copies the WAL back off the writer's path and
     /// stops with the writer.
     pub fn spawn(pool: SqlitePool, max_group: usize) -> Self {
+        Self::lingering(pool, max_group, Duration::ZERO)
+    }
+
+    /// [`Self::spawn`], and the writer, its queue empty after a group, waits up to `linger` for another
+    /// write before it lets go of the connection (and finalizes its prepared statements). For a writer
+    /// whose callers write again as soon as they hear back (postal's streams: the next batch follows its
+    /// predecessor's answer by microseconds). The pool's other users then wait up to the hold (20 ms)
+    /// plus a group for their turn, rather than about a group. Waits only on a multi-threaded runtime.
+    pub fn lingering(pool: SqlitePool, max_group: usize, linger: Duration) -> Self {
         let (jobs, queue) = mpsc::channel(4 * max_group.max(1));
         let queued = Arc::new(AtomicIsize::new(0));
         let committed = Arc::new(AtomicBool::new(false));
@@ -79,7 +88,7 @@ impl GroupWriter {
         tokio::spawn(checkpoint_loop((*pool.connect_options()).clone(), committed.clone(), stopped));
         let counter = queued.clone();
         tokio::spawn(async move {
-            write_loop(pool, queue, max_group.max(1), counter, &committed).await;
+            write_loop(pool, queue, max_group.max(1), linger, counter, &committed).await;
             drop(running);
         });
         Self { jobs, queued }
@@ -125,12 +134,13 @@ async fn write_loop(
     pool: SqlitePool,
     mut queue: mpsc::Receiver<Job>,
     max_group: usize,
+    linger: Duration,
     queued: Arc<AtomicIsize>,
     committed: &AtomicBool,
 ) {
     let mut group = Vec::with_capacity(max_group);
     while queue.recv_many(&mut group, max_group).await > 0 {
-        let outcome = write_groups(&pool, &mut queue, &mut group, max_group, &queued).await;
+        let outcome = write_groups(&pool, &mut queue, &mut group, max_group, linger, &queued).await;
         committed.store(true, Ordering::Relaxed);
         if let Err(e) = outcome {
             // No connection: the writes taken are dropped, which tells their callers nothing was stored.
@@ -148,13 +158,13 @@ async fn write_loop(
 const HOLD: Duration = Duration::from_millis(20);
 
 /// Commits `group`, then the groups that queued meanwhile, on one connection taken from `pool`, until
-/// the queue stays empty for [`LINGER`] or [`HOLD`] has passed. Each group is one transaction (see
-/// [`commit_group`]).
+/// the queue is empty (for `linger`: see [`GroupWriter::lingering`]) or [`HOLD`] has passed. Each group
+/// is one transaction (see [`commit_group`]).
 ///
 /// The connection's sqlx worker lets go of it once for all of them, and the writes run on it directly
 /// ([`Direct`]). On a multi-threaded runtime they run in `block_in_place`, so the statements, each
 /// `COMMIT` (a sync to disk where the database asks for one) and the linger do not hold up the
-/// runtime's other tasks. On a current-thread runtime (tests) they run in place, without the linger, blocking the runtime's one thread (and so
+/// runtime's other tasks. On a current-thread runtime (tests) they run in place, without a linger, blocking the runtime's one thread (and so
 /// commit one group at a time): a group waiting there for SQLite's write lock held by another
 /// connection of the same runtime waits out the busy timeout and fails, so such tests use a
 /// multi-threaded runtime.
@@ -163,10 +173,11 @@ async fn write_groups(
     queue: &mut mpsc::Receiver<Job>,
     group: &mut Vec<Job>,
     max_group: usize,
+    linger: Duration,
     queued: &AtomicIsize,
 ) -> Result<(), GroupError> {
     let mut conn = pool.acquire().await?;
-    let (outcome, broken) = write_held(&mut conn, queue, group, max_group, queued).await;
+    let (outcome, broken) = write_held(&mut conn, queue, group, max_group, linger, queued).await;
     if broken {
         conn.close_on_drop();
     }
@@ -180,15 +191,18 @@ async fn write_held(
     queue: &mut mpsc::Receiver<Job>,
     group: &mut Vec<Job>,
     max_group: usize,
+    linger: Duration,
     queued: &AtomicIsize,
 ) -> (Result<(), GroupError>, bool) {
     let mut handle = match conn.lock_handle().await {
         Ok(h) => h,
         Err(e) => return (Err(e.into()), true),
     };
-    // Only off the runtime's threads (`block_in_place`) may the writer wait for the next write.
-    let lingers =
+    let multi_thread =
         matches!(tokio::runtime::Handle::current().runtime_flavor(), tokio::runtime::RuntimeFlavor::MultiThread);
+    // Only off the runtime's threads (`block_in_place`) may the writer wait for the next write: on a
+    // current-thread runtime the writer's wait would keep that write from being sent.
+    let linger = if multi_thread { linger } else { Duration::ZERO };
     let mut work = || {
         let mut direct = Direct::new(&mut handle);
         // The checkpointer copies the WAL back off this path; the connection's own checkpoint in COMMIT
@@ -218,21 +232,15 @@ async fn write_held(
             if since.elapsed() >= HOLD {
                 return false;
             }
+            // The writes queued meanwhile; with a linger, those that come within it.
+            let until = Instant::now() + linger.min(HOLD.saturating_sub(since.elapsed()));
             while group.len() < max_group {
                 match queue.try_recv() {
                     Ok(job) => group.push(job),
+                    Err(mpsc::error::TryRecvError::Empty) if group.is_empty() && Instant::now() < until => {
+                        std::thread::sleep(LINGER_POLL);
+                    }
                     Err(_) => break,
-                }
-            }
-            if group.is_empty() && lingers {
-                // A caller that writes again as soon as it hears back (a stream's next batch) is
-                // usually a few microseconds behind: wait for it briefly rather than let go of the
-                // connection and prepare every statement again for its write.
-                let left = HOLD.saturating_sub(since.elapsed()).min(LINGER);
-                if let Ok(Some(job)) =
-                    tokio::runtime::Handle::current().block_on(tokio::time::timeout(left, queue.recv()))
-                {
-                    group.push(job);
                 }
             }
             if group.is_empty() {
@@ -240,7 +248,7 @@ async fn write_held(
             }
         }
     };
-    let stuck = if lingers { tokio::task::block_in_place(work) } else { work() };
+    let stuck = if multi_thread { tokio::task::block_in_place(work) } else { work() };
     drop(handle);
     if stuck {
         tracing::error!("a failed group could not be rolled back; its connection is closed");
@@ -248,14 +256,17 @@ async fn write_held(
     (Ok(()), stuck)
 }
 
-/// How long the writer, its queue empty, waits for another write before it lets go of the connection
-/// (never past [`HOLD`]).
-const LINGER: Duration = Duration::from_millis(1);
+/// How often a lingering writer ([`GroupWriter::lingering`]) looks at its empty queue. Polled with
+/// `try_recv` and a sleep rather than awaited: the writer is in `block_in_place`, and a timer there
+/// would need the runtime's time driver, which may be shutting down.
+const LINGER_POLL: Duration = Duration::from_micros(50);
 
 /// A savepoint (each write of a group) and a multi-row statement keep the pages they change first in a
 /// journal of their own, to roll back to. SQLite keeps the first 64 KiB in memory and spills the rest
 /// to a temporary file; a postal batch, writing a few MiB, spent more time in those files' `pwrite`s
-/// than in the WAL's. Nothing in them needs to outlive the transaction.
+/// than in the WAL's. Nothing in them needs to outlive the transaction. The setting is the
+/// connection's: the pool's other users of the writer's connection also keep TEMP tables and sorts in
+/// memory (they run small lookups and upserts, no large sorts).
 const SUBJOURNALS_IN_MEMORY: &str = "PRAGMA temp_store = MEMORY";
 
 /// The WAL size (pages) at which the writer's connection checkpoints in a `COMMIT` itself, a backstop:

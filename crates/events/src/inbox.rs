@@ -21,7 +21,8 @@ CREATE TABLE IF NOT EXISTS consumer_offsets (consumer_group TEXT NOT NULL, topic
 CREATE TABLE IF NOT EXISTS dead_letters (id BIGSERIAL PRIMARY KEY, consumer_group TEXT NOT NULL, topic TEXT NOT NULL,
     event_id TEXT NOT NULL, error TEXT NOT NULL, payload BYTEA NOT NULL, at BIGINT NOT NULL);
 -- Once per consumer and event (copies from before the key: the first kept).
-DELETE FROM dead_letters WHERE id NOT IN (SELECT MIN(id) FROM dead_letters GROUP BY consumer_group, event_id);
+DELETE FROM dead_letters a USING dead_letters b
+    WHERE a.consumer_group = b.consumer_group AND a.event_id = b.event_id AND a.id > b.id;
 CREATE UNIQUE INDEX IF NOT EXISTS dead_letters_once ON dead_letters (consumer_group, event_id);
 ";
 

@@ -1052,6 +1052,38 @@ async fn the_writers_pool_serves_its_other_users_while_writes_keep_coming() {
     assert_eq!(sqlx_rows, 1);
 }
 
+/// A writer that waits for its caller's next write (postal's streams) gives the connection back to the
+/// pool's other users once no write comes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lingering_writer_lets_go_when_no_write_follows() {
+    let dir = TempDir::new();
+    let opts = sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(dir.0.join("group.db"))
+        .create_if_missing(true)
+        .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal)
+        .busy_timeout(Duration::from_secs(10));
+    let pool = socialcard_events::sqlite_pool(1).connect_with(opts).await.unwrap();
+    sqlx::query("CREATE TABLE t (id INTEGER PRIMARY KEY AUTOINCREMENT, who TEXT NOT NULL)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    // A linger as long as the test's patience: the writer must still let go when its queue is empty
+    // and it has held the connection for its hold (20 ms), not wait out the whole linger.
+    let group = GroupWriter::lingering(pool.clone(), 64, Duration::from_secs(600));
+    for _ in 0..3 {
+        group.run(|c| c.execute("INSERT INTO t (who) VALUES ('group')", &[])).await.unwrap().unwrap();
+        let turn = tokio::time::timeout(Duration::from_secs(30), async {
+            let mut tx = pool.begin().await.unwrap();
+            sqlx::query("INSERT INTO t (who) VALUES ('sqlx')").execute(&mut *tx).await.unwrap();
+            tx.commit().await.unwrap();
+        })
+        .await;
+        assert!(turn.is_ok(), "the pool's other user never got the connection");
+    }
+    let rows: Vec<String> = sqlx::query_scalar("SELECT who FROM t ORDER BY id").fetch_all(&pool).await.unwrap();
+    assert_eq!(rows, ["group", "sqlx", "group", "sqlx", "group", "sqlx"]);
+}
+
 /// A write's savepoint (and a multi-row statement's) journal stays in memory: spilled to temporary
 /// files, it cost a postal batch more `pwrite`s than its WAL.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

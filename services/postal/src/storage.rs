@@ -435,7 +435,10 @@ impl PostalStore {
         let pool = socialcard_events::sqlite_pool(4).connect_with(options.clone()).await?;
         sqlx::migrate!("./migrations").run(&pool).await.map_err(|e| sqlx::Error::Migrate(Box::new(e)))?;
         let writer = socialcard_events::sqlite_pool(1).connect_with(options).await?;
-        let group = GroupWriter::spawn(writer.clone(), socialcard_events::group::MAX_GROUP);
+        // A stream's next batch follows its predecessor's answer by microseconds: the writer waits 1 ms
+        // for it rather than let go of the connection and prepare its statements again.
+        let group =
+            GroupWriter::lingering(writer.clone(), socialcard_events::group::MAX_GROUP, Duration::from_millis(1));
         Ok(Self { outbox: Arc::new(SqliteOutbox::new(pool.clone())), pool, writer, group })
     }
 
