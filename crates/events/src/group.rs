@@ -164,10 +164,10 @@ const HOLD: Duration = Duration::from_millis(20);
 /// The connection's sqlx worker lets go of it once for all of them, and the writes run on it directly
 /// ([`Direct`]). On a multi-threaded runtime they run in `block_in_place`, so the statements, each
 /// `COMMIT` (a sync to disk where the database asks for one) and the linger do not hold up the
-/// runtime's other tasks. On a current-thread runtime (tests) they run in place, without a linger, blocking the runtime's one thread (and so
-/// commit one group at a time): a group waiting there for SQLite's write lock held by another
-/// connection of the same runtime waits out the busy timeout and fails, so such tests use a
-/// multi-threaded runtime.
+/// runtime's other tasks. On a current-thread runtime (tests) they run in place, without a linger,
+/// blocking the runtime's one thread (and so commit one group at a time): a group waiting there for
+/// SQLite's write lock held by another connection of the same runtime waits out the busy timeout and
+/// fails, so such tests use a multi-threaded runtime.
 async fn write_groups(
     pool: &SqlitePool,
     queue: &mut mpsc::Receiver<Job>,

@@ -983,21 +983,26 @@ async fn a_write_that_panics_is_rolled_back_and_the_writer_goes_on() {
     assert_eq!(ids, vec![1, 2, 3], "the panicked writes' rows were rolled back");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_writers_pool_serves_its_other_users_while_writes_keep_coming() {
-    let dir = TempDir::new();
+/// A writer's pool of one connection, as the services' writers have (the group writer and plain sqlx
+/// transactions take turns on it), with a table `t` of who wrote each row.
+async fn one_connection_writer_pool(dir: &TempDir) -> SqlitePool {
     let opts = SqliteConnectOptions::new()
         .filename(dir.0.join("group.db"))
         .create_if_missing(true)
         .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal)
         .busy_timeout(Duration::from_secs(10));
-    // One connection, as the services' writers have: the group writer and a plain sqlx transaction take
-    // turns on it.
     let pool = socialcard_events::sqlite_pool(1).connect_with(opts).await.unwrap();
     sqlx::query("CREATE TABLE t (id INTEGER PRIMARY KEY AUTOINCREMENT, who TEXT NOT NULL)")
         .execute(&pool)
         .await
         .unwrap();
+    pool
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_writers_pool_serves_its_other_users_while_writes_keep_coming() {
+    let dir = TempDir::new();
+    let pool = one_connection_writer_pool(&dir).await;
     let group = GroupWriter::spawn(pool.clone(), 64);
 
     // A chain of writes that never lets the queue run dry: each write, once running, waits until the
@@ -1057,16 +1062,7 @@ async fn the_writers_pool_serves_its_other_users_while_writes_keep_coming() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lingering_writer_lets_go_when_no_write_follows() {
     let dir = TempDir::new();
-    let opts = sqlx::sqlite::SqliteConnectOptions::new()
-        .filename(dir.0.join("group.db"))
-        .create_if_missing(true)
-        .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal)
-        .busy_timeout(Duration::from_secs(10));
-    let pool = socialcard_events::sqlite_pool(1).connect_with(opts).await.unwrap();
-    sqlx::query("CREATE TABLE t (id INTEGER PRIMARY KEY AUTOINCREMENT, who TEXT NOT NULL)")
-        .execute(&pool)
-        .await
-        .unwrap();
+    let pool = one_connection_writer_pool(&dir).await;
     // A linger as long as the test's patience: the writer must still let go when its queue is empty
     // and it has held the connection for its hold (20 ms), not wait out the whole linger.
     let group = GroupWriter::lingering(pool.clone(), 64, Duration::from_secs(600));
