@@ -66,6 +66,13 @@ pub struct PinState {
     pub wrong_attempts: u32,
 }
 
+impl PinState {
+    /// The initial PIN, never changed and never mistyped.
+    pub fn is_initial(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
 /// Where the courier takes the card (R14).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeliveryAddress {
@@ -94,6 +101,8 @@ pub struct Application {
     pub replaces: Option<String>,
 }
 
+/// Stored as JSON (sealed) by the registry: fields that are absent (`None`, an untouched PIN) are left out
+/// of it, and read back as absent; data written before, with every field spelled out, reads the same.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Card {
     pub id: String,
@@ -104,24 +113,32 @@ pub struct Card {
     pub bank_code: String,
     pub application_channel: Channel,
     pub backup_point_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub delivery: Option<DeliveryAddress>,
     pub fee_fen: i64,
     pub physical: PhysicalState,
     pub social: SocialState,
     pub financial: FinancialState,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub card_number: Option<CardNumber>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub account_number: Option<BankAccountNumber>,
     #[serde(with = "time::serde::rfc3339")]
     pub applied_at: OffsetDateTime,
-    #[serde(with = "time::serde::rfc3339::option")]
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "time::serde::rfc3339::option")]
     pub collected_at: Option<OffsetDateTime>,
     /// Temporary cards only (R24).
-    #[serde(with = "time::serde::rfc3339::option")]
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "time::serde::rfc3339::option")]
     pub expires_at: Option<OffsetDateTime>,
+    #[serde(default, skip_serializing_if = "PinState::is_initial")]
     pub pin: PinState,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rejection_reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_production_failure: Option<ProductionFailure>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replaces: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replaced_by: Option<String>,
     /// Bumped by every change; storage uses it for optimistic concurrency.
     pub version: i64,

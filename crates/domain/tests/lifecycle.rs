@@ -238,6 +238,44 @@ fn check_invariants(card: &Card, history: &[(Op, bool)]) -> Result<(), TestCaseE
     Ok(())
 }
 
+/// The card's optional fields, as the registry's stored JSON names them, and whether each is absent.
+fn optional_fields(card: &Card) -> [(&'static str, bool); 10] {
+    [
+        ("delivery", card.delivery.is_none()),
+        ("card_number", card.card_number.is_none()),
+        ("account_number", card.account_number.is_none()),
+        ("collected_at", card.collected_at.is_none()),
+        ("expires_at", card.expires_at.is_none()),
+        ("pin", card.pin.is_initial()),
+        ("rejection_reason", card.rejection_reason.is_none()),
+        ("last_production_failure", card.last_production_failure.is_none()),
+        ("replaces", card.replaces.is_none()),
+        ("replaced_by", card.replaced_by.is_none()),
+    ]
+}
+
+/// The card as the registry stores it (JSON, absent fields left out) reads back the same, and so does
+/// the form written before, with every field spelled out.
+fn check_stored_form(card: &Card) -> Result<(), TestCaseError> {
+    let stored = serde_json::to_string(card).unwrap();
+    prop_assert_eq!(&serde_json::from_str::<Card>(&stored).unwrap(), card);
+    let mut spelled_out: serde_json::Value = serde_json::from_str(&stored).unwrap();
+    let fields = spelled_out.as_object_mut().unwrap();
+    for (key, absent) in optional_fields(card) {
+        prop_assert_eq!(fields.contains_key(key), !absent, "{} stored: {}", key, stored);
+        if absent {
+            let before = if key == "pin" {
+                serde_json::json!({ "changed": false, "wrong_attempts": 0 })
+            } else {
+                serde_json::Value::Null
+            };
+            fields.insert(key.to_string(), before);
+        }
+    }
+    prop_assert_eq!(&serde_json::from_value::<Card>(spelled_out).unwrap(), card);
+    Ok(())
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(512))]
 
@@ -262,6 +300,7 @@ proptest! {
                 }
             }
             check_invariants(&card, &history)?;
+            check_stored_form(&card)?;
         }
     }
 }
