@@ -22,14 +22,8 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
 use tokio::net::TcpListener;
 use tonic::transport::Channel;
 
+use crate::scratch::Dir;
 use crate::stats::{Samples, Table};
-
-struct Dir(std::path::PathBuf);
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 fn key() -> String {
     uuid::Uuid::now_v7().to_string()
@@ -40,7 +34,8 @@ async fn sqlite(path: std::path::PathBuf) -> anyhow::Result<SqlitePool> {
         .filename(path)
         .create_if_missing(true)
         .journal_mode(SqliteJournalMode::Wal)
-        .synchronous(SqliteSynchronous::Normal)
+        // As the registry and the adapters commit: every commit synced before it is acknowledged.
+        .synchronous(SqliteSynchronous::Full)
         .busy_timeout(Duration::from_secs(30));
     Ok(socialcard_events::sqlite_pool(8).connect_with(opts).await?)
 }
@@ -168,8 +163,7 @@ pub async fn run(quick: bool, postgres: Option<String>) -> anyhow::Result<Table>
 async fn one_storage(quick: bool, postgres: Option<String>) -> anyhow::Result<Vec<Vec<String>>> {
     let levels: &[usize] = &[16, 64, 256];
     let per_level = if quick { 40 } else { 2_000 };
-    let dir = Dir(std::env::temp_dir().join(format!("socialcard-bench-act-{}", uuid::Uuid::new_v4().simple())));
-    std::fs::create_dir_all(&dir.0)?;
+    let dir = Dir::new("act")?;
 
     // The system: a registry and the icbc adapter, served over gRPC on loopback.
     let mut schemas = Vec::new();

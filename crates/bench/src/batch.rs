@@ -21,14 +21,8 @@ use socialcard_registry::seal::Sealer;
 use socialcard_server::SystemClock;
 use sqlx::QueryBuilder;
 
+use crate::scratch::Dir;
 use crate::stats::Table;
-
-struct Dir(std::path::PathBuf);
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// A database with the registry's schema (migrated by the registry itself) and a pool to reach it.
 #[derive(Clone)]
@@ -257,8 +251,7 @@ async fn one_storage(quick: bool, postgres: Option<&str>) -> anyhow::Result<Vec<
     // SOCIALCARD_BENCH_BATCH_ROWS overrides the size, for profiling.
     let default = if quick { 10_000 } else { 1_000_000 };
     let n = std::env::var("SOCIALCARD_BENCH_BATCH_ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(default);
-    let dir = Dir(std::env::temp_dir().join(format!("socialcard-bench-batch-{}", uuid::Uuid::new_v4().simple())));
-    std::fs::create_dir_all(&dir.0)?;
+    let dir = Dir::new("batch")?;
     let mut schemas = Vec::new();
     let config = || RegistryConfig::shanghai(vec![7; 32]);
 

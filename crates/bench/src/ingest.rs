@@ -17,14 +17,8 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode};
 use time::OffsetDateTime;
 use tokio::net::TcpListener;
 
+use crate::scratch::Dir;
 use crate::stats::Table;
-
-struct Dir(std::path::PathBuf);
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// The courier's path for each shipment: accepted, out for delivery, delivered.
 const STEPS: [pb::ShipmentStatus; 3] =
@@ -58,8 +52,7 @@ async fn through_stream(quick: bool, feeds: usize) -> anyhow::Result<(usize, f64
     let default = if quick { 50 } else { 5_000 };
     let shipments =
         std::env::var("SOCIALCARD_BENCH_INGEST_SHIPMENTS").ok().and_then(|v| v.parse().ok()).unwrap_or(default);
-    let dir = Dir(std::env::temp_dir().join(format!("socialcard-bench-ingest-{}", uuid::Uuid::new_v4().simple())));
-    std::fs::create_dir_all(&dir.0)?;
+    let dir = Dir::new("ingest")?;
     let postal =
         socialcard_postal::open(&dir.0.join("postal.db"), Arc::new(SystemClock), PostalConfig::new(vec![1; 32]))
             .await?;
@@ -108,8 +101,7 @@ async fn through_stream(quick: bool, feeds: usize) -> anyhow::Result<(usize, f64
 
 /// The same number of rows, bulk-inserted into a history table of the same shape.
 async fn baseline(rows: usize) -> anyhow::Result<f64> {
-    let dir = Dir(std::env::temp_dir().join(format!("socialcard-bench-ingest-base-{}", uuid::Uuid::new_v4().simple())));
-    std::fs::create_dir_all(&dir.0)?;
+    let dir = Dir::new("ingest-base")?;
     let opts = SqliteConnectOptions::new()
         .filename(dir.0.join("base.db"))
         .create_if_missing(true)

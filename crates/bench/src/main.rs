@@ -10,6 +10,7 @@ mod ingest;
 mod memory;
 mod propagation;
 mod scale;
+mod scratch;
 mod stats;
 
 use clap::{Parser, ValueEnum};

@@ -27,17 +27,11 @@ use tokio::process::{Child, Command};
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 
+use crate::scratch::Dir;
 use crate::stats::Table;
 
 /// Set to `floor`, `registry`, `adapter` or `postal`: this binary serves only that and prints its address.
 pub const SERVE_ENV: &str = "SOCIALCARD_BENCH_SERVE";
-
-struct Dir(std::path::PathBuf);
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// One service alone in this process (the child side of the per-service and floor measurements).
 pub async fn serve_alone(what: &str) -> anyhow::Result<()> {
@@ -203,8 +197,7 @@ fn row(what: &str, startup: Duration, idle: f64, peak: f64, floor: &(Duration, f
 }
 
 pub async fn run(quick: bool) -> anyhow::Result<Table> {
-    let dir = Dir(std::env::temp_dir().join(format!("socialcard-bench-mem-{}", uuid::Uuid::new_v4().simple())));
-    std::fs::create_dir_all(&dir.0)?;
+    let dir = Dir::new("mem")?;
     let settle = Duration::from_millis(if quick { 100 } else { 500 });
 
     // The floor: one gRPC server with health and reflection only. Started once before, so that neither

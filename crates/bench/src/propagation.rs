@@ -21,21 +21,16 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
 use time::OffsetDateTime;
 use tokio::sync::watch;
 
+use crate::scratch::Dir;
 use crate::stats::{Samples, Table};
-
-struct Dir(std::path::PathBuf);
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 async fn db(path: std::path::PathBuf, connections: u32) -> anyhow::Result<SqlitePool> {
     let opts = SqliteConnectOptions::new()
         .filename(path)
         .create_if_missing(true)
         .journal_mode(SqliteJournalMode::Wal)
-        .synchronous(SqliteSynchronous::Normal)
+        // As the services commit: every commit synced before anything sees it.
+        .synchronous(SqliteSynchronous::Full)
         .busy_timeout(Duration::from_secs(10));
     Ok(socialcard_events::sqlite_pool(connections).connect_with(opts).await?)
 }
@@ -143,8 +138,7 @@ async fn one_run(
     brokers: &str,
     mock: Option<&Mock>,
 ) -> anyhow::Result<Run> {
-    let dir = Dir(std::env::temp_dir().join(format!("socialcard-bench-{}", uuid::Uuid::new_v4().simple())));
-    std::fs::create_dir_all(&dir.0)?;
+    let dir = Dir::new("propagation")?;
     let source = db(dir.0.join("source.db"), 4).await?;
     sqlx::raw_sql(
         "CREATE TABLE cards (card_id TEXT PRIMARY KEY, version INTEGER NOT NULL);

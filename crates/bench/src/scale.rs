@@ -26,16 +26,8 @@ use sqlx::{QueryBuilder, Row};
 use tokio::net::TcpListener;
 use tonic::transport::Channel;
 
+use crate::scratch::Dir;
 use crate::stats::{Samples, Table};
-
-struct Dir(std::path::PathBuf);
-impl Drop for Dir {
-    fn drop(&mut self) {
-        if std::env::var_os("SOCIALCARD_BENCH_KEEP").is_none() {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-}
 
 use crate::batch::{Db, connect, holders_in_key_order, load_persons, sealer};
 
@@ -240,7 +232,7 @@ async fn one_storage(quick: bool, postgres: Option<&str>) -> anyhow::Result<Vec<
         10_000_000
     });
     let (lookups, activations) = if quick { (500, 40) } else { (20_000, 2_000) };
-    let dir = Dir(std::env::temp_dir().join(format!("socialcard-bench-scale-{}", uuid::Uuid::new_v4().simple())));
+    let dir = Dir::new("scale")?;
     let (big_dir, empty_dir) = (dir.0.join("big"), dir.0.join("empty"));
     std::fs::create_dir_all(&big_dir)?;
     std::fs::create_dir_all(&empty_dir)?;
