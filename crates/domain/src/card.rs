@@ -66,13 +66,6 @@ pub struct PinState {
     pub wrong_attempts: u32,
 }
 
-impl PinState {
-    /// The initial PIN, never changed and never mistyped.
-    pub fn is_initial(&self) -> bool {
-        *self == Self::default()
-    }
-}
-
 /// Where the courier takes the card (R14).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeliveryAddress {
@@ -101,8 +94,11 @@ pub struct Application {
     pub replaces: Option<String>,
 }
 
-/// Stored as JSON (sealed) by the registry: fields that are absent (`None`, an untouched PIN) are left out
-/// of it, and read back as absent; data written before, with every field spelled out, reads the same.
+/// Stored as JSON (sealed) by the registry. Optional fields that are absent are left out and read back as
+/// absent; data written before, with every field spelled out, reads the same. `collected_at`,
+/// `expires_at` and `pin` are still always written: registries before this form required them, and one
+/// of those may read the same database during a rolling update or after a rollback. They may be left out
+/// (`skip_serializing_if`) once no such release runs.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Card {
     pub id: String,
@@ -125,12 +121,12 @@ pub struct Card {
     pub account_number: Option<BankAccountNumber>,
     #[serde(with = "time::serde::rfc3339")]
     pub applied_at: OffsetDateTime,
-    #[serde(default, skip_serializing_if = "Option::is_none", with = "time::serde::rfc3339::option")]
+    #[serde(default, with = "time::serde::rfc3339::option")]
     pub collected_at: Option<OffsetDateTime>,
     /// Temporary cards only (R24).
-    #[serde(default, skip_serializing_if = "Option::is_none", with = "time::serde::rfc3339::option")]
+    #[serde(default, with = "time::serde::rfc3339::option")]
     pub expires_at: Option<OffsetDateTime>,
-    #[serde(default, skip_serializing_if = "PinState::is_initial")]
+    #[serde(default)]
     pub pin: PinState,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rejection_reason: Option<String>,
