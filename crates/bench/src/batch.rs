@@ -244,13 +244,13 @@ pub(crate) async fn connect(url: &str) -> anyhow::Result<Db> {
 /// Rows per chunk: the registry's default, or SOCIALCARD_BENCH_BATCH_CHUNK (to study the trade-off
 /// between a chunk's write-lock hold and the pages it rewrites).
 fn chunk() -> usize {
-    std::env::var("SOCIALCARD_BENCH_BATCH_CHUNK").ok().and_then(|v| v.parse().ok()).unwrap_or(DEFAULT_CHUNK)
+    crate::size_from_env("SOCIALCARD_BENCH_BATCH_CHUNK", DEFAULT_CHUNK)
 }
 
 async fn one_storage(quick: bool, postgres: Option<&str>) -> anyhow::Result<Vec<String>> {
     // SOCIALCARD_BENCH_BATCH_ROWS overrides the size, for profiling.
     let default = if quick { 10_000 } else { 1_000_000 };
-    let n = std::env::var("SOCIALCARD_BENCH_BATCH_ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(default);
+    let n = crate::size_from_env("SOCIALCARD_BENCH_BATCH_ROWS", default);
     let dir = Dir::new("batch")?;
     let mut schemas = Vec::new();
     let config = || RegistryConfig::shanghai(vec![7; 32]);

@@ -50,8 +50,7 @@ fn updates(waybills: &[String], feed: usize, start: OffsetDateTime) -> Vec<pb::S
 async fn through_stream(quick: bool, feeds: usize) -> anyhow::Result<(usize, f64)> {
     // SOCIALCARD_BENCH_INGEST_SHIPMENTS overrides the size, for profiling.
     let default = if quick { 50 } else { 5_000 };
-    let shipments =
-        std::env::var("SOCIALCARD_BENCH_INGEST_SHIPMENTS").ok().and_then(|v| v.parse().ok()).unwrap_or(default);
+    let shipments = crate::size_from_env("SOCIALCARD_BENCH_INGEST_SHIPMENTS", default);
     let dir = Dir::new("ingest")?;
     let postal =
         socialcard_postal::open(&dir.0.join("postal.db"), Arc::new(SystemClock), PostalConfig::new(vec![1; 32]))

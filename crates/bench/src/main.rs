@@ -50,6 +50,11 @@ struct Args {
     database_url: Option<String>,
 }
 
+/// A scenario's size from the environment variable `name` (to profile at another size), else `default`.
+fn size_from_env(name: &str, default: usize) -> usize {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
 /// mimalloc instead of glibc's allocator: the services allocate and free many small buffers from
 /// several threads at once (a batch import spent a quarter of its CPU in glibc's malloc and free,
 /// consolidating its arenas); see docs/benchmarks.md, batch.

@@ -226,11 +226,7 @@ async fn measure(
 }
 
 async fn one_storage(quick: bool, postgres: Option<&str>) -> anyhow::Result<Vec<String>> {
-    let n = std::env::var("SOCIALCARD_BENCH_SCALE_CARDS").ok().and_then(|v| v.parse().ok()).unwrap_or(if quick {
-        100_000
-    } else {
-        10_000_000
-    });
+    let n = crate::size_from_env("SOCIALCARD_BENCH_SCALE_CARDS", if quick { 100_000 } else { 10_000_000 });
     let (lookups, activations) = if quick { (500, 40) } else { (20_000, 2_000) };
     let dir = Dir::new("scale")?;
     let (big_dir, empty_dir) = (dir.0.join("big"), dir.0.join("empty"));
