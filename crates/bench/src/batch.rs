@@ -11,9 +11,12 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use socialcard_domain::CardType;
 use socialcard_domain::card::HolderStatus;
 use socialcard_domain::photo::PhotoSource;
+use socialcard_domain::{BankDirectory, CardType, CityPolicy};
+use socialcard_events::embedded::EmbeddedConsumer;
+use socialcard_loss_coordinator::events::CardEvents;
+use socialcard_loss_coordinator::{Coordinator, CoordinatorConfig};
 use socialcard_registry::RegistryConfig;
 use socialcard_registry::batch::{DEFAULT_CHUNK, EmployerBatch, EmployerBatchRow, RowOutcome};
 use socialcard_registry::fixtures::adult_citizen_id;
@@ -257,7 +260,8 @@ async fn one_storage(quick: bool, postgres: Option<&str>) -> anyhow::Result<Vec<
 
     // The registry, its holders loaded directly.
     let url = database(postgres, &dir.0, "registry.db", &mut schemas).await?;
-    let registry = socialcard_registry::build(&url, Arc::new(SystemClock), config()).await?.registry;
+    let built = socialcard_registry::build(&url, Arc::new(SystemClock), config()).await?;
+    let registry = built.registry.clone();
     let db = connect(&url).await?;
     let sealer = sealer(&config())?;
     load_persons(&db, &sealer, &holders_in_key_order(&sealer, n, 0)).await?;
@@ -278,6 +282,7 @@ async fn one_storage(quick: bool, postgres: Option<&str>) -> anyhow::Result<Vec<
         "wrong rows refused"
     );
     let shapes = shapes(&db).await?;
+    let drained = downstream(&built.outbox, &dir, report.applied * 3).await?;
     drop(registry);
 
     // The baseline: the same rows into a second, empty database of the same schema.
@@ -302,7 +307,74 @@ async fn one_storage(quick: bool, postgres: Option<&str>) -> anyhow::Result<Vec<
         format!("{:.1}", base.as_secs_f64()),
         format!("{base_rate:.0}"),
         format!("{:.2}", rate / base_rate),
+        drained.events.to_string(),
+        format!("{:.0}", drained.coordinator),
+        format!("{:.0}", drained.log_alone),
+        format!("{:.2}", drained.coordinator / drained.log_alone),
     ])
+}
+
+/// How fast the loss coordinator takes in the import's card events through the embedded log.
+struct Drained {
+    events: usize,
+    /// Events per second through the coordinator's consumer (its handler applying each).
+    coordinator: f64,
+    /// Events per second through a consumer whose handler does nothing: reading the log and keeping
+    /// the position alone.
+    log_alone: f64,
+}
+
+/// Events taken in by the drain at most (SOCIALCARD_BENCH_DRAIN_EVENTS), from the start of the import.
+const DRAIN_EVENTS: usize = 60_000;
+
+/// A handler with no part in any event (the drain's baseline).
+struct Ignores;
+
+#[async_trait::async_trait]
+impl socialcard_events::Handler for Ignores {
+    async fn handle(
+        &self,
+        _: &socialcard_events::Envelope,
+    ) -> Result<socialcard_events::Applied, socialcard_events::HandlerError> {
+        Ok(socialcard_events::Applied::Duplicate)
+    }
+}
+
+/// Runs `consumer` until it has moved past `events` events (or the log ends); returns its rate.
+async fn drain(consumer: &EmbeddedConsumer, events: usize) -> anyhow::Result<f64> {
+    let t = Instant::now();
+    let mut moved = 0;
+    while moved < events {
+        match consumer.poll_once().await? {
+            0 => break,
+            n => moved += n,
+        }
+    }
+    anyhow::ensure!(moved >= events, "the log held {moved} events, {events} expected");
+    Ok(moved as f64 / t.elapsed().as_secs_f64())
+}
+
+/// The loss coordinator (its own SQLite database, as `up` runs it) consuming the registry's card events
+/// of the import from the embedded log, against a consumer that only reads the log and keeps its
+/// position, each over the first `min(written, DRAIN_EVENTS)` events.
+async fn downstream(log: &Arc<dyn socialcard_events::Outbox>, dir: &Dir, written: usize) -> anyhow::Result<Drained> {
+    let events = written.min(crate::size_from_env("SOCIALCARD_BENCH_DRAIN_EVENTS", DRAIN_EVENTS));
+    // Nothing here calls the registry or a bank: the import's events need neither.
+    let unused = tonic::transport::Channel::from_static("http://127.0.0.1:9").connect_lazy();
+    let coordinator = Coordinator::open(
+        &dir.0.join("coordinator.db"),
+        unused,
+        Vec::new(),
+        Arc::new(SystemClock),
+        CoordinatorConfig::new(CityPolicy::shanghai(), BankDirectory::shanghai()),
+    )
+    .await?;
+    let consumer = |group: &str, handler: Arc<dyn socialcard_events::Handler>| {
+        EmbeddedConsumer::new(group, socialcard_events::topics::CARD, log.clone(), coordinator.offsets(), handler)
+    };
+    let log_alone = drain(&consumer("log-alone", Arc::new(Ignores)), events).await?;
+    let applied = drain(&consumer("loss-coordinator", Arc::new(CardEvents::new(coordinator.clone()))), events).await?;
+    Ok(Drained { events, coordinator: applied, log_alone })
 }
 
 /// SQLite always; PostgreSQL too when a database URL is given.
@@ -323,6 +395,10 @@ pub async fn run(quick: bool, postgres: Option<String>) -> anyhow::Result<Table>
             "baseline s",
             "baseline rows/s",
             "ratio",
+            "events drained",
+            "coordinator events/s",
+            "log alone events/s",
+            "drain ratio",
         ],
         rows,
         notes: vec![
@@ -332,6 +408,9 @@ pub async fn run(quick: bool, postgres: Option<String>) -> anyhow::Result<Table>
             ),
             "baseline: the same rows as raw multi-row INSERTs in transactions of the same size, database time only"
                 .into(),
+            format!(
+                "drain: the loss coordinator taking in the import's first {DRAIN_EVENTS} card events (SOCIALCARD_BENCH_DRAIN_EVENTS) from the embedded log, against a consumer that only reads the log and keeps its position"
+            ),
         ],
     })
 }
