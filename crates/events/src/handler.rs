@@ -10,7 +10,8 @@ use crate::Envelope;
 pub enum Applied {
     /// The effect was written now.
     Applied,
-    /// The inbox already had this event: nothing was written.
+    /// Nothing was written: the inbox already had this event, or the handler has no part in events of
+    /// its kind.
     Duplicate,
 }
 

@@ -59,6 +59,11 @@ impl Handler for CardEvents {
     async fn handle(&self, event: &Envelope) -> Result<Applied, HandlerError> {
         let e = ev::CardEvent::decode(event.payload.as_slice()).map_err(|e| HandlerError::Permanent(e.to_string()))?;
         let Some(kind) = e.kind.clone() else { return Ok(Applied::Duplicate) };
+        // Most card events are none of the coordinator's business (an employer batch's import alone
+        // writes three per card): they are passed over here, without a read, an inbox row or a commit.
+        if !concerns(&kind) {
+            return Ok(Applied::Duplicate);
+        }
         let c = &self.coordinator;
         // Network lookups happen before the transaction (a loss lock made elsewhere needs the card's bank).
         let card = match &kind {
@@ -197,6 +202,36 @@ impl Handler for CardEvents {
     }
 }
 
+/// Whether the coordinator acts on a card event of this kind: the arms of [`CardEvents::handle`]'s
+/// match that do something. Every other event is passed over before any read or write.
+fn concerns(kind: &ev::card_event::Kind) -> bool {
+    use ev::card_event::Kind;
+    match kind {
+        Kind::SocialLossLocked(l) => l.loss_kind != reg::LossKind::Automatic as i32,
+        Kind::CardCollected(_)
+        | Kind::FinancialActivationRecorded(_)
+        | Kind::SocialUnlocked(_)
+        | Kind::SocialPinLocked(_)
+        | Kind::SocialPinReset(_)
+        | Kind::CardReplaced(_)
+        | Kind::CardCancelled(_)
+        | Kind::TemporaryCardExpired(_) => true,
+        Kind::ApplicationSubmitted(_)
+        | Kind::ApplicationApproved(_)
+        | Kind::ApplicationRejected(_)
+        | Kind::ProductionStarted(_)
+        | Kind::CardProduced(_)
+        | Kind::ProductionFailed(_)
+        | Kind::ShipmentProgressed(_)
+        | Kind::ReturnedForRemake(_)
+        | Kind::SocialActivated(_)
+        | Kind::SocialPinChanged(_)
+        | Kind::FinancialActivationCancelled(_)
+        | Kind::SocialDisabled(_)
+        | Kind::FinancialFreezeRecorded(_) => false,
+    }
+}
+
 const ALL_TIMERS: &[TimerKind] = &[
     TimerKind::AutoLock,
     TimerKind::MinorExchange,
@@ -280,5 +315,79 @@ fn pin_case(e: &ev::CardEvent, event_id: &str, now: time::OffsetDateTime) -> Cas
         attempts: 0,
         next_attempt_at: 0,
         version: 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::sync::Arc;
+
+    use prost::Message;
+    use socialcard_domain::{BankDirectory, CityPolicy};
+    use socialcard_events::{Applied, Envelope, Handler};
+    use socialcard_proto::events::v1 as ev;
+    use socialcard_proto::registry::v1 as reg;
+    use socialcard_server::SystemClock;
+
+    use super::CardEvents;
+    use crate::{Coordinator, CoordinatorConfig};
+
+    fn envelope(kind: ev::card_event::Kind) -> Envelope {
+        let event = ev::CardEvent { card_id: "card-1".into(), kind: Some(kind), ..Default::default() };
+        Envelope {
+            id: uuid::Uuid::now_v7().to_string(),
+            event_type: "socialcard.card.v1.test".into(),
+            source: "registry".into(),
+            subject: "card-1".into(),
+            time: time::OffsetDateTime::now_utc(),
+            traceparent: None,
+            topic: socialcard_events::topics::CARD.into(),
+            payload: event.encode_to_vec(),
+        }
+    }
+
+    /// The card events the coordinator has no part in (an import writes three per card) leave its
+    /// database as it was; one it acts on is applied with its inbox row.
+    #[tokio::test]
+    async fn events_of_no_concern_are_passed_over_without_a_write() {
+        let dir = std::env::temp_dir().join(format!("socialcard-lc-events-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir).unwrap();
+        // Neither the registry nor a bank is called for these events.
+        let unused = tonic::transport::Channel::from_static("http://127.0.0.1:9").connect_lazy();
+        let coordinator = Coordinator::open(
+            &dir.join("coordinator.db"),
+            unused,
+            Vec::new(),
+            Arc::new(SystemClock),
+            CoordinatorConfig::new(CityPolicy::shanghai(), BankDirectory::shanghai()),
+        )
+        .await
+        .unwrap();
+        let handler = CardEvents::new(coordinator.clone());
+        let inbox = || async {
+            sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM inbox").fetch_one(&coordinator.pool).await.unwrap()
+        };
+        use ev::card_event::Kind;
+        let passed_over = [
+            Kind::ApplicationSubmitted(ev::ApplicationSubmitted::default()),
+            Kind::ApplicationApproved(ev::ApplicationApproved::default()),
+            Kind::ProductionStarted(ev::ProductionStarted::default()),
+            Kind::CardProduced(ev::CardProduced::default()),
+            Kind::SocialActivated(ev::SocialActivated::default()),
+            Kind::SocialLossLocked(ev::SocialLossLocked { loss_kind: reg::LossKind::Automatic as i32 }),
+        ];
+        for kind in passed_over {
+            let outcome = handler.handle(&envelope(kind.clone())).await.unwrap();
+            assert_eq!(outcome, Applied::Duplicate, "{kind:?}");
+        }
+        assert_eq!(inbox().await, 0, "no inbox row for an event of no concern");
+
+        let activated = envelope(Kind::FinancialActivationRecorded(ev::FinancialActivationRecorded::default()));
+        assert_eq!(handler.handle(&activated).await.unwrap(), Applied::Applied);
+        assert_eq!(handler.handle(&activated).await.unwrap(), Applied::Duplicate, "redelivered");
+        assert_eq!(inbox().await, 1, "an event acted on commits with its inbox row");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
