@@ -65,7 +65,7 @@ impl Metrics {
     pub fn duplicates(&self, group: &str, n: i64) {
         self.add(
             "socialcard_events_duplicate_total",
-            "Redelivered events the inbox recognised.",
+            "Events that changed nothing: redelivered (the inbox recognised them), or of a kind the consumer has no part in.",
             vec![("group", group.into())],
             n,
         );

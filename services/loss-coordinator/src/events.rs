@@ -191,6 +191,7 @@ impl Handler for CardEvents {
                         .collect();
                     settle(&mut tx, &e.card_id, None, &others, "card ended", now).await?;
                 }
+                // Kinds `concerns` passes over never get here; an arm above whose guard failed does.
                 _ => {}
             }
             Ok(())
