@@ -123,7 +123,7 @@ impl std::fmt::Debug for Ops {
 fn store_error(e: StoreError) -> ApiError {
     match e {
         StoreError::Database(e) => ApiError::Unavailable(e.to_string()),
-        StoreError::Feed(m) => ApiError::Unavailable(m),
+        StoreError::Feed(m) | StoreError::Write(m) => ApiError::Unavailable(m),
         other => ApiError::Internal(other.to_string()),
     }
 }

@@ -54,7 +54,7 @@ impl Handler for OpsEvents {
 
 fn handler_error(e: StoreError) -> HandlerError {
     match e {
-        StoreError::Database(_) | StoreError::Feed(_) => HandlerError::Transient(e.to_string()),
+        StoreError::Database(_) | StoreError::Feed(_) | StoreError::Write(_) => HandlerError::Transient(e.to_string()),
         StoreError::Undecodable(_) | StoreError::Corrupt(_) => HandlerError::Permanent(e.to_string()),
     }
 }

@@ -1,7 +1,10 @@
-//! Ops' SQLite database through sqlx: the read models, written one event at a time with the event's
-//! inbox row in the same transaction, and the queries the gRPC API and the dashboard answer from.
+//! Ops' SQLite database: the read models, each event written with its inbox row in the same
+//! transaction, and the queries the gRPC API and the dashboard answer from (through sqlx).
 //!
-//! Writes go through one connection, so they queue in order. Cross-topic effects commute (a shipment's
+//! The read models are written by a group writer ([`GroupWriter`]): a consumer's batch of events is one
+//! write (a savepoint of a group, all or nothing), its statements run straight on the writer's
+//! connection, without a hand-off to sqlx's worker thread per statement. Writes go through that one
+//! connection, so they queue in order. Cross-topic effects commute (a shipment's
 //! dispatch time lives in `shipments`, the card's in `cards`, and the funnel takes the earlier), so the
 //! order in which the topics' consumers interleave does not change the result: a rebuild equals the model
 //! built incrementally.
@@ -10,6 +13,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use prost::Message;
+use socialcard_events::direct::{Direct, DirectError, Value};
+use socialcard_events::group::{GroupError, GroupWriter};
 use socialcard_events::{Envelope, from_unix_micros, topics, unix_micros};
 use socialcard_proto::events::v1 as ev;
 use sqlx::Row;
@@ -29,6 +34,21 @@ pub enum StoreError {
     /// Reading a log failed (its database away): retry later.
     #[error("event feed: {0}")]
     Feed(String),
+    /// A write on the writer's connection failed, or its group was not committed: nothing was stored.
+    #[error("write: {0}")]
+    Write(String),
+}
+
+impl From<DirectError> for StoreError {
+    fn from(e: DirectError) -> Self {
+        Self::Write(e.to_string())
+    }
+}
+
+impl From<GroupError> for StoreError {
+    fn from(e: GroupError) -> Self {
+        Self::Write(e.to_string())
+    }
 }
 
 /// The read-model tables a rebuild empties (with the inbox and the consumer positions).
@@ -39,6 +59,9 @@ const READ_MODELS: [&str; 6] =
 pub struct OpsStore {
     pool: SqlitePool,
     writer: SqlitePool,
+    /// The read models' writes: each batch of events in a savepoint of a group, its statements straight
+    /// on the writer's connection (no hand-off to sqlx's worker per statement).
+    group: GroupWriter,
 }
 
 fn micros(t: Option<&prost_types::Timestamp>, fallback: OffsetDateTime) -> i64 {
@@ -114,7 +137,8 @@ impl OpsStore {
         let pool = socialcard_events::sqlite_pool(4).connect_with(options.clone()).await?;
         sqlx::migrate!("./migrations").run(&pool).await.map_err(|e| sqlx::Error::Migrate(Box::new(e)))?;
         let writer = socialcard_events::sqlite_pool(1).connect_with(options).await?;
-        Ok(Self { pool, writer })
+        let group = GroupWriter::spawn(writer.clone(), socialcard_events::group::MAX_GROUP);
+        Ok(Self { pool, writer, group })
     }
 
     /// Where ops' embedded-log consumers keep their positions and dead letters.
@@ -122,37 +146,33 @@ impl OpsStore {
         socialcard_events::embedded::SqliteOffsets::new(self.pool.clone())
     }
 
-    /// Applies one event of any topic with its inbox row in one transaction; false for an event seen before.
+    /// Applies one event of any topic with its inbox row in one write; false for an event seen before.
     pub async fn apply(&self, event: &Envelope) -> Result<bool, StoreError> {
-        let mut tx = self.writer.begin().await?;
-        let applied = apply_in(&mut tx, event).await?;
-        if applied {
-            tx.commit().await?;
-        }
-        Ok(applied)
+        let event = event.clone();
+        self.group.run(move |conn| apply_in(conn, &event)).await?
     }
 
-    /// Applies `events` in order in one transaction, all or nothing; for each, whether it was new (false:
+    /// Applies `events` in order in one write of the group writer (a savepoint), all or nothing; for each, whether it was new (false:
     /// the inbox had it, or it came twice in the batch). One commit for many events is what lets the read
     /// models keep up with a burst, such as an employer batch of a million cards.
     pub async fn apply_batch(&self, events: &[Envelope]) -> Result<Vec<bool>, StoreError> {
-        let mut tx = self.writer.begin().await?;
-        let mut applied = Vec::with_capacity(events.len());
-        for event in events {
-            applied.push(apply_in(&mut tx, event).await?);
-        }
-        tx.commit().await?;
-        Ok(applied)
+        let events = events.to_vec();
+        self.group.run(move |conn| events.iter().map(|event| apply_in(conn, event)).collect()).await?
     }
 
-    /// Empties the read models, the inbox and ops' own consumer positions and dead letters, in one transaction.
+    /// Empties the read models, the inbox and ops' own consumer positions and dead letters, all or
+    /// nothing. Through the group writer's queue, behind every write queued before it: a batch whose
+    /// caller stopped waiting (a rebuild whose client went away) still commits, and must not land after
+    /// the drop.
     pub async fn drop_read_models(&self) -> Result<(), StoreError> {
-        let mut tx = self.writer.begin().await?;
-        for table in READ_MODELS.iter().chain(&["inbox", "consumer_offsets", "dead_letters"]) {
-            sqlx::query(sqlx::AssertSqlSafe(format!("DELETE FROM {table}"))).execute(&mut *tx).await?;
-        }
-        tx.commit().await?;
-        Ok(())
+        self.group
+            .run(|conn| {
+                for table in READ_MODELS.iter().chain(&["inbox", "consumer_offsets", "dead_letters"]) {
+                    conn.execute(&format!("DELETE FROM {table}"), &[])?;
+                }
+                Ok::<(), StoreError>(())
+            })
+            .await?
     }
 
     pub async fn rebuild_answer(&self, key: &str) -> Result<Option<u64>, StoreError> {
@@ -355,78 +375,81 @@ impl OpsStore {
     }
 }
 
-/// One event's effect and inbox row inside `tx`; false when the inbox already had it (nothing written).
-async fn apply_in(tx: &mut sqlx::SqliteConnection, event: &Envelope) -> Result<bool, StoreError> {
+/// One event's effect and inbox row on the group writer's connection (inside the write's savepoint);
+/// false when the inbox already had it (nothing written).
+fn apply_in(conn: &mut Direct<'_>, event: &Envelope) -> Result<bool, StoreError> {
     if event.topic.ends_with(".dlt") {
         // A dead letter repeats the original's id (which the inbox already knows): its own key dedups it.
-        let r = sqlx::query("INSERT INTO kafka_dead_letters (event_id, topic) VALUES ($1, $2) ON CONFLICT DO NOTHING")
-            .bind(&event.id)
-            .bind(&event.topic)
-            .execute(&mut *tx)
-            .await?;
-        return Ok(r.rows_affected() == 1);
+        let n = conn.execute(
+            "INSERT INTO kafka_dead_letters (event_id, topic) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+            &[(&event.id).into(), (&event.topic).into()],
+        )?;
+        return Ok(n == 1);
     }
-    if !socialcard_events::inbox::record_sqlite(&mut *tx, &event.id).await? {
+    let recorded = conn.execute(
+        "INSERT INTO inbox (event_id, processed_at) VALUES ($1, $2) ON CONFLICT (event_id) DO NOTHING",
+        &[(&event.id).into(), unix_micros(OffsetDateTime::now_utc()).into()],
+    )?;
+    if recorded != 1 {
         return Ok(false);
     }
     let payload = event.payload.as_slice();
     let undecodable = |e: prost::DecodeError| StoreError::Undecodable(format!("{}: {e}", event.event_type));
     match event.topic.as_str() {
-        topics::CARD => apply_card(&mut *tx, event, ev::CardEvent::decode(payload).map_err(undecodable)?).await?,
-        topics::SHIPMENT => {
-            apply_shipment(&mut *tx, event, ev::ShipmentEvent::decode(payload).map_err(undecodable)?).await?
-        }
-        topics::LOSS => apply_loss(&mut *tx, event, ev::LossEvent::decode(payload).map_err(undecodable)?).await?,
-        topics::FINANCIAL => {
-            apply_financial(&mut *tx, event, ev::FinancialEvent::decode(payload).map_err(undecodable)?).await?
-        }
+        topics::CARD => apply_card(conn, event, ev::CardEvent::decode(payload).map_err(undecodable)?)?,
+        topics::SHIPMENT => apply_shipment(conn, event, ev::ShipmentEvent::decode(payload).map_err(undecodable)?)?,
+        topics::LOSS => apply_loss(conn, event, ev::LossEvent::decode(payload).map_err(undecodable)?)?,
+        topics::FINANCIAL => apply_financial(conn, event, ev::FinancialEvent::decode(payload).map_err(undecodable)?)?,
         // Not ours to read: recorded in the inbox, nothing else.
         _ => {}
     }
     Ok(true)
 }
 
-async fn apply_card(tx: &mut sqlx::SqliteConnection, envelope: &Envelope, e: ev::CardEvent) -> Result<(), StoreError> {
+/// Moves a card's projection; the stage's time, when the event reaches one, only ever moves earlier.
+const UPDATE_CARD: &str = "UPDATE cards SET physical = $1, social = $2, financial = $3, machine = $4, card_version = $5
+     WHERE card_id = $6";
+
+fn apply_card(conn: &mut Direct<'_>, envelope: &Envelope, e: ev::CardEvent) -> Result<(), StoreError> {
     let Some(kind) = e.kind else { return Ok(()) };
     let at = micros(e.occurred_at.as_ref(), envelope.time);
     if let ev::card_event::Kind::ApplicationSubmitted(s) = &kind {
         let (bank, region) = projection::submitted(s);
         let states = CardStates::applied();
-        sqlx::query(
+        let machine = machine_json(&states)?;
+        conn.execute(
             "INSERT INTO cards (card_id, bank_code, region_code, physical, social, financial, machine, card_version, applied_at)
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (card_id) DO NOTHING",
-        )
-        .bind(&e.card_id)
-        .bind(bank)
-        .bind(region)
-        .bind(states.physical.as_str())
-        .bind(states.social.as_str())
-        .bind(states.financial.as_str())
-        .bind(machine_json(&states)?)
-        .bind(e.card_version)
-        .bind(at)
-        .execute(&mut *tx)
-        .await?;
+            &[
+                (&e.card_id).into(),
+                (&bank).into(),
+                (&region).into(),
+                states.physical.as_str().into(),
+                states.social.as_str().into(),
+                states.financial.as_str().into(),
+                (&machine).into(),
+                e.card_version.into(),
+                at.into(),
+            ],
+        )?;
         return Ok(());
     }
-    let row = sqlx::query("SELECT machine, card_version FROM cards WHERE card_id = $1")
-        .bind(&e.card_id)
-        .fetch_optional(&mut *tx)
-        .await?;
-    let Some(row) = row else {
-        return inconsistent(tx, envelope, &e.card_id, "an event for a card never applied for").await;
+    let row =
+        conn.query_row("SELECT machine, card_version FROM cards WHERE card_id = $1", &[(&e.card_id).into()], |r| {
+            Ok((r.text(0)?, r.int(1)))
+        })?;
+    let Some((machine, version)) = row else {
+        return inconsistent(conn, envelope, &e.card_id, "an event for a card never applied for");
     };
-    let version: i64 = row.try_get("card_version")?;
     if e.card_version != 0 && e.card_version <= version {
         // A stale or repeated change of this card: its effect is already in the model.
         return Ok(());
     }
-    let machine: String = row.try_get("machine")?;
     let states: CardStates =
         serde_json::from_str(&machine).map_err(|err| StoreError::Corrupt(format!("card machine: {err}")))?;
     let (next, stage) = match projection::apply(states, &kind) {
         Ok(n) => n,
-        Err(r) => return inconsistent(tx, envelope, &e.card_id, &format!("{}: {}", r.reason, r.message)).await,
+        Err(r) => return inconsistent(conn, envelope, &e.card_id, &format!("{}: {}", r.reason, r.message)),
     };
     let stage_column = match (&kind, stage) {
         (_, Some(Stage::Production)) => Some(("produced_at", at)),
@@ -439,20 +462,23 @@ async fn apply_card(tx: &mut sqlx::SqliteConnection, envelope: &Envelope, e: ev:
         (_, Some(Stage::Activation)) => Some(("activated_at", at)),
         (_, None) => None,
     };
-    let stage_sql = stage_column.map(|(c, _)| format!(", {c} = MIN(COALESCE({c}, $6), $6)")).unwrap_or_default();
-    sqlx::query(sqlx::AssertSqlSafe(format!(
-        "UPDATE cards SET physical = $1, social = $2, financial = $3, machine = $4, card_version = $5 {stage_sql}
-         WHERE card_id = $7"
-    )))
-    .bind(next.physical.as_str())
-    .bind(next.social.as_str())
-    .bind(next.financial.as_str())
-    .bind(machine_json(&next)?)
-    .bind(if e.card_version == 0 { version } else { e.card_version })
-    .bind(stage_column.map_or(0, |(_, t)| t))
-    .bind(&e.card_id)
-    .execute(&mut *tx)
-    .await?;
+    let machine = machine_json(&next)?;
+    let card_version = if e.card_version == 0 { version } else { e.card_version };
+    let values: [Value<'_>; 6] = [
+        next.physical.as_str().into(),
+        next.social.as_str().into(),
+        next.financial.as_str().into(),
+        (&machine).into(),
+        card_version.into(),
+        (&e.card_id).into(),
+    ];
+    conn.execute(UPDATE_CARD, &values)?;
+    if let Some((column, t)) = stage_column {
+        conn.execute(
+            &format!("UPDATE cards SET {column} = MIN(COALESCE({column}, $1), $1) WHERE card_id = $2"),
+            &[t.into(), (&e.card_id).into()],
+        )?;
+    }
     Ok(())
 }
 
@@ -460,32 +486,22 @@ fn machine_json(states: &CardStates) -> Result<String, StoreError> {
     serde_json::to_string(states).map_err(|e| StoreError::Corrupt(e.to_string()))
 }
 
-async fn inconsistent(
-    tx: &mut sqlx::SqliteConnection,
-    envelope: &Envelope,
-    card_id: &str,
-    detail: &str,
-) -> Result<(), StoreError> {
+fn inconsistent(conn: &mut Direct<'_>, envelope: &Envelope, card_id: &str, detail: &str) -> Result<(), StoreError> {
     tracing::warn!(event_id = %envelope.id, event_type = %envelope.event_type, detail, "card event not folded into the read model");
-    sqlx::query("INSERT INTO inconsistencies (event_id, card_id, detail) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING")
-        .bind(&envelope.id)
-        .bind(card_id)
-        .bind(format!("{}: {detail}", envelope.event_type))
-        .execute(tx)
-        .await?;
+    let detail = format!("{}: {detail}", envelope.event_type);
+    conn.execute(
+        "INSERT INTO inconsistencies (event_id, card_id, detail) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+        &[(&envelope.id).into(), card_id.into(), (&detail).into()],
+    )?;
     Ok(())
 }
 
-async fn apply_shipment(
-    tx: &mut sqlx::SqliteConnection,
-    envelope: &Envelope,
-    e: ev::ShipmentEvent,
-) -> Result<(), StoreError> {
+fn apply_shipment(conn: &mut Direct<'_>, envelope: &Envelope, e: ev::ShipmentEvent) -> Result<(), StoreError> {
     let at = micros(e.occurred_at.as_ref(), envelope.time);
     let closes = projection::milestone_closes(e.milestone);
     let dispatched = (e.milestone == ev::ShipmentMilestone::Dispatched as i32).then_some(at);
     // Milestones come in order per card; `closed` never reopens and times only move to the earliest seen.
-    sqlx::query(
+    conn.execute(
         "INSERT INTO shipments (waybill, card_id, milestone, closed, opened_at, dispatched_at, last_event_at)
          VALUES ($1, $2, $3, $4, $5, $6, $5)
          ON CONFLICT (waybill) DO UPDATE SET
@@ -494,22 +510,22 @@ async fn apply_shipment(
            opened_at = MIN(opened_at, excluded.opened_at),
            dispatched_at = COALESCE(MIN(dispatched_at, excluded.dispatched_at), dispatched_at, excluded.dispatched_at),
            last_event_at = MAX(last_event_at, excluded.last_event_at)",
-    )
-    .bind(&e.waybill)
-    .bind(&e.card_id)
-    .bind(projection::milestone_label(e.milestone))
-    .bind(i64::from(closes))
-    .bind(at)
-    .bind(dispatched)
-    .execute(tx)
-    .await?;
+        &[
+            (&e.waybill).into(),
+            (&e.card_id).into(),
+            projection::milestone_label(e.milestone).into(),
+            i64::from(closes).into(),
+            at.into(),
+            dispatched.into(),
+        ],
+    )?;
     Ok(())
 }
 
-async fn apply_loss(tx: &mut sqlx::SqliteConnection, envelope: &Envelope, e: ev::LossEvent) -> Result<(), StoreError> {
+fn apply_loss(conn: &mut Direct<'_>, envelope: &Envelope, e: ev::LossEvent) -> Result<(), StoreError> {
     let at = micros(e.occurred_at.as_ref(), envelope.time);
     let kind = projection::loss_kind(e.loss_kind).map_or("unknown", |k| k.as_str());
-    sqlx::query(
+    conn.execute(
         "INSERT INTO loss_cases (case_id, card_id, bank_code, loss_kind, state, social_locked, financial_frozen, opened_at, updated_at)
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8)
          ON CONFLICT (case_id) DO UPDATE SET
@@ -517,25 +533,21 @@ async fn apply_loss(tx: &mut sqlx::SqliteConnection, envelope: &Envelope, e: ev:
            financial_frozen = excluded.financial_frozen,
            bank_code = CASE WHEN excluded.bank_code = '' THEN bank_code ELSE excluded.bank_code END,
            opened_at = MIN(opened_at, excluded.opened_at), updated_at = MAX(updated_at, excluded.updated_at)",
-    )
-    .bind(&e.case_id)
-    .bind(&e.card_id)
-    .bind(&e.bank_code)
-    .bind(kind)
-    .bind(&e.state)
-    .bind(i64::from(e.social_locked))
-    .bind(i64::from(e.financial_frozen))
-    .bind(at)
-    .execute(tx)
-    .await?;
+        &[
+            (&e.case_id).into(),
+            (&e.card_id).into(),
+            (&e.bank_code).into(),
+            kind.into(),
+            (&e.state).into(),
+            i64::from(e.social_locked).into(),
+            i64::from(e.financial_frozen).into(),
+            at.into(),
+        ],
+    )?;
     Ok(())
 }
 
-async fn apply_financial(
-    tx: &mut sqlx::SqliteConnection,
-    envelope: &Envelope,
-    e: ev::FinancialEvent,
-) -> Result<(), StoreError> {
+fn apply_financial(conn: &mut Direct<'_>, envelope: &Envelope, e: ev::FinancialEvent) -> Result<(), StoreError> {
     use ev::financial_event::Kind;
     let at = micros(e.occurred_at.as_ref(), envelope.time);
     // (activated, frozen) after the event; None leaves that column as it was.
@@ -546,18 +558,18 @@ async fn apply_financial(
         Some(Kind::FinancialUnfrozen(_)) => (None, Some(false)),
         None => return Ok(()),
     };
-    sqlx::query(
+    conn.execute(
         "INSERT INTO financial_reports (card_id, bank_code, activated, frozen, updated_at)
          VALUES ($1, $2, COALESCE($3, 0), COALESCE($4, 0), $5)
          ON CONFLICT (card_id) DO UPDATE SET
            activated = COALESCE($3, activated), frozen = COALESCE($4, frozen), updated_at = MAX(updated_at, $5)",
-    )
-    .bind(&e.card_id)
-    .bind(&e.bank_code)
-    .bind(activated.map(i64::from))
-    .bind(frozen.map(i64::from))
-    .bind(at)
-    .execute(tx)
-    .await?;
+        &[
+            (&e.card_id).into(),
+            (&e.bank_code).into(),
+            activated.map(i64::from).into(),
+            frozen.map(i64::from).into(),
+            at.into(),
+        ],
+    )?;
     Ok(())
 }
