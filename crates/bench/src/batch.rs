@@ -323,7 +323,7 @@ struct Drained {
     events: usize,
     /// Events per second through the loss coordinator's consumer.
     coordinator: f64,
-    /// Events per second through ops' consumer (its read models, a batch a transaction).
+    /// Events per second through ops' consumer (its read models, a batch a write of its group writer).
     ops: f64,
     /// Events per second through a consumer whose handler does nothing: reading the log and keeping
     /// the position alone.
@@ -414,9 +414,9 @@ pub async fn run(quick: bool, postgres: Option<String>) -> anyhow::Result<Table>
             "events drained",
             "log alone events/s",
             "coordinator events/s",
-            "ratio",
+            "coordinator ratio",
             "ops events/s",
-            "ratio",
+            "ops ratio",
         ],
         rows,
         notes: vec![
