@@ -30,23 +30,24 @@ fn now_micros() -> i64 {
     crate::unix_micros(time::OffsetDateTime::now_utc())
 }
 
+/// The inbox row of an event, none when it is there already (the same SQL on both databases).
+const RECORD: &str = "INSERT INTO inbox (event_id, processed_at) VALUES ($1, $2) ON CONFLICT (event_id) DO NOTHING";
+
+/// [`record_sqlite`] on a group writer's connection ([`crate::direct::Direct`], inside the write's
+/// savepoint); false when the event was there already.
+pub fn record_direct(conn: &mut crate::direct::Direct<'_>, event_id: &str) -> Result<bool, crate::direct::DirectError> {
+    Ok(conn.execute(RECORD, &[event_id.into(), now_micros().into()])? == 1)
+}
+
 /// Records `event_id` in the inbox inside `tx`; false when it was there already (skip the effect).
 pub async fn record_sqlite(tx: &mut sqlx::SqliteConnection, event_id: &str) -> Result<bool, sqlx::Error> {
-    let r = sqlx::query("INSERT INTO inbox (event_id, processed_at) VALUES ($1, $2) ON CONFLICT (event_id) DO NOTHING")
-        .bind(event_id)
-        .bind(now_micros())
-        .execute(tx)
-        .await?;
+    let r = sqlx::query(RECORD).bind(event_id).bind(now_micros()).execute(tx).await?;
     Ok(r.rows_affected() == 1)
 }
 
 /// Records `event_id` in the inbox inside `tx`; false when it was there already (skip the effect).
 pub async fn record_postgres(tx: &mut sqlx::PgConnection, event_id: &str) -> Result<bool, sqlx::Error> {
-    let r = sqlx::query("INSERT INTO inbox (event_id, processed_at) VALUES ($1, $2) ON CONFLICT (event_id) DO NOTHING")
-        .bind(event_id)
-        .bind(now_micros())
-        .execute(tx)
-        .await?;
+    let r = sqlx::query(RECORD).bind(event_id).bind(now_micros()).execute(tx).await?;
     Ok(r.rows_affected() == 1)
 }
 

@@ -386,11 +386,7 @@ fn apply_in(conn: &mut Direct<'_>, event: &Envelope) -> Result<bool, StoreError>
         )?;
         return Ok(n == 1);
     }
-    let recorded = conn.execute(
-        "INSERT INTO inbox (event_id, processed_at) VALUES ($1, $2) ON CONFLICT (event_id) DO NOTHING",
-        &[(&event.id).into(), unix_micros(OffsetDateTime::now_utc()).into()],
-    )?;
-    if recorded != 1 {
+    if !socialcard_events::inbox::record_direct(conn, &event.id)? {
         return Ok(false);
     }
     let payload = event.payload.as_slice();
@@ -406,7 +402,7 @@ fn apply_in(conn: &mut Direct<'_>, event: &Envelope) -> Result<bool, StoreError>
     Ok(true)
 }
 
-/// Moves a card's projection; the stage's time, when the event reaches one, only ever moves earlier.
+/// Moves a card's projection (the time of a stage it reaches is set apart, and only ever moves earlier).
 const UPDATE_CARD: &str = "UPDATE cards SET physical = $1, social = $2, financial = $3, machine = $4, card_version = $5
      WHERE card_id = $6";
 
