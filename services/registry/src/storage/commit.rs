@@ -134,21 +134,54 @@ impl BatchCommit {
     /// Every row of an employer-batch chunk, as the one-card commits write them: keys first (a
     /// concurrent import of the same rows fails there, before any other write), the holders' versions
     /// bumped (a concurrent application for one of them makes the chunk plan again), new cards, their
-    /// audit chains from genesis and their events.
-    pub(super) fn statements(&self, sealer: &Sealer, now: i64) -> Result<Vec<Statement>, StoreError> {
-        let mut out = Vec::with_capacity(
-            self.idempotency.len() + self.touch_persons.len() + self.cards.len() + self.audit.len() + self.outbox.len(),
-        );
+    /// audit chains from genesis and their events. Handed to `take` in order, in parts of up to `part`
+    /// statements, so a writer can run the first parts while the rest are sealed and encoded; stops
+    /// early when `take` answers false (the writer gave up).
+    pub(super) fn statements_in_parts(
+        &self,
+        sealer: &Sealer,
+        now: i64,
+        part: usize,
+        mut take: impl FnMut(Vec<Statement>) -> bool,
+    ) -> Result<(), StoreError> {
+        let part = part.max(1);
+        let capacity = part.min(1024);
+        let mut out = Vec::with_capacity(capacity);
+        let mut push = |s: Statement, out: &mut Vec<Statement>| {
+            out.push(s);
+            out.len() < part || take(std::mem::replace(out, Vec::with_capacity(capacity)))
+        };
         for i in &self.idempotency {
-            out.push(idempotency_statement(sealer, i, now)?);
+            if !push(idempotency_statement(sealer, i, now)?, &mut out) {
+                return Ok(());
+            }
         }
-        out.extend(self.touch_persons.iter().map(|(id, version)| touch_statement(sealer, id, *version)));
+        for (id, version) in &self.touch_persons {
+            if !push(touch_statement(sealer, id, *version), &mut out) {
+                return Ok(());
+            }
+        }
         for c in &self.cards {
-            out.push(card_statement(sealer, c, true, now)?);
+            if !push(card_statement(sealer, c, true, now)?, &mut out) {
+                return Ok(());
+            }
         }
-        out.extend(audit_statements(sealer, &self.audit, HashMap::new())?);
-        out.extend(self.outbox.iter().map(outbox_statement));
-        Ok(out)
+        // Every card of a batch is new: its chain starts at genesis.
+        let mut heads = HashMap::new();
+        for a in &self.audit {
+            if !push(audit_statement(sealer, a, &mut heads)?, &mut out) {
+                return Ok(());
+            }
+        }
+        for o in &self.outbox {
+            if !push(outbox_statement(o), &mut out) {
+                return Ok(());
+            }
+        }
+        if !out.is_empty() {
+            take(out);
+        }
+        Ok(())
     }
 }
 
@@ -184,33 +217,39 @@ fn audit_statements(
     audit: &[AuditRecord],
     mut heads: HashMap<String, Vec<u8>>,
 ) -> Result<Vec<Statement>, StoreError> {
-    let mut out = Vec::with_capacity(audit.len());
-    for a in audit {
-        let prev = heads.get(&a.card_id).cloned().unwrap_or_else(|| crate::audit_chain::GENESIS.to_vec());
-        let hash = crate::audit_chain::link(&prev, a);
-        out.push(Statement::new(
-            "INSERT INTO audit_log (card_id, at, action, channel, actor, documents, from_state, to_state, idempotency_key,
-                 prev_hash, hash)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
-            vec![
-                Param::Text(a.card_id.clone()),
-                Param::Int(micros(a.at)),
-                Param::Text(a.action.clone()),
-                Param::Text(a.channel.clone()),
-                // Who acted and with which papers (a caller's phone): sealed, bound to the card.
-                Param::Text(sealer.seal(&a.actor, &a.card_id).map_err(seal_error)?),
-                Param::Text(sealer.seal(&a.documents, &a.card_id).map_err(seal_error)?),
-                Param::Text(a.from_state.clone()),
-                Param::Text(a.to_state.clone()),
-                Param::Text(a.idempotency_key.clone()),
-                Param::Blob(prev),
-                Param::Blob(hash.clone()),
-            ],
-            || StoreError::Duplicate("row"),
-        ));
-        heads.insert(a.card_id.clone(), hash);
-    }
-    Ok(out)
+    audit.iter().map(|a| audit_statement(sealer, a, &mut heads)).collect()
+}
+
+/// One audit row, linked to its card's head in `heads` (genesis when absent), which it then becomes.
+fn audit_statement(
+    sealer: &Sealer,
+    a: &AuditRecord,
+    heads: &mut HashMap<String, Vec<u8>>,
+) -> Result<Statement, StoreError> {
+    let prev = heads.get(&a.card_id).cloned().unwrap_or_else(|| crate::audit_chain::GENESIS.to_vec());
+    let hash = crate::audit_chain::link(&prev, a);
+    let statement = Statement::new(
+        "INSERT INTO audit_log (card_id, at, action, channel, actor, documents, from_state, to_state, idempotency_key,
+             prev_hash, hash)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+        vec![
+            Param::Text(a.card_id.clone()),
+            Param::Int(micros(a.at)),
+            Param::Text(a.action.clone()),
+            Param::Text(a.channel.clone()),
+            // Who acted and with which papers (a caller's phone): sealed, bound to the card.
+            Param::Text(sealer.seal(&a.actor, &a.card_id).map_err(seal_error)?),
+            Param::Text(sealer.seal(&a.documents, &a.card_id).map_err(seal_error)?),
+            Param::Text(a.from_state.clone()),
+            Param::Text(a.to_state.clone()),
+            Param::Text(a.idempotency_key.clone()),
+            Param::Blob(prev),
+            Param::Blob(hash.clone()),
+        ],
+        || StoreError::Duplicate("row"),
+    );
+    heads.insert(a.card_id.clone(), hash);
+    Ok(statement)
 }
 
 fn outbox_statement(o: &OutboxRecord) -> Statement {
@@ -280,4 +319,126 @@ fn card_statement(sealer: &Sealer, rec: &CardRecord, insert: bool, now: i64) -> 
         )
     };
     Ok(statement.one_row())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use time::OffsetDateTime;
+
+    /// A chunk of `n` holders' keys, audit rows (two cards, chains of `n`) and events: no cards, whose
+    /// records need a domain card.
+    fn chunk(n: usize) -> BatchCommit {
+        let at = OffsetDateTime::UNIX_EPOCH;
+        BatchCommit {
+            idempotency: (0..n)
+                .map(|i| IdempotencyRecord {
+                    key: format!("key-{i}"),
+                    operation: "import".into(),
+                    request_hash: vec![1],
+                    response: vec![2],
+                })
+                .collect(),
+            touch_persons: (0..n).map(|i| (format!("1101011990010{i:05}"), 1)).collect(),
+            cards: Vec::new(),
+            audit: (0..2 * n)
+                .map(|i| AuditRecord {
+                    card_id: format!("card-{}", i % 2),
+                    at,
+                    action: format!("step-{i}"),
+                    channel: "employer_batch".into(),
+                    actor: "{}".into(),
+                    documents: "{}".into(),
+                    from_state: String::new(),
+                    to_state: String::new(),
+                    idempotency_key: format!("key-{i}"),
+                })
+                .collect(),
+            outbox: (0..n)
+                .map(|i| OutboxRecord {
+                    event_id: format!("event-{i}"),
+                    topic: "t".into(),
+                    key: "card-0".into(),
+                    event_type: "e".into(),
+                    payload: vec![3],
+                    occurred_at: at,
+                    source: "registry".into(),
+                    traceparent: None,
+                })
+                .collect(),
+        }
+    }
+
+    /// What a statement writes, comparable across builds (sealed values differ by nonce: left out).
+    fn shape(s: &Statement) -> (String, Vec<String>) {
+        let sealed_blob = |i: usize| s.sql.starts_with("INSERT INTO idempotency") && i == 3;
+        let params = s
+            .params
+            .iter()
+            .enumerate()
+            .map(|(i, p)| match p {
+                Param::Blob(_) if sealed_blob(i) => "sealed".into(),
+                Param::Int(v) => v.to_string(),
+                Param::Text(t) if t.starts_with("v2:") => "sealed".into(),
+                Param::Text(t) => t.clone(),
+                Param::OptText(t) => format!("{t:?}"),
+                Param::Blob(b) => hex::encode(b),
+            })
+            .collect();
+        (s.sql.to_string(), params)
+    }
+
+    fn parts(commit: &BatchCommit, part: usize) -> Vec<Vec<Statement>> {
+        let sealer = Sealer::new(&[7; 32]).unwrap();
+        let mut out = Vec::new();
+        commit
+            .statements_in_parts(&sealer, 5, part, |p| {
+                out.push(p);
+                true
+            })
+            .unwrap();
+        out
+    }
+
+    /// The writer runs the parts in the order given: together they must be every statement of the
+    /// chunk, in the one-part order (keys, holders, audit chains linked in turn, events), none empty
+    /// and none over the size.
+    #[test]
+    fn parts_hold_every_statement_in_order() {
+        let commit = chunk(5);
+        let whole = parts(&commit, usize::MAX);
+        assert_eq!(whole.len(), 1);
+        assert_eq!(whole[0].len(), 5 + 5 + 10 + 5);
+        for size in [1, 3, 7, 25, 26] {
+            let split = parts(&commit, size);
+            assert_eq!(split.len(), 25usize.div_ceil(size), "parts of {size}");
+            assert!(split.iter().all(|p| !p.is_empty() && p.len() <= size), "parts of {size}");
+            let flat: Vec<_> = split.iter().flatten().map(shape).collect();
+            let expected: Vec<_> = whole[0].iter().map(shape).collect();
+            assert_eq!(flat, expected, "parts of {size}");
+        }
+        // The chains: card-0's second row links to its first, not to card-1's.
+        let audit: Vec<&Statement> = whole[0][10..20].iter().collect();
+        let hash = |s: &Statement| match (&s.params[9], &s.params[10]) {
+            (Param::Blob(prev), Param::Blob(hash)) => (prev.clone(), hash.clone()),
+            _ => panic!("audit row without its hashes"),
+        };
+        assert_eq!(hash(audit[0]).0, crate::audit_chain::GENESIS.to_vec());
+        assert_eq!(hash(audit[2]).0, hash(audit[0]).1);
+        assert_eq!(hash(audit[3]).0, hash(audit[1]).1);
+    }
+
+    /// A writer that stopped (a statement refused) hears of no more parts.
+    #[test]
+    fn building_stops_when_the_writer_does() {
+        let sealer = Sealer::new(&[7; 32]).unwrap();
+        let mut taken = 0;
+        chunk(5)
+            .statements_in_parts(&sealer, 5, 4, |_| {
+                taken += 1;
+                false
+            })
+            .unwrap();
+        assert_eq!(taken, 1);
+    }
 }

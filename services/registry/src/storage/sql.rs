@@ -408,19 +408,47 @@ sql_store!(PgStore, sqlx::Postgres, sqlx::PgPool, (), ());
 
 impl SqliteStore {
     /// An employer-batch chunk goes to the group writer too, one write of its own, its rows one prepared
-    /// statement each, straight on the writer's connection.
+    /// statement each, straight on the writer's connection. Sealing, hashing and encoding the rows took
+    /// about a third of the writer's time: they are done on a blocking thread instead, in parts, and the
+    /// writer runs each part as it comes while the next is made.
     pub(super) async fn commit_rows(&self, commit: BatchCommit) -> Result<(), StoreError> {
+        /// Statements per part: small enough that the writer starts at once, large enough that the
+        /// hand-overs cost nothing beside the rows.
+        const PART: usize = 256;
+        enum Part {
+            Statements(Vec<Statement>),
+            /// Every statement was made: only after this may the writer commit.
+            Done,
+        }
         let sealer = self.sealer.clone();
-        self.group
+        let now = micros(OffsetDateTime::now_utc());
+        let (parts, made) = std::sync::mpsc::sync_channel::<Result<Part, StoreError>>(4);
+        // The writer drops its end when it stops early (a statement refused): the builder then stops too.
+        let builder = tokio::task::spawn_blocking(move || {
+            let built = commit.statements_in_parts(&sealer, now, PART, |p| parts.send(Ok(Part::Statements(p))).is_ok());
+            let _ = parts.send(built.map(|()| Part::Done));
+        });
+        let written = self
+            .group
             .run(move |conn| {
-                let now = micros(OffsetDateTime::now_utc());
-                for s in commit.statements(&sealer, now)? {
-                    run_direct(conn, &s)?;
+                for part in made {
+                    match part? {
+                        Part::Statements(statements) => {
+                            for s in &statements {
+                                run_direct(conn, s)?;
+                            }
+                        }
+                        Part::Done => return Ok(()),
+                    }
                 }
-                Ok(())
+                // The builder went away (it panicked) before making every statement: nothing of the
+                // chunk may commit.
+                Err(StoreError::Unavailable("the chunk's statements were not all made".into()))
             })
             .await
-            .map_err(|e| StoreError::Unavailable(e.to_string()))?
+            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        builder.await.map_err(|e| StoreError::Unavailable(format!("statement builder: {e}")))?;
+        written
     }
 
     /// A commit goes to the group writer: it shares a transaction with the commits queued beside it,
