@@ -136,14 +136,14 @@ impl BatchCommit {
     /// bumped (a concurrent application for one of them makes the chunk plan again), new cards, their
     /// audit chains from genesis and their events. Handed to `take` in order, in parts of up to `part`
     /// statements, so a writer can run the first parts while the rest are sealed and encoded; stops
-    /// early when `take` answers false (the writer gave up).
+    /// early when `take` answers false (the writer gave up). True only when every statement was taken.
     pub(super) fn statements_in_parts(
         &self,
         sealer: &Sealer,
         now: i64,
         part: usize,
         mut take: impl FnMut(Vec<Statement>) -> bool,
-    ) -> Result<(), StoreError> {
+    ) -> Result<bool, StoreError> {
         let part = part.max(1);
         let capacity = part.min(1024);
         let mut out = Vec::with_capacity(capacity);
@@ -153,35 +153,32 @@ impl BatchCommit {
         };
         for i in &self.idempotency {
             if !push(idempotency_statement(sealer, i, now)?, &mut out) {
-                return Ok(());
+                return Ok(false);
             }
         }
         for (id, version) in &self.touch_persons {
             if !push(touch_statement(sealer, id, *version), &mut out) {
-                return Ok(());
+                return Ok(false);
             }
         }
         for c in &self.cards {
             if !push(card_statement(sealer, c, true, now)?, &mut out) {
-                return Ok(());
+                return Ok(false);
             }
         }
         // Every card of a batch is new: its chain starts at genesis.
         let mut heads = HashMap::new();
         for a in &self.audit {
             if !push(audit_statement(sealer, a, &mut heads)?, &mut out) {
-                return Ok(());
+                return Ok(false);
             }
         }
         for o in &self.outbox {
             if !push(outbox_statement(o), &mut out) {
-                return Ok(());
+                return Ok(false);
             }
         }
-        if !out.is_empty() {
-            take(out);
-        }
-        Ok(())
+        Ok(out.is_empty() || take(out))
     }
 }
 
@@ -391,12 +388,13 @@ mod tests {
     fn parts(commit: &BatchCommit, part: usize) -> Vec<Vec<Statement>> {
         let sealer = Sealer::new(&[7; 32]).unwrap();
         let mut out = Vec::new();
-        commit
+        let complete = commit
             .statements_in_parts(&sealer, 5, part, |p| {
                 out.push(p);
                 true
             })
             .unwrap();
+        assert!(complete, "every part taken");
         out
     }
 
@@ -433,12 +431,22 @@ mod tests {
     fn building_stops_when_the_writer_does() {
         let sealer = Sealer::new(&[7; 32]).unwrap();
         let mut taken = 0;
-        chunk(5)
+        let complete = chunk(5)
             .statements_in_parts(&sealer, 5, 4, |_| {
                 taken += 1;
                 false
             })
             .unwrap();
         assert_eq!(taken, 1);
+        assert!(!complete, "a build the writer stopped is not complete");
+        // Refused at the very last part: still not complete.
+        let mut taken = 0;
+        let complete = chunk(5)
+            .statements_in_parts(&sealer, 5, 4, |_| {
+                taken += 1;
+                taken < 7
+            })
+            .unwrap();
+        assert_eq!((taken, complete), (7, false));
     }
 }
