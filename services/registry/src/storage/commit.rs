@@ -144,37 +144,21 @@ impl BatchCommit {
         part: usize,
         mut take: impl FnMut(Vec<Statement>) -> bool,
     ) -> Result<bool, StoreError> {
-        let part = part.max(1);
-        let capacity = part.min(1024);
-        let mut out = Vec::with_capacity(capacity);
-        let mut push = |s: Statement, out: &mut Vec<Statement>| {
-            out.push(s);
-            out.len() < part || take(std::mem::replace(out, Vec::with_capacity(capacity)))
-        };
-        for i in &self.idempotency {
-            if !push(idempotency_statement(sealer, i, now)?, &mut out) {
-                return Ok(false);
-            }
-        }
-        for (id, version) in &self.touch_persons {
-            if !push(touch_statement(sealer, id, *version), &mut out) {
-                return Ok(false);
-            }
-        }
-        for c in &self.cards {
-            if !push(card_statement(sealer, c, true, now)?, &mut out) {
-                return Ok(false);
-            }
-        }
         // Every card of a batch is new: its chain starts at genesis.
         let mut heads = HashMap::new();
-        for a in &self.audit {
-            if !push(audit_statement(sealer, a, &mut heads)?, &mut out) {
-                return Ok(false);
-            }
-        }
-        for o in &self.outbox {
-            if !push(outbox_statement(o), &mut out) {
+        let statements = self
+            .idempotency
+            .iter()
+            .map(|i| idempotency_statement(sealer, i, now))
+            .chain(self.touch_persons.iter().map(|(id, version)| Ok(touch_statement(sealer, id, *version))))
+            .chain(self.cards.iter().map(|c| card_statement(sealer, c, true, now)))
+            .chain(self.audit.iter().map(|a| audit_statement(sealer, a, &mut heads)))
+            .chain(self.outbox.iter().map(|o| Ok(outbox_statement(o))));
+        let part = part.max(1);
+        let mut out = Vec::with_capacity(part.min(1024));
+        for s in statements {
+            out.push(s?);
+            if out.len() == part && !take(std::mem::replace(&mut out, Vec::with_capacity(part.min(1024)))) {
                 return Ok(false);
             }
         }
