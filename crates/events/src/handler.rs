@@ -45,11 +45,22 @@ pub trait Handler: Send + Sync {
         let _ = events;
         None
     }
+
+    /// How many events the consumer may hand [`Handler::handle`] at once when it handles them one at a
+    /// time: events of different subjects (cards) at once, those of one subject always one after
+    /// another, in order. Kafka orders events only within a key (the subject), so a handler that is
+    /// correct behind Kafka is correct here. 1 (the default): one event at a time. For a handler whose
+    /// writes meet in a group writer (the registry's) or a connection pool, concurrent events share
+    /// commits rather than queue for one each.
+    fn concurrency(&self) -> usize {
+        1
+    }
 }
 
 /// Handles `events` (in order) as a consumer does: more than one together through
 /// [`Handler::handle_batch`] when the handler has a batch form, one transaction for all; otherwise each
-/// alone through [`handle_with_retries`]. A batch still failing after its retries (or failing
+/// alone through [`handle_with_retries`], several subjects at once when the handler's
+/// [`Handler::concurrency`] allows (each subject's events in order). A batch still failing after its retries (or failing
 /// permanently at once) is split in halves, each tried the same way
 /// in order, so a poison event ends up alone (retried, then dead-lettered) after about log2(n) failed
 /// batches while the events around it still go in batches. One outcome per event, in order; an error
@@ -83,11 +94,59 @@ pub async fn handle_events(
                 Batch::NoBatchForm => {}
             }
         }
-        for event in part {
-            outcomes.push(handle_one(handler, event, max_attempts, backoff, system).await);
-        }
+        outcomes.extend(handle_each(handler, part, max_attempts, backoff, system).await);
     }
     outcomes
+}
+
+/// Each of `events` alone through [`handle_one`]: up to [`Handler::concurrency`] subjects at once, the
+/// events of one subject in order, one after another. One outcome per event, in the order of `events`.
+async fn handle_each(
+    handler: &dyn Handler,
+    events: &[Envelope],
+    max_attempts: u32,
+    backoff: std::time::Duration,
+    system: &'static str,
+) -> Vec<Result<Applied, HandlerError>> {
+    let limit = handler.concurrency().max(1);
+    if limit == 1 || events.len() < 2 {
+        let mut outcomes = Vec::with_capacity(events.len());
+        for event in events {
+            outcomes.push(handle_one(handler, event, max_attempts, backoff, system).await);
+        }
+        return outcomes;
+    }
+    // The events of each subject, in order; subjects in the order they first appear.
+    let mut chains: Vec<Vec<usize>> = Vec::new();
+    let mut chain_of: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+    for (i, event) in events.iter().enumerate() {
+        let chain = *chain_of.entry(event.subject.as_str()).or_insert_with(|| {
+            chains.push(Vec::new());
+            chains.len() - 1
+        });
+        chains[chain].push(i);
+    }
+    let run = |chain: Vec<usize>| async move {
+        let mut done = Vec::with_capacity(chain.len());
+        for i in chain {
+            done.push((i, handle_one(handler, &events[i], max_attempts, backoff, system).await));
+        }
+        done
+    };
+    let mut outcomes: Vec<Option<Result<Applied, HandlerError>>> = events.iter().map(|_| None).collect();
+    let mut waiting = chains.into_iter();
+    let mut running = futures_util::stream::FuturesUnordered::new();
+    running.extend(waiting.by_ref().take(limit).map(run));
+    while let Some(done) = futures_util::StreamExt::next(&mut running).await {
+        for (i, outcome) in done {
+            outcomes[i] = Some(outcome);
+        }
+        running.extend(waiting.next().map(run));
+    }
+    outcomes
+        .into_iter()
+        .map(|o| o.unwrap_or_else(|| Err(HandlerError::Permanent("the event was never handled".into()))))
+        .collect()
 }
 
 /// One event alone through [`handle_with_retries`], in a `process` span that continues the trace that
@@ -173,5 +232,119 @@ pub async fn handle_with_retries(
                 tokio::time::sleep(backoff * attempt).await;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+    use std::time::Duration;
+
+    use super::*;
+
+    /// Records what it was handed and how many events it held at once; each event takes 5 ms (paused
+    /// time), 100 ms when its payload says "slow", and fails permanently when it says "poison".
+    struct Recorder {
+        concurrency: usize,
+        state: Mutex<Seen>,
+    }
+
+    /// Events held now, the most held at once, and (subject, event id) in the order they finished.
+    type Seen = (usize, usize, Vec<(String, String)>);
+
+    impl Recorder {
+        fn new(concurrency: usize) -> Self {
+            Self { concurrency, state: Mutex::new((0, 0, Vec::new())) }
+        }
+
+        /// The most events held at once, and (subject, event id) in the order they finished.
+        fn seen(&self) -> (usize, Vec<(String, String)>) {
+            let s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            (s.1, s.2.clone())
+        }
+    }
+
+    #[async_trait]
+    impl Handler for Recorder {
+        async fn handle(&self, event: &Envelope) -> Result<Applied, HandlerError> {
+            {
+                let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+                s.0 += 1;
+                s.1 = s.1.max(s.0);
+            }
+            let took = if event.payload == b"slow" { 100 } else { 5 };
+            tokio::time::sleep(Duration::from_millis(took)).await;
+            let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            s.0 -= 1;
+            s.2.push((event.subject.clone(), event.id.clone()));
+            match event.payload.as_slice() {
+                b"poison" => Err(HandlerError::Permanent("poison".into())),
+                _ => Ok(Applied::Applied),
+            }
+        }
+
+        fn concurrency(&self) -> usize {
+            self.concurrency
+        }
+    }
+
+    fn event(i: usize, subject: &str, payload: &[u8]) -> Envelope {
+        Envelope {
+            id: format!("e{i}"),
+            event_type: "test.v1.Changed".into(),
+            source: "test".into(),
+            subject: subject.into(),
+            time: time::OffsetDateTime::UNIX_EPOCH,
+            traceparent: None,
+            topic: "test".into(),
+            payload: payload.to_vec(),
+        }
+    }
+
+    /// 40 events over 10 subjects, interleaved; event 0 (subject 0) is slow: its subject's next event
+    /// would overtake it if it were not held back; event 13 (subject 3) is poison.
+    fn events() -> Vec<Envelope> {
+        let payload = |i| match i {
+            0 => b"slow".as_slice(),
+            13 => b"poison".as_slice(),
+            _ => b"ok".as_slice(),
+        };
+        (0..40).map(|i| event(i, &format!("card-{}", i % 10), payload(i))).collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn subjects_are_handled_at_once_each_in_order() {
+        let handler = Recorder::new(4);
+        let events = events();
+        let outcomes = handle_events(&handler, &events, 1, Duration::ZERO, "test").await;
+
+        // One outcome per event, in the events' order: only the poison one failed.
+        assert_eq!(outcomes.len(), events.len());
+        for (i, outcome) in outcomes.iter().enumerate() {
+            assert_eq!(outcome.is_err(), i == 13, "event {i}: {outcome:?}");
+        }
+        let (most, finished) = handler.seen();
+        assert_eq!(most, 4, "up to the handler's concurrency at once, never more");
+        assert_eq!(finished.len(), events.len(), "every event handled once");
+        // Within a subject, the order of the events (the poison one's successors included).
+        for subject in 0..10 {
+            let order: Vec<&str> =
+                finished.iter().filter(|(s, _)| *s == format!("card-{subject}")).map(|(_, id)| id.as_str()).collect();
+            let expected: Vec<String> = (0..4).map(|k| format!("e{}", subject + 10 * k)).collect();
+            assert_eq!(order, expected, "subject card-{subject}");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn one_at_a_time_by_default() {
+        let handler = Recorder::new(1);
+        let events = events();
+        let outcomes = handle_events(&handler, &events, 1, Duration::ZERO, "test").await;
+        assert_eq!(outcomes.iter().filter(|o| o.is_err()).count(), 1);
+        let (most, finished) = handler.seen();
+        assert_eq!(most, 1);
+        let ids: Vec<&str> = finished.iter().map(|(_, id)| id.as_str()).collect();
+        let expected: Vec<String> = (0..40).map(|i| format!("e{i}")).collect();
+        assert_eq!(ids, expected, "in the events' order");
     }
 }

@@ -56,6 +56,12 @@ fn own_unlock_key(idempotency_key: &str) -> Option<&str> {
 
 #[async_trait]
 impl Handler for CardEvents {
+    /// Events of different cards at once (each card's in order), as concurrent reports and unlocks
+    /// already run: one card's registry lookup no longer waits behind another's commit.
+    fn concurrency(&self) -> usize {
+        16
+    }
+
     async fn handle(&self, event: &Envelope) -> Result<Applied, HandlerError> {
         let e = ev::CardEvent::decode(event.payload.as_slice()).map_err(|e| HandlerError::Permanent(e.to_string()))?;
         let Some(kind) = e.kind.clone() else { return Ok(Applied::Duplicate) };

@@ -25,6 +25,12 @@ impl FinancialEvents {
 
 #[async_trait]
 impl Handler for FinancialEvents {
+    /// Events of different cards at once (each card's in order): their writes meet in the registry's
+    /// group writer (or the PostgreSQL pool) and share commits, as concurrent bank calls do.
+    fn concurrency(&self) -> usize {
+        socialcard_events::group::MAX_GROUP
+    }
+
     async fn handle(&self, event: &Envelope) -> Result<Applied, HandlerError> {
         let e =
             ev::FinancialEvent::decode(event.payload.as_slice()).map_err(|e| HandlerError::Permanent(e.to_string()))?;

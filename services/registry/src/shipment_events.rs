@@ -55,6 +55,12 @@ fn courier(site: &str) -> Option<pb::Actor> {
 
 #[async_trait]
 impl Handler for ShipmentEvents {
+    /// Events of different cards at once (each card's in order): their writes meet in the registry's
+    /// group writer (or the PostgreSQL pool) and share commits, as concurrent courier calls do.
+    fn concurrency(&self) -> usize {
+        socialcard_events::group::MAX_GROUP
+    }
+
     async fn handle(&self, event: &Envelope) -> Result<Applied, HandlerError> {
         let e =
             ev::ShipmentEvent::decode(event.payload.as_slice()).map_err(|e| HandlerError::Permanent(e.to_string()))?;
