@@ -11,7 +11,8 @@ use time::OffsetDateTime;
 use crate::feed::{Source, Update};
 use crate::status::Status;
 use crate::storage::{
-    HistoryRecord, IngestReport, NewShipment, PostalStore, ShipmentFilter, ShipmentRecord, StoreError,
+    CardDone, CardWork, HistoryRecord, IngestReport, NewShipment, PostalStore, ShipmentFilter, ShipmentRecord,
+    StoreError,
 };
 
 /// Postal's settings.
@@ -91,12 +92,33 @@ impl Postal {
     }
 
     /// R16: a card handed over at a counter before the courier took it needs no shipment any more.
-    pub async fn withdraw(&self, event_id: &str, card_id: &str, reason: &str) -> Result<Option<String>, ApiError> {
+    pub async fn withdraw(
+        &self,
+        event_id: &str,
+        card_id: &str,
+        reason: &'static str,
+    ) -> Result<Option<String>, ApiError> {
         let withdrawn = self.store.withdraw(event_id, card_id, reason, self.clock.now()).await.map_err(store_error)?;
         if let Some(w) = &withdrawn {
             tracing::info!(waybill = %w, card = %card_id, "shipment withdrawn: collected without the courier");
         }
         Ok(withdrawn)
+    }
+
+    /// What several card events ask (R14 opens, R16 withdrawals), in order, in one transaction: all or
+    /// nothing, each event at most once.
+    pub async fn apply_card_work(&self, work: &[(&str, &CardWork)]) -> Result<Vec<CardDone>, ApiError> {
+        let done = self.store.apply_card_work(work, self.clock.now()).await.map_err(store_error)?;
+        for d in &done {
+            match d {
+                CardDone::Opened(s) => tracing::info!(waybill = %s.waybill, card = %s.card_id, "shipment opened"),
+                CardDone::Withdrawn(w) => {
+                    tracing::info!(waybill = %w, "shipment withdrawn: collected without the courier");
+                }
+                CardDone::Nothing | CardDone::Seen => {}
+            }
+        }
+        Ok(done)
     }
 
     /// Takes checked updates from a feed, all in one transaction.

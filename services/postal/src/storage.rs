@@ -45,6 +45,26 @@ pub struct Address {
     pub postal_code: String,
 }
 
+/// What a card event asks of postal.
+#[derive(Clone, Debug)]
+pub enum CardWork {
+    /// R14: a produced card to mail.
+    Open(NewShipment),
+    /// R16: the card was handed over at a counter; its shipment, if not yet taken, is withdrawn.
+    Withdraw { card_id: String, reason: &'static str },
+}
+
+/// What one card event did.
+#[derive(Clone, Debug)]
+pub enum CardDone {
+    Opened(Box<ShipmentRecord>),
+    Withdrawn(String),
+    /// Nothing to withdraw (no shipment, or the courier has it).
+    Nothing,
+    /// The inbox had the event: nothing written.
+    Seen,
+}
+
 /// What a shipment is opened with, from `CardProduced`.
 #[derive(Clone, Debug)]
 pub struct NewShipment {
@@ -459,10 +479,62 @@ impl PostalStore {
         new: &NewShipment,
         now: OffsetDateTime,
     ) -> Result<Option<ShipmentRecord>, StoreError> {
-        let mut tx = self.writer.begin().await?;
-        if !socialcard_events::inbox::record_sqlite(&mut tx, event_id).await? {
-            return Ok(None);
+        let work = CardWork::Open(new.clone());
+        match self.apply_card_work(&[(event_id, &work)], now).await?.pop() {
+            Some(CardDone::Opened(record)) => Ok(Some(*record)),
+            _ => Ok(None),
         }
+    }
+
+    /// Closes a card's open shipment the courier never took (R16 instant issue, or a pick-up at a
+    /// counter): status withdrawn, no milestone. Once per card event. Returns the waybill withdrawn.
+    pub async fn withdraw(
+        &self,
+        event_id: &str,
+        card_id: &str,
+        reason: &'static str,
+        now: OffsetDateTime,
+    ) -> Result<Option<String>, StoreError> {
+        let work = CardWork::Withdraw { card_id: card_id.to_string(), reason };
+        match self.apply_card_work(&[(event_id, &work)], now).await?.pop() {
+            Some(CardDone::Withdrawn(waybill)) => Ok(Some(waybill)),
+            _ => Ok(None),
+        }
+    }
+
+    /// Does what card events ask of postal (each given with its event id), in order, in one
+    /// transaction: all or nothing, each event's inbox row with its effect. What each did, in order.
+    pub async fn apply_card_work(
+        &self,
+        work: &[(&str, &CardWork)],
+        now: OffsetDateTime,
+    ) -> Result<Vec<CardDone>, StoreError> {
+        let mut tx = self.writer.begin().await?;
+        let mut done = Vec::with_capacity(work.len());
+        for (event_id, work) in work {
+            if !socialcard_events::inbox::record_sqlite(&mut tx, event_id).await? {
+                done.push(CardDone::Seen);
+                continue;
+            }
+            done.push(match work {
+                CardWork::Open(new) => CardDone::Opened(Box::new(Self::open_in(&mut tx, new, now).await?)),
+                CardWork::Withdraw { card_id, reason } => match Self::withdraw_in(&mut tx, card_id, reason, now).await?
+                {
+                    Some(waybill) => CardDone::Withdrawn(waybill),
+                    None => CardDone::Nothing,
+                },
+            });
+        }
+        tx.commit().await?;
+        Ok(done)
+    }
+
+    /// R14: the card's shipment, with its waybill, its history's first entry and its `Opened` milestone.
+    async fn open_in(
+        tx: &mut sqlx::SqliteConnection,
+        new: &NewShipment,
+        now: OffsetDateTime,
+    ) -> Result<ShipmentRecord, StoreError> {
         let serial: i64 = sqlx::query(
             "INSERT INTO sequences (name, value) VALUES ('waybill', 1)
              ON CONFLICT (name) DO UPDATE SET value = value + 1 RETURNING value",
@@ -516,7 +588,7 @@ impl PostalStore {
             source: "postal",
             outcome: Outcome::Applied,
         };
-        insert_history(&mut tx, &entry).await?;
+        insert_history(tx, &entry).await?;
         let opened = milestone_row(MilestoneEvent {
             shipment: &Tracked::of(&record),
             milestone: Milestone::Opened,
@@ -526,24 +598,17 @@ impl PostalStore {
             courier_event_id: "",
             sub_reason: "",
         });
-        insert_outbox(&mut tx, &opened).await?;
-        tx.commit().await?;
-        Ok(Some(record))
+        insert_outbox(tx, &opened).await?;
+        Ok(record)
     }
 
-    /// Closes a card's open shipment the courier never took (R16 instant issue, or a pick-up at a
-    /// counter): status withdrawn, no milestone. Once per card event. Returns the waybill withdrawn.
-    pub async fn withdraw(
-        &self,
-        event_id: &str,
+    /// R16: the card's open shipment not yet taken by the courier, withdrawn; `None` when it has none.
+    async fn withdraw_in(
+        tx: &mut sqlx::SqliteConnection,
         card_id: &str,
         reason: &str,
         now: OffsetDateTime,
     ) -> Result<Option<String>, StoreError> {
-        let mut tx = self.writer.begin().await?;
-        if !socialcard_events::inbox::record_sqlite(&mut tx, event_id).await? {
-            return Ok(None);
-        }
         let row = sqlx::query(sqlx::AssertSqlSafe(format!(
             "SELECT {SHIPMENT_COLUMNS} FROM shipments WHERE card_id = $1 AND closed_at IS NULL
                  AND status IN ('pending', 'info_received') ORDER BY seq DESC LIMIT 1"
@@ -551,15 +616,12 @@ impl PostalStore {
         .bind(card_id)
         .fetch_optional(&mut *tx)
         .await?;
-        let Some(row) = row else {
-            tx.commit().await?;
-            return Ok(None);
-        };
+        let Some(row) = row else { return Ok(None) };
         let mut s = Tracked::of(&shipment_of(&row)?);
         s.progress = Progress { status: Status::Withdrawn, rank: 6, milestone: s.progress.milestone };
         s.sub_reason = reason.to_string();
         s.status_at = now;
-        save_progress(&mut tx, &s).await?;
+        save_progress(tx, &s).await?;
         let entry_id = format!("postal:withdrawn:{}", s.waybill);
         let entry = HistoryRow {
             waybill: &s.waybill,
@@ -572,8 +634,7 @@ impl PostalStore {
             source: "postal",
             outcome: Outcome::Applied,
         };
-        insert_history(&mut tx, &entry).await?;
-        tx.commit().await?;
+        insert_history(tx, &entry).await?;
         Ok(Some(s.waybill))
     }
 

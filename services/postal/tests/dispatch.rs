@@ -781,3 +781,90 @@ async fn a_stream_of_many_batches_moves_every_shipment_step_by_step_and_a_replay
         );
     }
 }
+
+/// A registry card event as the registry's outbox carries it.
+fn card_event(card_id: &str, kind: socialcard_proto::events::v1::card_event::Kind) -> socialcard_events::Envelope {
+    use prost::Message as _;
+    let payload =
+        socialcard_proto::events::v1::CardEvent { card_id: card_id.into(), kind: Some(kind), ..Default::default() };
+    socialcard_events::Envelope {
+        id: uuid::Uuid::now_v7().to_string(),
+        event_type: "socialcard.card.v1.Test".into(),
+        source: "registry".into(),
+        subject: card_id.into(),
+        time: T0,
+        traceparent: None,
+        topic: topics::CARD.into(),
+        payload: payload.encode_to_vec(),
+    }
+}
+
+fn produced(number: &str, delivery: Option<reg::Address>) -> socialcard_proto::events::v1::card_event::Kind {
+    socialcard_proto::events::v1::card_event::Kind::CardProduced(socialcard_proto::events::v1::CardProduced {
+        card_number: number.into(),
+        bank_code: "icbc".into(),
+        backup_point_id: "point-7".into(),
+        delivery_address: delivery,
+    })
+}
+
+#[tokio::test]
+async fn card_events_that_come_together_are_applied_in_order_in_one_transaction() {
+    use socialcard_events::{Applied, Handler};
+    use socialcard_postal::status::Status;
+    use socialcard_proto::events::v1 as ev;
+
+    let dir = Dir(std::env::temp_dir().join(format!("socialcard-postal-{}", uuid::Uuid::new_v4().simple())));
+    std::fs::create_dir_all(&dir.0).unwrap();
+    let postal = socialcard_postal::open(
+        &dir.0.join("postal.db"),
+        Arc::new(ManualClock::new(T0)),
+        PostalConfig::new(SECRET.to_vec()),
+    )
+    .await
+    .unwrap();
+    let handler = socialcard_postal::events::CardEvents::new(postal.clone());
+    assert!(handler.has_batch_form());
+
+    // Card b is produced and picked up at a counter within the batch: opened, then withdrawn.
+    let collected = ev::card_event::Kind::CardCollected(ev::CardCollected {
+        method: reg::CollectionMethod::PickedUpAtPoint as i32,
+        ..Default::default()
+    });
+    let batch = vec![
+        card_event("card-a", produced("A01", Some(home()))),
+        card_event("card-b", produced("B01", Some(home()))),
+        card_event("card-b", collected),
+        card_event("card-a", ev::card_event::Kind::SocialActivated(ev::SocialActivated {})),
+        card_event("card-c", produced("C01", None)),
+    ];
+    let answers = handler.handle_batch(&batch).await.unwrap().unwrap();
+    assert_eq!(answers, [Applied::Applied, Applied::Applied, Applied::Applied, Applied::Duplicate, Applied::Duplicate]);
+    let (a, _) = postal.shipment(None, Some("card-a")).await.unwrap();
+    assert_eq!(a.progress.status, Status::Pending);
+    let (b, _) = postal.shipment(None, Some("card-b")).await.unwrap();
+    assert_eq!(b.progress.status, Status::Withdrawn, "the withdrawal applied after the opening");
+    assert!(postal.shipment(None, Some("card-c")).await.is_err(), "a card handed over at a counter is not mailed");
+    let counts = postal.store().counts().await.unwrap();
+    assert_eq!(counts.shipments, 2);
+
+    // Redelivered: every event a duplicate, nothing written.
+    let again = handler.handle_batch(&batch).await.unwrap().unwrap();
+    assert!(again.iter().all(|a| *a == Applied::Duplicate), "{again:?}");
+    assert_eq!(postal.store().counts().await.unwrap(), counts);
+
+    // An undecodable event fails its batch whole, before anything is written; the consumer's halving
+    // then applies the events around it and leaves it alone to be dead-lettered.
+    let mut poisoned =
+        vec![card_event("card-d", produced("D01", Some(home()))), card_event("card-x", produced("X", None))];
+    poisoned[1].payload = b"\xff not a card event".to_vec();
+    poisoned.push(card_event("card-e", produced("E01", Some(home()))));
+    assert!(handler.handle_batch(&poisoned).await.unwrap().is_err());
+    assert_eq!(postal.store().counts().await.unwrap(), counts, "a failed batch writes nothing");
+    let outcomes =
+        socialcard_events::handler::handle_events(&handler, &poisoned, 1, std::time::Duration::ZERO, "test").await;
+    assert!(matches!(outcomes[0], Ok(Applied::Applied)), "{outcomes:?}");
+    assert!(outcomes[1].is_err(), "{outcomes:?}");
+    assert!(matches!(outcomes[2], Ok(Applied::Applied)), "{outcomes:?}");
+    assert_eq!(postal.store().counts().await.unwrap().shipments, 4);
+}
