@@ -35,13 +35,35 @@ async fn db(path: std::path::PathBuf, connections: u32) -> anyhow::Result<Sqlite
     Ok(socialcard_events::sqlite_pool(connections).connect_with(opts).await?)
 }
 
+/// How the consumer commits what it applies.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Form {
+    /// One transaction per event, one event at a time (a handler with neither form below).
+    Serial,
+    /// One event at a time per card, up to 64 cards at once, each event's write through a group writer
+    /// (as the registry's handlers apply the bank adapters' and postal's events).
+    ByCard,
+    /// Every event a poll brings, in one transaction (as ops and postal apply them).
+    Batch,
+}
+
+impl Form {
+    fn label(self) -> &'static str {
+        match self {
+            Form::Serial => "per event",
+            Form::ByCard => "per event, cards at once",
+            Form::Batch => "batch",
+        }
+    }
+}
+
 /// The consumer's effect, as a service would apply it: inbox row + effect row, one transaction;
-/// then the latency from the event's commit. With `batch`, it also has the batch form: every event a
-/// poll brings, in one transaction (as ops applies them); without, one transaction per event (as the
-/// services whose handlers have no batch form do).
+/// then the latency from the event's commit.
 struct Applier {
     pool: SqlitePool,
-    batch: bool,
+    form: Form,
+    /// The target's group writer, for [`Form::ByCard`].
+    group: Option<GroupWriter>,
     latencies: Mutex<Samples>,
 }
 
@@ -74,6 +96,28 @@ impl Applier {
 impl Handler for Applier {
     async fn handle(&self, event: &Envelope) -> Result<Applied, HandlerError> {
         let t = |e: sqlx::Error| HandlerError::Transient(e.to_string());
+        if let Some(group) = &self.group {
+            let (id, card) = (event.id.clone(), event.subject.clone());
+            let new = group
+                .run(move |conn| {
+                    if !socialcard_events::inbox::record_direct(conn, &id)? {
+                        return Ok(false);
+                    }
+                    conn.execute(
+                        "INSERT INTO effects (event_id, card_id) VALUES ($1, $2)",
+                        &[(&id).into(), (&card).into()],
+                    )?;
+                    Ok::<_, socialcard_events::direct::DirectError>(true)
+                })
+                .await
+                .map_err(|e| HandlerError::Transient(e.to_string()))?
+                .map_err(|e| HandlerError::Transient(e.to_string()))?;
+            if !new {
+                return Ok(Applied::Duplicate);
+            }
+            self.observe(std::iter::once(event));
+            return Ok(Applied::Applied);
+        }
         let mut tx = self.pool.begin().await.map_err(t)?;
         if !Self::apply_in(&mut tx, event).await.map_err(t)? {
             return Ok(Applied::Duplicate);
@@ -83,12 +127,19 @@ impl Handler for Applier {
         Ok(Applied::Applied)
     }
 
+    fn concurrency(&self) -> usize {
+        match self.form {
+            Form::ByCard => socialcard_events::group::MAX_GROUP,
+            Form::Serial | Form::Batch => 1,
+        }
+    }
+
     fn has_batch_form(&self) -> bool {
-        self.batch
+        self.form == Form::Batch
     }
 
     async fn handle_batch(&self, events: &[Envelope]) -> Option<Result<Vec<Applied>, HandlerError>> {
-        if !self.batch {
+        if self.form != Form::Batch {
             return None;
         }
         let t = |e: sqlx::Error| HandlerError::Transient(e.to_string());
@@ -117,7 +168,7 @@ enum Path {
 
 struct Run {
     path: Path,
-    batch: bool,
+    form: Form,
     rate: u32,
     offered: usize,
     /// How long the writer took to commit them all (it falls behind when the rate is beyond it).
@@ -132,7 +183,7 @@ type Mock = MockCluster<'static, rdkafka::producer::DefaultProducerContext>;
 
 async fn one_run(
     path: Path,
-    batch: bool,
+    form: Form,
     rate: u32,
     seconds: f64,
     brokers: &str,
@@ -155,7 +206,17 @@ async fn one_run(
     let target = db(dir.0.join("target.db"), 4).await?;
     sqlx::raw_sql(socialcard_events::inbox::SQLITE_SCHEMA).execute(&target).await?;
     sqlx::raw_sql("CREATE TABLE effects (event_id TEXT PRIMARY KEY, card_id TEXT NOT NULL)").execute(&target).await?;
-    let applier = Arc::new(Applier { pool: target.clone(), batch, latencies: Mutex::new(Samples::default()) });
+    let applier = Arc::new(Applier {
+        pool: target.clone(),
+        form,
+        group: match form {
+            Form::ByCard => {
+                Some(GroupWriter::spawn(db(dir.0.join("target.db"), 1).await?, socialcard_events::group::MAX_GROUP))
+            }
+            Form::Serial | Form::Batch => None,
+        },
+        latencies: Mutex::new(Samples::default()),
+    });
     let topic = format!("bench-{}", uuid::Uuid::new_v4().simple());
     let outbox: Arc<dyn Outbox> = Arc::new(SqliteOutbox::new(source.clone()));
     let (stop, stopped) = watch::channel(false);
@@ -243,7 +304,7 @@ async fn one_run(
         let _ = t.await;
     }
     let latency = std::mem::take(&mut *applier.latencies.lock().unwrap_or_else(|p| p.into_inner()));
-    Ok(Run { path, batch, rate, offered: total, written, applied: latency.len(), elapsed, latency, commit })
+    Ok(Run { path, form, rate, offered: total, written, applied: latency.len(), elapsed, latency, commit })
 }
 
 /// One state change as a service commits it: its row and its outbox row, committed through a group
@@ -285,32 +346,32 @@ pub async fn run(quick: bool, brokers: Option<String>) -> anyhow::Result<Table> 
     let (rates, seconds): (&[u32], f64) = if quick { (&[200], 0.5) } else { (&[1_000, 10_000], 5.0) };
     let mut rows = Vec::new();
     for &rate in rates {
-        for (path, batch) in
-            [(Path::Embedded, false), (Path::Embedded, true), (Path::Kafka, false), (Path::Kafka, true)]
-        {
-            let mut r = one_run(path, batch, rate, seconds, &brokers, mock.as_ref()).await?;
-            rows.push(vec![
-                match r.path {
-                    Path::Embedded => "embedded log".to_string(),
-                    Path::Kafka => {
-                        if mock.is_some() {
-                            "kafka (mock broker)".to_string()
-                        } else {
-                            "kafka".to_string()
+        for path in [Path::Embedded, Path::Kafka] {
+            for form in [Form::Serial, Form::ByCard, Form::Batch] {
+                let mut r = one_run(path, form, rate, seconds, &brokers, mock.as_ref()).await?;
+                rows.push(vec![
+                    match r.path {
+                        Path::Embedded => "embedded log".to_string(),
+                        Path::Kafka => {
+                            if mock.is_some() {
+                                "kafka (mock broker)".to_string()
+                            } else {
+                                "kafka".to_string()
+                            }
                         }
-                    }
-                },
-                if r.batch { "batch" } else { "per event" }.to_string(),
-                r.rate.to_string(),
-                format!("{:.0}", r.offered as f64 / r.written.as_secs_f64()),
-                format!("{:.0}", r.applied as f64 / r.elapsed.as_secs_f64()),
-                format!("{}/{}", r.applied, r.offered),
-                format!("{:.2}", r.latency.quantile_ms(0.50)),
-                format!("{:.2}", r.latency.quantile_ms(0.99)),
-                format!("{:.2}", r.commit.quantile_ms(0.50)),
-                format!("{:.2}", r.commit.quantile_ms(0.99)),
-                format!("{:.1}", r.latency.quantile_ms(0.99) / r.commit.quantile_ms(0.99).max(0.001)),
-            ]);
+                    },
+                    r.form.label().to_string(),
+                    r.rate.to_string(),
+                    format!("{:.0}", r.offered as f64 / r.written.as_secs_f64()),
+                    format!("{:.0}", r.applied as f64 / r.elapsed.as_secs_f64()),
+                    format!("{}/{}", r.applied, r.offered),
+                    format!("{:.2}", r.latency.quantile_ms(0.50)),
+                    format!("{:.2}", r.latency.quantile_ms(0.99)),
+                    format!("{:.2}", r.commit.quantile_ms(0.50)),
+                    format!("{:.2}", r.commit.quantile_ms(0.99)),
+                    format!("{:.1}", r.latency.quantile_ms(0.99) / r.commit.quantile_ms(0.99).max(0.001)),
+                ]);
+            }
         }
     }
     Ok(Table {
@@ -333,7 +394,10 @@ pub async fn run(quick: bool, brokers: Option<String>) -> anyhow::Result<Table> 
             "latency: commit of the change (business row + outbox row) to the consumer's effect + inbox row committed"
                 .into(),
             "baseline: the commit alone, same run; target p99 <= 50 ms at 1,000/s".into(),
-            "consumer txn: one transaction per event, or per batch (all a poll brings, as ops applies them)".into(),
+            "consumer txn: one transaction per event, one at a time (per event); per event through a group writer, \
+             up to 64 cards at once, each card's events in order (as the registry applies events); or per batch \
+             (all a poll brings, as ops and postal apply them)"
+                .into(),
         ],
     })
 }
