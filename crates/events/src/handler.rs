@@ -279,6 +279,7 @@ mod tests {
             s.2.push((event.subject.clone(), event.id.clone()));
             match event.payload.as_slice() {
                 b"poison" => Err(HandlerError::Permanent("poison".into())),
+                b"seen" => Ok(Applied::Duplicate),
                 _ => Ok(Applied::Applied),
             }
         }
@@ -302,11 +303,13 @@ mod tests {
     }
 
     /// 40 events over 10 subjects, interleaved; event 0 (subject 0) is slow: its subject's next event
-    /// would overtake it if it were not held back; event 13 (subject 3) is poison.
+    /// would overtake it if it were not held back; event 13 (subject 3) is poison; every seventh from
+    /// event 5 on was seen before.
     fn events() -> Vec<Envelope> {
         let payload = |i| match i {
             0 => b"slow".as_slice(),
             13 => b"poison".as_slice(),
+            i if i % 7 == 5 => b"seen".as_slice(),
             _ => b"ok".as_slice(),
         };
         (0..40).map(|i| event(i, &format!("card-{}", i % 10), payload(i))).collect()
@@ -318,10 +321,14 @@ mod tests {
         let events = events();
         let outcomes = handle_events(&handler, &events, 1, Duration::ZERO, "test").await;
 
-        // One outcome per event, in the events' order: only the poison one failed.
+        // One outcome per event, in the events' order: each event's own answer.
         assert_eq!(outcomes.len(), events.len());
         for (i, outcome) in outcomes.iter().enumerate() {
-            assert_eq!(outcome.is_err(), i == 13, "event {i}: {outcome:?}");
+            match i {
+                13 => assert!(outcome.is_err(), "event {i}: {outcome:?}"),
+                i if i % 7 == 5 => assert!(matches!(outcome, Ok(Applied::Duplicate)), "event {i}: {outcome:?}"),
+                _ => assert!(matches!(outcome, Ok(Applied::Applied)), "event {i}: {outcome:?}"),
+            }
         }
         let (most, finished) = handler.seen();
         assert_eq!(most, 4, "up to the handler's concurrency at once, never more");

@@ -109,13 +109,15 @@ impl Postal {
     /// nothing, each event at most once.
     pub async fn apply_card_work(&self, work: &[(&str, &CardWork)]) -> Result<Vec<CardDone>, ApiError> {
         let done = self.store.apply_card_work(work, self.clock.now()).await.map_err(store_error)?;
-        for d in &done {
-            match d {
-                CardDone::Opened(s) => tracing::info!(waybill = %s.waybill, card = %s.card_id, "shipment opened"),
-                CardDone::Withdrawn(w) => {
-                    tracing::info!(waybill = %w, "shipment withdrawn: collected without the courier");
+        for (d, (_, w)) in done.iter().zip(work) {
+            match (d, w) {
+                (CardDone::Opened(s), _) => {
+                    tracing::info!(waybill = %s.waybill, card = %s.card_id, "shipment opened");
                 }
-                CardDone::Nothing | CardDone::Seen => {}
+                (CardDone::Withdrawn(waybill), CardWork::Withdraw { card_id, .. }) => {
+                    tracing::info!(waybill = %waybill, card = %card_id, "shipment withdrawn: collected without the courier");
+                }
+                _ => {}
             }
         }
         Ok(done)

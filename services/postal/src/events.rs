@@ -36,7 +36,7 @@ impl CardEvents {
         .into_iter();
         Ok(work
             .iter()
-            .map(|w| match w.as_ref().and(done.next()) {
+            .map(|w| match w.as_ref().and_then(|_| done.next()) {
                 Some(CardDone::Opened(_) | CardDone::Withdrawn(_) | CardDone::Nothing) => Applied::Applied,
                 Some(CardDone::Seen) | None => Applied::Duplicate,
             })

@@ -831,15 +831,19 @@ async fn card_events_that_come_together_are_applied_in_order_in_one_transaction(
         method: reg::CollectionMethod::PickedUpAtPoint as i32,
         ..Default::default()
     });
+    // Events that ask nothing of postal (another card's activation, a card handed over at a counter)
+    // among them, first included: each answer stays with its own event.
     let batch = vec![
+        card_event("card-z", ev::card_event::Kind::SocialActivated(ev::SocialActivated {})),
         card_event("card-a", produced("A01", Some(home()))),
         card_event("card-b", produced("B01", Some(home()))),
+        card_event("card-c", produced("C01", None)),
         card_event("card-b", collected),
         card_event("card-a", ev::card_event::Kind::SocialActivated(ev::SocialActivated {})),
-        card_event("card-c", produced("C01", None)),
     ];
     let answers = handler.handle_batch(&batch).await.unwrap().unwrap();
-    assert_eq!(answers, [Applied::Applied, Applied::Applied, Applied::Applied, Applied::Duplicate, Applied::Duplicate]);
+    let (new, seen) = (Applied::Applied, Applied::Duplicate);
+    assert_eq!(answers, [seen, new, new, seen, new, seen]);
     let (a, _) = postal.shipment(None, Some("card-a")).await.unwrap();
     assert_eq!(a.progress.status, Status::Pending);
     let (b, _) = postal.shipment(None, Some("card-b")).await.unwrap();

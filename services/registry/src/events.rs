@@ -25,10 +25,10 @@ impl FinancialEvents {
 
 #[async_trait]
 impl Handler for FinancialEvents {
-    /// Events of different cards at once (each card's in order): their writes meet in the registry's
-    /// group writer (or the PostgreSQL pool) and share commits, as concurrent bank calls do.
+    /// Events of different cards at once (each card's in order), as many as the store takes writes at
+    /// once: on SQLite they share the group writer's commits, as concurrent bank calls do.
     fn concurrency(&self) -> usize {
-        socialcard_events::group::MAX_GROUP
+        self.registry.store().concurrent_writes()
     }
 
     async fn handle(&self, event: &Envelope) -> Result<Applied, HandlerError> {

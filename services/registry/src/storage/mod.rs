@@ -163,6 +163,12 @@ pub trait RegistryStore: Send + Sync + std::fmt::Debug {
     ) -> Result<Vec<crate::audit_chain::ChainedAudit>, StoreError> {
         Err(StoreError::Unavailable("this store keeps no audit chain".into()))
     }
+    /// How many writes are worth having in flight at once: SQLite's group writer commits that many
+    /// together; PostgreSQL runs them on a pool of connections. Consumers take events of this many cards
+    /// at once.
+    fn concurrent_writes(&self) -> usize {
+        1
+    }
     /// The next value of a named counter (card numbers); gaps are allowed, repeats never.
     async fn next_sequence(&self, name: &str) -> Result<i64, StoreError>;
     async fn commit(&self, commit: Commit) -> Result<(), StoreError>;

@@ -213,6 +213,10 @@ macro_rules! sql_store {
 
         #[async_trait]
         impl RegistryStore for $store {
+            fn concurrent_writes(&self) -> usize {
+                Self::CONCURRENT_WRITES
+            }
+
             async fn person(&self, citizen_id: &str) -> Result<Option<PersonRecord>, StoreError> {
                 let index = self.sealer.blind_index(citizen_id);
                 let row = sqlx::query(
@@ -407,6 +411,9 @@ sql_store!(
 sql_store!(PgStore, sqlx::Postgres, sqlx::PgPool, (), ());
 
 impl SqliteStore {
+    /// A group's size: concurrent writes share one commit.
+    const CONCURRENT_WRITES: usize = socialcard_events::group::MAX_GROUP;
+
     /// An employer-batch chunk goes to the group writer too, one write of its own, its rows one prepared
     /// statement each, straight on the writer's connection. Sealing, hashing and encoding the rows took
     /// about 40 % of the writer's time, in its lock: they are done on a thread of their own instead, in
@@ -555,6 +562,9 @@ pub(super) fn run_direct(conn: &mut Direct<'_>, s: &Statement) -> Result<(), Sto
 }
 
 impl PgStore {
+    /// Half the pool (16): the other half stays for the API's reads and writes.
+    const CONCURRENT_WRITES: usize = 8;
+
     /// Writes one commit on `conn`, inside a transaction the caller owns.
     async fn commit_in(
         conn: &mut sqlx::PgConnection,
