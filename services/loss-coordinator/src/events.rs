@@ -33,8 +33,13 @@ impl CardEvents {
     }
 }
 
+/// A refusal is permanent, except a lost race (`Aborted`: the case or card changed meanwhile, e.g. under
+/// the coordinator's own call or timer), which the next try decides again.
 fn transient(e: ApiError) -> HandlerError {
     match e {
+        ApiError::Rejected(r) if r.kind == socialcard_domain::RejectionKind::Aborted => {
+            HandlerError::Transient(r.to_string())
+        }
         ApiError::Rejected(r) => HandlerError::Permanent(r.to_string()),
         other => HandlerError::Transient(other.to_string()),
     }
@@ -353,6 +358,19 @@ mod tests {
             topic: socialcard_events::topics::CARD.into(),
             payload: event.encode_to_vec(),
         }
+    }
+
+    /// A lost race is tried again; any other refusal dead-letters the event at once.
+    #[test]
+    fn only_a_lost_race_is_tried_again() {
+        use socialcard_domain::{Rejection, RejectionKind};
+        use socialcard_events::HandlerError;
+        use socialcard_server::ApiError;
+        let refused = |kind| super::transient(ApiError::Rejected(Rejection::new(kind, "REASON", "m")));
+        assert!(matches!(refused(RejectionKind::Aborted), HandlerError::Transient(_)));
+        assert!(matches!(refused(RejectionKind::FailedPrecondition), HandlerError::Permanent(_)));
+        assert!(matches!(refused(RejectionKind::NotFound), HandlerError::Permanent(_)));
+        assert!(matches!(super::transient(ApiError::Unavailable("down".into())), HandlerError::Transient(_)));
     }
 
     /// The card events the coordinator has no part in (an import writes three per card) leave its
