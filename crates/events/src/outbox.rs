@@ -115,11 +115,22 @@ outbox_reads!(PgOutbox);
 pub struct SqliteOutbox {
     pool: sqlx::SqlitePool,
     relay_lock: Arc<tokio::sync::Mutex<()>>,
+    /// The database's group writer, if it has one: published rows are marked through it.
+    group: Option<crate::group::GroupWriter>,
 }
 
 impl SqliteOutbox {
     pub fn new(pool: sqlx::SqlitePool) -> Self {
-        Self { pool, relay_lock: Arc::new(tokio::sync::Mutex::new(())) }
+        Self { pool, relay_lock: Arc::new(tokio::sync::Mutex::new(())), group: None }
+    }
+
+    /// Marks published rows through the database's group writer: the mark joins the next group's
+    /// transaction rather than wait in SQLite's busy handler for the writer to let go of the lock (which
+    /// it holds for runs of groups while the service is busy, and the busy handler's sleeps grow to tens
+    /// of milliseconds), and shares that group's sync.
+    pub fn with_group(mut self, group: crate::group::GroupWriter) -> Self {
+        self.group = Some(group);
+        self
     }
 }
 
@@ -145,7 +156,21 @@ impl Outbox for SqliteOutbox {
         }
         publish.publish(&rows).await?;
         let sql = format!("UPDATE outbox SET published_at = $1 WHERE seq IN ({})", in_list(2, rows.len()));
-        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(now_micros());
+        let now = now_micros();
+        if let Some(group) = &self.group {
+            let seqs: Vec<i64> = rows.iter().map(|r| r.seq).collect();
+            group
+                .run(move |conn| {
+                    let params: Vec<crate::direct::Value<'_>> =
+                        std::iter::once(now.into()).chain(seqs.iter().map(|s| (*s).into())).collect();
+                    conn.execute(&sql, &params)
+                })
+                .await
+                .map_err(|e| EventError::Database(e.to_string()))?
+                .map_err(|e| EventError::Database(e.to_string()))?;
+            return Ok(rows.len());
+        }
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(now);
         for r in &rows {
             q = q.bind(r.seq);
         }

@@ -440,7 +440,8 @@ async fn relay_killed_between_produce_and_mark_loses_nothing(broker: &Broker) {
     let source = source_db(&dir).await;
     let topic = broker.topic().await;
     append_interleaved(&source, &topic, 4, 10).await;
-    let outbox = SqliteOutbox::new(source.clone());
+    // Rows marked as the services mark them: through the database's group writer.
+    let outbox = SqliteOutbox::new(source.clone()).with_group(GroupWriter::spawn(source.clone(), 64));
     let dying =
         DiesAfterPublish { inner: KafkaPublisher::new(&broker.config()).unwrap(), died: AtomicBool::new(false) };
     // The first batch reaches Kafka but is not marked: it stays in the outbox and is sent again.

@@ -138,7 +138,7 @@ impl BankAdapter {
         Ok(Self {
             bank: Arc::new(bank),
             registry: RegistryServiceClient::new(registry),
-            outbox: Arc::new(SqliteOutbox::new(pool.clone())),
+            outbox: Arc::new(SqliteOutbox::new(pool.clone()).with_group(group.clone())),
             pool,
             group,
             readers,

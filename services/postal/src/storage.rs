@@ -459,7 +459,8 @@ impl PostalStore {
         // for it rather than let go of the connection and prepare its statements again.
         let group =
             GroupWriter::lingering(writer.clone(), socialcard_events::group::MAX_GROUP, Duration::from_millis(1));
-        Ok(Self { outbox: Arc::new(SqliteOutbox::new(pool.clone())), pool, writer, group })
+        let outbox = Arc::new(SqliteOutbox::new(pool.clone()).with_group(group.clone()));
+        Ok(Self { outbox, pool, writer, group })
     }
 
     pub fn outbox(&self) -> Arc<dyn Outbox> {

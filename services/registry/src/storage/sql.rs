@@ -510,7 +510,7 @@ impl SqliteStore {
 
     /// The outbox of this database: what the relay publishes and the embedded log serves.
     pub fn outbox(&self) -> Arc<dyn Outbox> {
-        Arc::new(SqliteOutbox::new(self.pool.clone()))
+        Arc::new(SqliteOutbox::new(self.pool.clone()).with_group(self.group.clone()))
     }
 
     /// Opens (creating if needed) a SQLite database in WAL mode and migrates it.
