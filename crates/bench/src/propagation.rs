@@ -218,7 +218,8 @@ async fn one_run(
         latencies: Mutex::new(Samples::default()),
     });
     let topic = format!("bench-{}", uuid::Uuid::new_v4().simple());
-    let outbox: Arc<dyn Outbox> = Arc::new(SqliteOutbox::new(source.clone()));
+    // Published rows are marked through the source's group writer, as the services mark theirs.
+    let outbox: Arc<dyn Outbox> = Arc::new(SqliteOutbox::new(source.clone()).with_group(group.clone()));
     let (stop, stopped) = watch::channel(false);
     let mut tasks = Vec::new();
     match path {
@@ -245,7 +246,8 @@ async fn one_run(
                 None => socialcard_events::kafka::ensure_topics(&kafka, &[&topic, &dlt]).await?,
             }
             let publisher = Arc::new(KafkaPublisher::new(&kafka)?);
-            let relay_config = RelayConfig { batch: 512, idle: Duration::from_millis(1), ..RelayConfig::default() };
+            // The services' relay: batches of 256, 5 ms asleep when the outbox is empty.
+            let relay_config = RelayConfig::default();
             tasks.push(tokio::spawn(socialcard_events::relay::run(
                 outbox.clone(),
                 publisher,
