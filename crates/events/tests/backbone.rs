@@ -261,6 +261,21 @@ impl Publish for DiesAfterPublish {
     }
 }
 
+/// Publishes through Kafka and counts the rows it was handed.
+struct Counting {
+    inner: KafkaPublisher,
+    rows: AtomicUsize,
+}
+
+#[async_trait]
+impl Publish for Counting {
+    async fn publish(&self, rows: &[OutboxRow]) -> Result<(), EventError> {
+        self.inner.publish(rows).await?;
+        self.rows.fetch_add(rows.len(), Ordering::SeqCst);
+        Ok(())
+    }
+}
+
 struct Broker {
     mock: Option<MockCluster<'static, rdkafka::producer::DefaultProducerContext>>,
     bootstrap: String,
@@ -1125,4 +1140,47 @@ async fn the_checkpointer_copies_the_wal_back_without_the_writer() {
     }
     let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM t").fetch_one(&pool).await.unwrap();
     assert_eq!(n, 2500);
+}
+
+/// A relay marking through the group writer: its mark waits for the busy writer, then shares a group
+/// with the writes queued beside it; a group that cannot commit takes the mark with it, the relay hears
+/// so, and the rows are published again next time round.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relays_mark_rides_the_writers_group_and_fails_with_it() {
+    let broker = Broker::mock();
+    let dir = TempDir::new();
+    let source = source_db(&dir).await;
+    sqlx::raw_sql(
+        "CREATE TABLE parent (id INTEGER PRIMARY KEY);
+         CREATE TABLE child (id INTEGER PRIMARY KEY, parent INTEGER REFERENCES parent (id) DEFERRABLE INITIALLY DEFERRED);",
+    )
+    .execute(&source)
+    .await
+    .unwrap();
+    let topic = broker.topic().await;
+    append_interleaved(&source, &topic, 2, 5).await;
+    let (group, release, blocker) = held_writer(&source).await;
+    let outbox = Arc::new(SqliteOutbox::new(source.clone()).with_group(group.clone()));
+    let publisher =
+        Arc::new(Counting { inner: KafkaPublisher::new(&broker.config()).unwrap(), rows: AtomicUsize::new(0) });
+    let relay = {
+        let (outbox, publisher) = (outbox.clone(), publisher.clone());
+        tokio::spawn(async move { outbox.relay_once(100, publisher.as_ref()).await })
+    };
+    // Published, its mark queued behind the held write; then a write whose group cannot commit (a
+    // deferred foreign key, checked at COMMIT).
+    queued(&group, 1).await;
+    assert_eq!(publisher.rows.load(Ordering::SeqCst), 10);
+    let orphan = insert(&group, "INSERT INTO child (id, parent) VALUES (1, $1)", 99);
+    queued(&group, 2).await;
+    assert_eq!(outbox.backlog().await.unwrap(), 10, "nothing marked while the writer is busy");
+    release.send(()).unwrap();
+    blocker.await.unwrap();
+    assert!(relay.await.unwrap().is_err(), "a mark whose group did not commit is not reported done");
+    assert!(orphan.await.unwrap().is_err());
+    assert_eq!(outbox.backlog().await.unwrap(), 10, "the rows wait to be published again");
+    // Next time round: published again and marked.
+    assert_eq!(outbox.relay_once(100, publisher.as_ref()).await.unwrap(), 10);
+    assert_eq!(publisher.rows.load(Ordering::SeqCst), 20);
+    assert_eq!(outbox.backlog().await.unwrap(), 0);
 }
