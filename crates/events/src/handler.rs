@@ -60,9 +60,9 @@ pub trait Handler: Send + Sync {
 /// Handles `events` (in order) as a consumer does: more than one together through
 /// [`Handler::handle_batch`] when the handler has a batch form, one transaction for all; otherwise each
 /// alone through [`handle_with_retries`], several subjects at once when the handler's
-/// [`Handler::concurrency`] allows (each subject's events in order). A batch still failing after its retries (or failing
-/// permanently at once) is split in halves, each tried the same way
-/// in order, so a poison event ends up alone (retried, then dead-lettered) after about log2(n) failed
+/// [`Handler::concurrency`] allows (each subject's events in order). A batch still failing after its
+/// retries (or failing permanently at once) is split in halves, each tried the same way in order, so a
+/// poison event ends up alone (retried, then dead-lettered) after about log2(n) failed
 /// batches while the events around it still go in batches. One outcome per event, in order; an error
 /// means the event must be dead-lettered. Spans: one `process` span per batch, linked to the traces that
 /// wrote its events, or one per event, a child of the trace that wrote it.
@@ -243,7 +243,8 @@ mod tests {
     use super::*;
 
     /// Records what it was handed and how many events it held at once; each event takes 5 ms (paused
-    /// time), 100 ms when its payload says "slow", and fails permanently when it says "poison".
+    /// time), 100 ms when its payload says "slow"; it is applied, a duplicate when the payload says
+    /// "seen", or fails permanently when it says "poison".
     struct Recorder {
         concurrency: usize,
         state: Mutex<Seen>,
