@@ -167,17 +167,23 @@ impl EmbeddedConsumer {
 
     pub async fn run(self, stop: watch::Receiver<bool>) {
         let group = self.group.clone();
-        poll_until_stopped(self.poll, self.max_idle_poll, stop, &group, || self.poll_once()).await;
+        // Woken by the log's writer as it commits (when it has a group writer, as the services' logs do
+        // in `up`), so an event is taken at once rather than at the next poll.
+        let wake = self.log.commits();
+        poll_until_stopped(self.poll, self.max_idle_poll, stop, wake, &group, || self.poll_once()).await;
     }
 }
 
 /// Runs `poll` until `stop`: again at once after it moved events, after a pause after it found none
-/// (`first_pause`, doubling up to `max_pause` while the log stays empty), and after 200 ms after a
-/// failure. Without the growing pause, the thirty-odd pollers of an idle `up` kept a core busy.
+/// (`first_pause`, doubling up to `max_pause` while the log stays empty) or sooner when `commits`
+/// changes (the log's writer committed: [`Outbox::commits`]; see `relay::Wake` for commits that bring
+/// nothing), and after 200 ms after a failure. Without the
+/// growing pause, the thirty-odd pollers of an idle `up` kept a core busy.
 pub async fn poll_until_stopped<F, Fut>(
     first_pause: Duration,
     max_pause: Duration,
     mut stop: watch::Receiver<bool>,
+    commits: Option<watch::Receiver<u64>>,
     what: &str,
     mut poll: F,
 ) where
@@ -185,15 +191,19 @@ pub async fn poll_until_stopped<F, Fut>(
     Fut: std::future::Future<Output = Result<usize, EventError>>,
 {
     let mut idle = first_pause;
+    let mut wake = crate::relay::Wake::new(commits, first_pause, max_pause.max(first_pause));
     loop {
         if *stop.borrow() {
             return;
         }
-        let pause = match poll().await {
+        wake.reading();
+        let polled = poll().await;
+        wake.read(!matches!(polled, Ok(0)));
+        let (pause, wakeable) = match polled {
             Ok(0) => {
                 let pause = idle;
                 idle = (idle * 2).min(max_pause.max(first_pause));
-                pause
+                (pause, true)
             }
             Ok(_) => {
                 idle = first_pause;
@@ -201,12 +211,9 @@ pub async fn poll_until_stopped<F, Fut>(
             }
             Err(e) => {
                 tracing::warn!(poller = %what, error = %e, "polling the embedded log failed; retrying");
-                Duration::from_millis(200)
+                (Duration::from_millis(200), false)
             }
         };
-        tokio::select! {
-            _ = tokio::time::sleep(pause) => {}
-            _ = stop.changed() => {}
-        }
+        wake.pause(pause, &mut stop, wakeable).await;
     }
 }

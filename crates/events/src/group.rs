@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicBool, AtomicIsize, Ordering};
 use std::time::{Duration, Instant};
 
 use sqlx::SqlitePool;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::direct::{Direct, DirectError};
 
@@ -61,6 +61,9 @@ pub struct GroupWriter {
     /// (the channel's own capacity drops when a sender reserves its slot, before the write is in the
     /// queue), so it may dip below zero for a moment when the writer takes a write first.
     queued: Arc<AtomicIsize>,
+    /// Counts the groups committed: a reader of what the writes leave (the outbox relay) waits on it
+    /// rather than polling.
+    commits: watch::Receiver<u64>,
 }
 
 impl GroupWriter {
@@ -85,13 +88,23 @@ impl GroupWriter {
         let queued = Arc::new(AtomicIsize::new(0));
         let committed = Arc::new(AtomicBool::new(false));
         let (running, stopped) = oneshot::channel::<()>();
+        let (count, commits) = watch::channel(0);
         tokio::spawn(checkpoint_loop((*pool.connect_options()).clone(), committed.clone(), stopped));
         let counter = queued.clone();
         tokio::spawn(async move {
-            write_loop(pool, queue, max_group.max(1), linger, counter, &committed).await;
+            let signals = Signals { queued: counter, committed, commits: count };
+            write_loop(pool, queue, max_group.max(1), linger, &signals).await;
             drop(running);
         });
-        Self { jobs, queued }
+        Self { jobs, queued, commits }
+    }
+
+    /// Changes after every group this writer commits (its value counts them). A task that reads what the
+    /// writes leave behind (the outbox relay) marks the current value seen before it reads and then
+    /// waits for a change, so a commit between its read and its wait is not missed. Closed once the
+    /// writer has stopped.
+    pub fn commits(&self) -> watch::Receiver<u64> {
+        self.commits.clone()
     }
 
     /// Writes in the queue and not yet taken into a group (a load gauge).
@@ -130,21 +143,28 @@ impl GroupWriter {
     }
 }
 
+/// What the writer tells others: writes waiting (the queue gauge), whether the checkpointer has work,
+/// and each group committed.
+struct Signals {
+    queued: Arc<AtomicIsize>,
+    committed: Arc<AtomicBool>,
+    commits: watch::Sender<u64>,
+}
+
 async fn write_loop(
     pool: SqlitePool,
     mut queue: mpsc::Receiver<Job>,
     max_group: usize,
     linger: Duration,
-    queued: Arc<AtomicIsize>,
-    committed: &AtomicBool,
+    signals: &Signals,
 ) {
     let mut group = Vec::with_capacity(max_group);
     while queue.recv_many(&mut group, max_group).await > 0 {
-        let outcome = write_groups(&pool, &mut queue, &mut group, max_group, linger, &queued).await;
-        committed.store(true, Ordering::Relaxed);
+        let outcome = write_groups(&pool, &mut queue, &mut group, max_group, linger, signals).await;
+        signals.committed.store(true, Ordering::Relaxed);
         if let Err(e) = outcome {
             // No connection: the writes taken are dropped, which tells their callers nothing was stored.
-            queued.fetch_sub(isize::try_from(group.len()).unwrap_or(isize::MAX), Ordering::SeqCst);
+            signals.queued.fetch_sub(isize::try_from(group.len()).unwrap_or(isize::MAX), Ordering::SeqCst);
             tracing::warn!(error = %e, writes = group.len(), "a group of writes was not committed");
             group.clear();
         }
@@ -174,10 +194,10 @@ async fn write_groups(
     group: &mut Vec<Job>,
     max_group: usize,
     linger: Duration,
-    queued: &AtomicIsize,
+    signals: &Signals,
 ) -> Result<(), GroupError> {
     let mut conn = pool.acquire().await?;
-    let (outcome, broken) = write_held(&mut conn, queue, group, max_group, linger, queued).await;
+    let (outcome, broken) = write_held(&mut conn, queue, group, max_group, linger, signals).await;
     if broken {
         conn.close_on_drop();
     }
@@ -192,7 +212,7 @@ async fn write_held(
     group: &mut Vec<Job>,
     max_group: usize,
     linger: Duration,
-    queued: &AtomicIsize,
+    signals: &Signals,
 ) -> (Result<(), GroupError>, bool) {
     let mut handle = match conn.lock_handle().await {
         Ok(h) => h,
@@ -215,13 +235,16 @@ async fn write_held(
         }
         let since = Instant::now();
         loop {
-            queued.fetch_sub(isize::try_from(group.len()).unwrap_or(isize::MAX), Ordering::SeqCst);
+            signals.queued.fetch_sub(isize::try_from(group.len()).unwrap_or(isize::MAX), Ordering::SeqCst);
             let mut delivers = Vec::with_capacity(group.len());
             let (outcome, stuck) = commit_group(&mut direct, group, &mut delivers);
             // Writes a failed group never reached are dropped (their callers hear so); the buffer is reused.
             group.clear();
-            if let Err(e) = &outcome {
-                tracing::warn!(error = %e, writes = delivers.len(), "a group of writes was not committed");
+            match &outcome {
+                // Before the answers: a caller that hears its write committed and then waits for the
+                // next commit must not be woken by its own.
+                Ok(()) => signals.commits.send_modify(|n| *n = n.wrapping_add(1)),
+                Err(e) => tracing::warn!(error = %e, writes = delivers.len(), "a group of writes was not committed"),
             }
             for deliver in delivers {
                 deliver(outcome.clone());

@@ -37,6 +37,11 @@ pub trait Outbox: Send + Sync + std::fmt::Debug {
     async fn backlog(&self) -> Result<i64, EventError>;
     /// The newest `seq` of `topic` (0 when empty): the log end, for consumer lag.
     async fn last_seq(&self, topic: &str) -> Result<i64, EventError>;
+    /// Changes when rows may have been added (the database's group writer committed), so the relay
+    /// wakes at once rather than at its next poll. `None`: no such signal; the relay polls.
+    fn commits(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        None
+    }
 }
 
 const COLUMNS: &str = "seq, event_id, topic, event_key, event_type, source, traceparent, payload, occurred_at";
@@ -127,7 +132,8 @@ impl SqliteOutbox {
     /// Marks published rows through the database's group writer: the mark joins the next group's
     /// transaction rather than wait in SQLite's busy handler for the writer to let go of the lock (which
     /// it holds for runs of groups while the service is busy, and the busy handler's sleeps grow to tens
-    /// of milliseconds), and shares that group's sync.
+    /// of milliseconds), and shares that group's sync. The relay also wakes on the writer's commits
+    /// ([`Outbox::commits`]) rather than only polling.
     pub fn with_group(mut self, group: crate::group::GroupWriter) -> Self {
         self.group = Some(group);
         self
@@ -188,6 +194,10 @@ impl Outbox for SqliteOutbox {
 
     async fn last_seq(&self, topic: &str) -> Result<i64, EventError> {
         self.log_end(topic).await
+    }
+
+    fn commits(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        self.group.as_ref().map(crate::group::GroupWriter::commits)
     }
 }
 

@@ -1184,3 +1184,82 @@ async fn a_relays_mark_rides_the_writers_group_and_fails_with_it() {
     assert_eq!(publisher.rows.load(Ordering::SeqCst), 20);
     assert_eq!(outbox.backlog().await.unwrap(), 0);
 }
+
+/// An outbox row as a service writes it: through the database's group writer, in a group's commit.
+async fn append_through(group: &GroupWriter, topic: &str, key: &str, payload: &str) {
+    let (topic, key, payload) = (topic.to_string(), key.to_string(), payload.to_string());
+    group
+        .run(move |conn| {
+            conn.execute(
+                "INSERT INTO outbox (event_id, topic, event_key, event_type, payload, occurred_at, bucket, source)
+                 VALUES ($1, $2, $3, 'test.v1.Counted', $4, 0, $5, 'test')",
+                &[
+                    (&uuid::Uuid::now_v7().to_string()).into(),
+                    (&topic).into(),
+                    (&key).into(),
+                    socialcard_events::direct::Value::Blob(payload.as_bytes()),
+                    socialcard_events::bucket_of(&key).into(),
+                ],
+            )
+        })
+        .await
+        .unwrap()
+        .unwrap();
+}
+
+/// A relay with nothing to publish sleeps up to its idle pause (here ten minutes); a commit of the
+/// outbox's group writer wakes it, every time, so a row goes out at once rather than at the next poll.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sleeping_relay_wakes_when_its_writer_commits() {
+    let broker = Broker::mock();
+    let dir = TempDir::new();
+    let source = source_db(&dir).await;
+    let topic = broker.topic().await;
+    let group = GroupWriter::spawn(source.clone(), 8);
+    let outbox = Arc::new(SqliteOutbox::new(source.clone()).with_group(group.clone()));
+    let publisher =
+        Arc::new(Counting { inner: KafkaPublisher::new(&broker.config()).unwrap(), rows: AtomicUsize::new(0) });
+    let config = socialcard_events::relay::RelayConfig { idle: Duration::from_secs(600), ..Default::default() };
+    let (stop, stopped) = watch::channel(false);
+    let relay = tokio::spawn(socialcard_events::relay::run(outbox.clone(), publisher.clone(), config, stopped));
+    for n in 1..=3 {
+        // Long enough for the relay to find the outbox empty and fall asleep.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        append_through(&group, &topic, &format!("card-{n}"), &format!("card-{n}:1")).await;
+        wait_until(|| publisher.rows.load(Ordering::SeqCst) == n, "the relay to publish the committed row").await;
+    }
+    let start = Instant::now();
+    while outbox.backlog().await.unwrap() > 0 {
+        assert!(start.elapsed() < Duration::from_secs(30), "published rows were not marked");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop.send(true).unwrap();
+    relay.await.unwrap();
+}
+
+/// The embedded log's consumer, like the relay, sleeps up to its longest pause (here ten minutes) on an
+/// empty log and wakes when the log's writer commits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sleeping_embedded_consumer_wakes_when_the_logs_writer_commits() {
+    let dir = TempDir::new();
+    let source = source_db(&dir).await;
+    let topic = "socialcard.card.v1";
+    let group = GroupWriter::spawn(source.clone(), 8);
+    let log: Arc<dyn Outbox> = Arc::new(SqliteOutbox::new(source.clone()).with_group(group.clone()));
+    let ledger = Ledger::new(&dir, "ledger.db").await;
+    let mut consumer =
+        EmbeddedConsumer::new("ledger", topic, log, SqliteOffsets::new(ledger.pool.clone()), ledger.clone());
+    consumer.poll = Duration::from_secs(600);
+    consumer.max_idle_poll = Duration::from_secs(600);
+    let (stop, stopped) = watch::channel(false);
+    let task = tokio::spawn(consumer.run(stopped));
+    for n in 1..=3 {
+        // Long enough for the consumer to find the log empty and fall asleep.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        append_through(&group, topic, "card-0", &format!("card-0:{n}")).await;
+        ledger.wait_for(n, Duration::from_secs(30)).await;
+    }
+    assert_eq!(ledger.count("violations").await, 0);
+    stop.send(true).unwrap();
+    task.await.unwrap();
+}

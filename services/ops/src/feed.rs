@@ -150,7 +150,7 @@ impl EmbeddedFeed {
     }
 
     pub async fn run(self: Arc<Self>, stop: watch::Receiver<bool>) {
-        socialcard_events::embedded::poll_until_stopped(self.poll, self.max_idle_poll, stop, "ops feed", || {
+        socialcard_events::embedded::poll_until_stopped(self.poll, self.max_idle_poll, stop, None, "ops feed", || {
             self.poll_once()
         })
         .await;
