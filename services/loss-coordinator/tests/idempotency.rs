@@ -320,7 +320,7 @@ async fn every_mutating_call_has_one_effect_under_a_hundred_concurrent_retries()
     )
     .loss_case
     .unwrap();
-    assert_eq!(case.state, loss::CaseState::Locked as i32);
+    assert_eq!(case.state, loss::CaseState::Locked as i32, "{case:?}");
     assert_eq!(city.audited(&card_id, "loss_lock").await, 1);
     assert_eq!(city.bank_events("icbc", &card_id, "socialcard.financial.v1.FinancialFrozen").await, 1);
     // The registry mirrors the bank's freeze from its event, a change of the card of its own: let it land
