@@ -82,12 +82,17 @@ impl Applier {
     }
 
     fn observe<'a>(&self, events: impl Iterator<Item = &'a Envelope>) {
-        let now = OffsetDateTime::now_utc();
-        let mut latencies = self.latencies.lock().unwrap_or_else(|p| p.into_inner());
-        for event in events {
-            if let Ok(lag) = Duration::try_from(now - event.time) {
-                latencies.push(lag);
-            }
+        record_lags(&self.latencies, events);
+    }
+}
+
+/// Records, for each of `events`, how long ago it was written (its `occurred_at`).
+fn record_lags<'a>(samples: &Mutex<Samples>, events: impl Iterator<Item = &'a Envelope>) {
+    let now = OffsetDateTime::now_utc();
+    let mut samples = samples.lock().unwrap_or_else(|p| p.into_inner());
+    for event in events {
+        if let Ok(lag) = Duration::try_from(now - event.time) {
+            samples.push(lag);
         }
     }
 }
@@ -192,13 +197,7 @@ struct Timed {
 impl Publish for Timed {
     async fn publish(&self, rows: &[OutboxRow]) -> Result<(), EventError> {
         self.inner.publish(rows).await?;
-        let now = OffsetDateTime::now_utc();
-        let mut published = self.published.lock().unwrap_or_else(|p| p.into_inner());
-        for row in rows {
-            if let Ok(lag) = Duration::try_from(now - row.envelope.time) {
-                published.push(lag);
-            }
-        }
+        record_lags(&self.published, rows.iter().map(|r| &r.envelope));
         Ok(())
     }
 }

@@ -177,8 +177,8 @@ impl EmbeddedConsumer {
 /// Runs `poll` until `stop`: again at once after it moved events, after a pause after it found none
 /// (`first_pause`, doubling up to `max_pause` while the log stays empty) or sooner when `commits`
 /// changes (the log's writer committed: [`Outbox::commits`]; see `relay::Wake` for commits that bring
-/// nothing), and after 200 ms after a failure. Without the
-/// growing pause, the thirty-odd pollers of an idle `up` kept a core busy.
+/// nothing), and after 200 ms after a failure. Without the growing pause, the thirty-odd pollers of an
+/// idle `up` kept a core busy.
 pub async fn poll_until_stopped<F, Fut>(
     first_pause: Duration,
     max_pause: Duration,

@@ -37,8 +37,9 @@ pub trait Outbox: Send + Sync + std::fmt::Debug {
     async fn backlog(&self) -> Result<i64, EventError>;
     /// The newest `seq` of `topic` (0 when empty): the log end, for consumer lag.
     async fn last_seq(&self, topic: &str) -> Result<i64, EventError>;
-    /// Changes when rows may have been added (the database's group writer committed), so the relay
-    /// wakes at once rather than at its next poll. `None`: no such signal; the relay polls.
+    /// Changes when rows may have been added (the database's group writer committed), so the relay and
+    /// the embedded log's consumers wake at once rather than at their next poll. `None`: no such
+    /// signal; they poll.
     fn commits(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
         None
     }

@@ -85,8 +85,8 @@ pub async fn run(
 /// So a wake whose read found nothing counts as wasted, and from the second wasted wake in a row on
 /// (one is expected: a commit landing between the mark and the read is read at once and wakes once
 /// more), each doubles the least time between a read and the next woken one (`first_gap`, up to
-/// `max_gap`); a read that finds rows starts over. A reader woken for its own rows reads at once; a quiet one falls back to about
-/// its poll rate.
+/// `max_gap`); a read that finds rows starts over. A reader woken for its own rows reads at once; a
+/// quiet one falls back to about its poll rate.
 #[derive(Debug)]
 pub(crate) struct Wake {
     commits: Option<watch::Receiver<u64>>,
