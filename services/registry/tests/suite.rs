@@ -42,6 +42,8 @@ backend_suite!(
     same_key_replays_and_another_payload_is_refused,
     concurrent_retries_with_one_key_have_one_effect,
     concurrent_applications_leave_one_card,
+    concurrent_changes_of_one_card_extend_one_chain,
+    concurrent_registrations_of_one_person_keep_one,
     wrong_pins_lock_and_a_bureau_reset_unlocks,
     loss_channels_and_unlock_rules,
     r22_automatic_lock_then_bank_then_bureau,
@@ -421,6 +423,72 @@ async fn concurrent_applications_leave_one_card(mut h: Harness) {
         assert_rejected(r, Code::FailedPrecondition, "ACTIVE_CARD_EXISTS");
     }
     assert_eq!(h.counts().await.cards, 1);
+    h.finish().await;
+}
+
+/// Eight windows register one person at once, each its own request: one registers, the others hear
+/// the person exists (from their plan, or from the database when they planned together). Eight
+/// retries of one request: one effect, and every retry gets its answer (the key is written first, so
+/// a twin fails on it, not on the person it would insert).
+async fn concurrent_registrations_of_one_person_keep_one(h: Harness) {
+    let registration = |id: &str, key: String| pb::RegisterPersonRequest {
+        idempotency_key: key,
+        citizen_id: id.into(),
+        name: "Wang Fang".into(),
+        phone: PHONE.into(),
+    };
+    let before = h.counts().await;
+    let id = adult(9);
+    let mut calls = tokio::task::JoinSet::new();
+    for _ in 0..8 {
+        let mut client = h.client.clone();
+        let req = registration(&id, key());
+        calls.spawn(async move { client.register_person(req).await });
+    }
+    let results = calls.join_all().await;
+    assert_eq!(results.iter().filter(|r| r.is_ok()).count(), 1, "one registration");
+    for r in results.into_iter().filter(|r| r.is_err()) {
+        assert_rejected(r, Code::AlreadyExists, "PERSON_EXISTS");
+    }
+
+    let twin = registration(&adult(10), key());
+    let mut calls = tokio::task::JoinSet::new();
+    for _ in 0..8 {
+        let mut client = h.client.clone();
+        let req = twin.clone();
+        calls.spawn(async move { client.register_person(req).await.map(|r| r.into_inner()) });
+    }
+    let answers: Vec<_> = calls.join_all().await.into_iter().map(|r| r.expect("a retry gets the answer")).collect();
+    assert!(answers.windows(2).all(|w| w[0] == w[1]), "every retry gets the same answer");
+    let after = h.counts().await;
+    assert_eq!(after.persons, before.persons + 2);
+    assert_eq!(after.idempotency, before.idempotency + 2);
+    h.finish().await;
+}
+
+/// Six terminals send wrong PINs for one card at once, each its own request: all planned on the same
+/// version, they commit one after another (the losers plan again), each counted once, and the card's
+/// audit chain stays one unbroken line (each entry linked to the one committed before it).
+async fn concurrent_changes_of_one_card_extend_one_chain(mut h: Harness) {
+    let card = collected_card(&mut h, 8).await;
+    let cid = card.card_id.clone();
+    h.client.activate_social_function(activate_at(&cid, pb::Channel::CommunityPoint)).await.unwrap();
+    let trail = pb::VerifyAuditTrailRequest { card_id: cid.clone() };
+    let before = h.client.verify_audit_trail(trail.clone()).await.unwrap().into_inner();
+    let mut calls = tokio::task::JoinSet::new();
+    for _ in 0..6 {
+        let mut client = h.client.clone();
+        let req = verify(&cid, "000000");
+        calls.spawn(async move { client.verify_social_pin(req).await.map(|r| r.into_inner()) });
+    }
+    let mut remaining: Vec<u32> =
+        calls.join_all().await.into_iter().map(|r| r.expect("every attempt is recorded").remaining_attempts).collect();
+    remaining.sort_unstable();
+    assert_eq!(remaining, vec![0, 1, 2, 3, 4, 5], "each wrong PIN counted once, in some order");
+    assert_eq!(get(&mut h, &cid).await.social_state, pb::SocialState::PinLocked as i32);
+    let after = h.client.verify_audit_trail(trail).await.unwrap().into_inner();
+    assert!(after.breaks.is_empty(), "{after:?}");
+    assert_eq!(after.entries_checked, before.entries_checked + 6);
     h.finish().await;
 }
 

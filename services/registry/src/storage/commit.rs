@@ -130,6 +130,98 @@ impl Commit {
     }
 }
 
+impl Commit {
+    /// Whether the audit heads may be read before the writes, outside them: every audited card is
+    /// written by this commit, and audited once. An update is version-checked and every audit row of a
+    /// card comes with a change of its version (or its insert), so when the update succeeds no other
+    /// commit has extended the card's chain since the card, then its head, were read; a new card has
+    /// no chain. Once each: one statement's rows are not ordered among themselves.
+    pub(super) fn heads_readable_first(&self) -> bool {
+        let audited = self.audited_cards();
+        audited.len() == self.audit.len()
+            && audited.iter().all(|id| {
+                self.cards.iter().any(|w| match w {
+                    CardWrite::Insert(r) | CardWrite::Update(r) => r.card.id == *id,
+                })
+            })
+    }
+}
+
+/// Several statements as one: each a data-modifying CTE (`WITH w0 AS (...), w1 AS (...)`), run in
+/// one round trip and atomically, a statement being its own transaction. A write that must change one
+/// row has its count passed to `socialcard_one_row` (PostgreSQL migration 0012), whose error
+/// ([`VERSION_CONFLICT`]) undoes the others. PostgreSQL only (SQLite has no writes in CTEs).
+#[derive(Debug)]
+pub(super) struct Combined {
+    pub sql: String,
+    pub params: Vec<Param>,
+    /// The table each statement writes and what its refusals mean, in order.
+    tables: Vec<(&'static str, Expect)>,
+}
+
+/// The SQLSTATE `socialcard_one_row` raises when a version-checked write changed no row.
+pub(super) const VERSION_CONFLICT: &str = "SC409";
+
+/// The table a single-table INSERT or UPDATE writes.
+fn table_of(sql: &'static str) -> &'static str {
+    let rest = sql.strip_prefix("INSERT INTO ").or_else(|| sql.strip_prefix("UPDATE ")).unwrap_or("");
+    rest.split([' ', '(']).next().unwrap_or("")
+}
+
+/// `sql` with each placeholder `$n` written as `$(n + offset)`, appended to `out`. The statements
+/// here hold no string literals or dollar quoting, only placeholders.
+fn renumber(sql: &str, offset: usize, out: &mut String) {
+    let mut rest = sql;
+    while let Some(at) = rest.find('$') {
+        out.push_str(&rest[..=at]);
+        rest = &rest[at + 1..];
+        let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+        match rest[..digits].parse::<usize>() {
+            Ok(n) => out.push_str(&(n + offset).to_string()),
+            Err(_) => out.push_str(&rest[..digits]),
+        }
+        rest = &rest[digits..];
+    }
+    out.push_str(rest);
+}
+
+impl Combined {
+    pub(super) fn new(statements: Vec<Statement>) -> Self {
+        let mut sql = String::from("WITH ");
+        let mut params = Vec::new();
+        let mut checks = Vec::new();
+        let mut tables = Vec::new();
+        for (i, s) in statements.into_iter().enumerate() {
+            if i > 0 {
+                sql.push_str(", ");
+            }
+            sql.push_str(&format!("w{i} AS ("));
+            renumber(s.sql, params.len(), &mut sql);
+            sql.push_str(" RETURNING 1)");
+            // Each write is read in order by the final SELECT, which runs them in that order: the
+            // key first, so a concurrent twin of the request fails there, before any other write.
+            checks.push(if s.expect.one_row {
+                format!("socialcard_one_row((SELECT count(*) FROM w{i}))")
+            } else {
+                format!("(SELECT count(*) FROM w{i})")
+            });
+            tables.push((table_of(s.sql), s.expect));
+            params.extend(s.params);
+        }
+        if tables.is_empty() {
+            return Self { sql: "SELECT 1".into(), params, tables };
+        }
+        sql.push_str(" SELECT ");
+        sql.push_str(&checks.join(", "));
+        Self { sql, params, tables }
+    }
+
+    /// What a UNIQUE violation in `table` means (the first statement writing it decides).
+    pub(super) fn unique_violation(&self, table: Option<&str>) -> Option<StoreError> {
+        self.tables.iter().find(|(t, _)| Some(*t) == table).map(|(_, expect)| (expect.unique)())
+    }
+}
+
 impl BatchCommit {
     /// Every row of an employer-batch chunk, as the one-card commits write them: keys first (a
     /// concurrent import of the same rows fails there, before any other write), the holders' versions
@@ -408,6 +500,47 @@ mod tests {
         assert_eq!(hash(audit[0]).0, crate::audit_chain::GENESIS.to_vec());
         assert_eq!(hash(audit[2]).0, hash(audit[0]).1);
         assert_eq!(hash(audit[3]).0, hash(audit[1]).1);
+    }
+
+    /// Each statement's placeholders move past the ones before it (two digits too), every write is
+    /// read by the final SELECT in order, and a version-checked one through `socialcard_one_row`; a
+    /// UNIQUE violation means what the statement writing that table says.
+    #[test]
+    fn combined_statements_number_their_values_in_turn() {
+        let key = Statement::new(
+            "INSERT INTO idempotency (idempotency_key, operation) VALUES ($1, $2)",
+            vec![Param::Text("k".into()), Param::Text("op".into())],
+            || StoreError::IdempotencyConflict,
+        );
+        let card = Statement::new(
+            "UPDATE cards SET version = $2 WHERE card_id = $1 AND version = $3",
+            vec![Param::Text("c".into()), Param::Int(2), Param::Int(1)],
+            || StoreError::Duplicate("card"),
+        )
+        .one_row();
+        let many = Statement::new(
+            "INSERT INTO outbox (a, b, c, d, e, f, g, h, i, j) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+            (0..10).map(Param::Int).collect(),
+            || StoreError::Duplicate("row"),
+        );
+        let combined = Combined::new(vec![key, card, many]);
+        assert_eq!(
+            combined.sql,
+            "WITH w0 AS (INSERT INTO idempotency (idempotency_key, operation) VALUES ($1, $2) RETURNING 1), \
+             w1 AS (UPDATE cards SET version = $4 WHERE card_id = $3 AND version = $5 RETURNING 1), \
+             w2 AS (INSERT INTO outbox (a, b, c, d, e, f, g, h, i, j) \
+             VALUES ($6, $7, $8, $9, $10, $11, $12, $13, $14, $15) RETURNING 1) \
+             SELECT (SELECT count(*) FROM w0), socialcard_one_row((SELECT count(*) FROM w1)), \
+             (SELECT count(*) FROM w2)"
+        );
+        assert_eq!(combined.params.len(), 15);
+        assert!(matches!(combined.params[2], Param::Text(ref t) if t == "c"));
+        assert!(matches!(combined.params[14], Param::Int(9)));
+        assert!(matches!(combined.unique_violation(Some("idempotency")), Some(StoreError::IdempotencyConflict)));
+        assert!(matches!(combined.unique_violation(Some("cards")), Some(StoreError::Duplicate("card"))));
+        assert!(combined.unique_violation(Some("persons")).is_none());
+        assert!(combined.unique_violation(None).is_none());
+        assert_eq!(Combined::new(Vec::new()).sql, "SELECT 1");
     }
 
     /// A writer that stopped (a statement refused) hears of no more parts.

@@ -15,7 +15,7 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
 use time::OffsetDateTime;
 
-use super::commit::{LAST_AUDIT_HASH, Param, Statement};
+use super::commit::{Combined, LAST_AUDIT_HASH, Param, Statement, VERSION_CONFLICT};
 use super::{
     AuditRecord, BatchCommit, BatchSnapshot, CardRecord, Commit, IdempotencyRecord, PersonRecord, RegistryStore,
     StoreError, TableCounts,
@@ -561,6 +561,22 @@ pub(super) fn run_direct(conn: &mut Direct<'_>, s: &Statement) -> Result<(), Sto
     }
 }
 
+/// `q` with `params` bound in order.
+fn bind_pg<'q>(
+    mut q: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    params: &'q [Param],
+) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+    for p in params {
+        q = match p {
+            Param::Int(v) => q.bind(*v),
+            Param::Text(t) => q.bind(t.as_str()),
+            Param::OptText(t) => q.bind(t.as_deref()),
+            Param::Blob(b) => q.bind(b.as_slice()),
+        };
+    }
+    q
+}
+
 impl PgStore {
     /// Half the pool (16): the other half stays for the API's reads and writes.
     const CONCURRENT_WRITES: usize = 8;
@@ -590,24 +606,49 @@ impl PgStore {
     }
 
     async fn run_statement(conn: &mut sqlx::PgConnection, s: &Statement) -> Result<(), StoreError> {
-        let mut q = sqlx::query(s.sql);
-        for p in &s.params {
-            q = match p {
-                Param::Int(v) => q.bind(*v),
-                Param::Text(t) => q.bind(t.as_str()),
-                Param::OptText(t) => q.bind(t.as_deref()),
-                Param::Blob(b) => q.bind(b.as_slice()),
-            };
-        }
-        match q.execute(&mut *conn).await {
+        match bind_pg(sqlx::query(s.sql), &s.params).execute(&mut *conn).await {
             Ok(r) => s.check(r.rows_affected()),
             Err(sqlx::Error::Database(d)) if d.is_unique_violation() => Err((s.expect.unique)()),
             Err(e) => Err(db_error(e)),
         }
     }
 
-    /// PostgreSQL admits concurrent writers and groups their WAL flushes itself: a transaction each.
+    /// PostgreSQL admits concurrent writers and groups their WAL flushes itself: a commit is one
+    /// statement (see [`Combined`]), so a connection is held for one round trip instead of a
+    /// transaction's seven (BEGIN, the writes, the audit heads' read, COMMIT). The heads are read
+    /// first, outside it, where that is sound ([`Commit::heads_readable_first`]); otherwise the commit
+    /// runs as a transaction that reads them in between.
     async fn commit_one(&self, commit: Commit) -> Result<(), StoreError> {
+        if !commit.heads_readable_first() {
+            return self.commit_in_transaction(commit).await;
+        }
+        let now = micros(OffsetDateTime::now_utc());
+        let mut heads = HashMap::new();
+        for card in commit.audited_cards() {
+            let head: Option<Option<Vec<u8>>> =
+                sqlx::query_scalar(LAST_AUDIT_HASH).bind(card).fetch_optional(&self.pool).await.map_err(db_error)?;
+            if let Some(Some(hash)) = head {
+                heads.insert(card.to_string(), hash);
+            }
+        }
+        let mut statements = commit.head_statements(&self.sealer, now)?;
+        statements.extend(commit.tail_statements(&self.sealer, heads)?);
+        let combined = Combined::new(statements);
+        let q = bind_pg(sqlx::query(sqlx::AssertSqlSafe(combined.sql.as_str())), &combined.params);
+        match q.execute(&self.writer).await {
+            Ok(_) => Ok(()),
+            Err(sqlx::Error::Database(d)) if d.code().as_deref() == Some(VERSION_CONFLICT) => {
+                Err(StoreError::VersionConflict)
+            }
+            Err(sqlx::Error::Database(d)) if d.is_unique_violation() => {
+                combined.unique_violation(d.table()).map_or_else(|| Err(db_error(sqlx::Error::Database(d))), Err)
+            }
+            Err(e) => Err(db_error(e)),
+        }
+    }
+
+    /// The commit as a transaction: the audit heads read after the cards' writes, under their locks.
+    async fn commit_in_transaction(&self, commit: Commit) -> Result<(), StoreError> {
         let mut tx = self.writer.begin().await.map_err(db_error)?;
         match Self::commit_in(&mut tx, &self.sealer, &commit).await {
             Ok(()) => tx.commit().await.map_err(db_error),
