@@ -581,6 +581,9 @@ impl PgStore {
     /// Half the pool (16): the other half stays for the API's reads and writes.
     const CONCURRENT_WRITES: usize = 8;
 
+    /// How long a pooled connection may sit idle before it is checked on the way out.
+    const PING_AFTER_IDLE: Duration = Duration::from_secs(1);
+
     /// Writes one commit on `conn`, inside a transaction the caller owns.
     async fn commit_in(
         conn: &mut sqlx::PgConnection,
@@ -668,6 +671,19 @@ impl PgStore {
         let options = PgConnectOptions::from_str(url).map_err(db_error)?;
         let pool = PgPoolOptions::new()
             .max_connections(16)
+            // sqlx pings every connection it hands out, a round trip before each query: under load
+            // that was one in two of the registry's round trips. A connection idle for under a
+            // second is taken as it is (one broken since fails its query with UNAVAILABLE, which
+            // callers retry under the same key, and is closed); one idle longer is still pinged.
+            .test_before_acquire(false)
+            .before_acquire(|conn, meta| {
+                Box::pin(async move {
+                    if meta.idle_for >= Self::PING_AFTER_IDLE {
+                        sqlx::Connection::ping(conn).await?;
+                    }
+                    Ok(true)
+                })
+            })
             .acquire_timeout(Duration::from_secs(5))
             .connect_with(options)
             .await
@@ -680,6 +696,35 @@ impl PgStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The database restarted while the registry was quiet: every pooled connection is dead. Each is
+    /// found out on its way out of the pool (it sat idle over a second), closed and replaced, so the
+    /// next read answers instead of failing.
+    #[tokio::test]
+    async fn connections_broken_while_idle_are_replaced() {
+        let Ok(base) = std::env::var("SOCIALCARD_TEST_DATABASE_URL") else {
+            eprintln!("skipped: set SOCIALCARD_TEST_DATABASE_URL to run against PostgreSQL");
+            return;
+        };
+        let tag = format!("t_{}", uuid::Uuid::new_v4().simple());
+        let admin = sqlx::PgPool::connect(&base).await.unwrap();
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {tag}"))).execute(&admin).await.unwrap();
+        let sep = if base.contains('?') { '&' } else { '?' };
+        let url = format!("{base}{sep}application_name={tag}&options=-c%20search_path%3D{tag}");
+        let store = PgStore::connect(&url, Arc::new(crate::seal::Sealer::new(&[7; 32]).unwrap())).await.unwrap();
+        assert!(store.idempotency("before").await.unwrap().is_none());
+        let killed: Vec<bool> =
+            sqlx::query_scalar("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1")
+                .bind(&tag)
+                .fetch_all(&admin)
+                .await
+                .unwrap();
+        assert!(!killed.is_empty() && killed.iter().all(|k| *k), "the pool's connections terminated: {killed:?}");
+        tokio::time::sleep(PgStore::PING_AFTER_IDLE + Duration::from_millis(100)).await;
+        assert!(store.idempotency("after").await.expect("a fresh connection answers").is_none());
+        store.pool().close().await;
+        sqlx::query(sqlx::AssertSqlSafe(format!("DROP SCHEMA {tag} CASCADE"))).execute(&admin).await.unwrap();
+    }
 
     /// An acknowledged write survives a power cut: the registry's writer syncs the WAL at every commit
     /// (FULL), as postal's and the adapters' do. At NORMAL a commit was durable only after the next
