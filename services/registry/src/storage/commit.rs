@@ -131,19 +131,24 @@ impl Commit {
 }
 
 impl Commit {
-    /// Whether the audit heads may be read before the writes, outside them: every audited card is
-    /// written by this commit, and audited once. An update is version-checked and every audit row of a
-    /// card comes with a change of its version (or its insert), so when the update succeeds no other
-    /// commit has extended the card's chain since the card, then its head, were read; a new card has
-    /// no chain. Once each: one statement's rows are not ordered among themselves.
+    /// Whether the commit can be one statement with the audit heads read before it: every audited
+    /// card is written by this commit, and audited once; no card is written twice. An update is
+    /// version-checked and every audit row of a card comes with a change of its version (or its
+    /// insert), so when the update succeeds no other commit has extended the card's chain since the
+    /// card, then its head, were read; a new card has no chain. Once each: one statement's rows are
+    /// not ordered among themselves, and its second update of a row would not see the first.
     pub(super) fn heads_readable_first(&self) -> bool {
+        let written: Vec<&str> = self
+            .cards
+            .iter()
+            .map(|w| match w {
+                CardWrite::Insert(r) | CardWrite::Update(r) => r.card.id.as_str(),
+            })
+            .collect();
         let audited = self.audited_cards();
         audited.len() == self.audit.len()
-            && audited.iter().all(|id| {
-                self.cards.iter().any(|w| match w {
-                    CardWrite::Insert(r) | CardWrite::Update(r) => r.card.id == *id,
-                })
-            })
+            && written.iter().enumerate().all(|(i, id)| !written[..i].contains(id))
+            && audited.iter().all(|id| written.contains(id))
     }
 }
 
@@ -198,8 +203,11 @@ impl Combined {
             sql.push_str(&format!("w{i} AS ("));
             renumber(s.sql, params.len(), &mut sql);
             sql.push_str(" RETURNING 1)");
-            // Each write is read in order by the final SELECT, which runs them in that order: the
-            // key first, so a concurrent twin of the request fails there, before any other write.
+            // The final SELECT reads every write, in order: PostgreSQL runs a data-modifying CTE
+            // when it is first read and evaluates these subqueries in select-list order (its
+            // executor's behaviour, not a documented guarantee: keep every write read and no FROM,
+            // and the twins test will tell). The key first, so a concurrent twin of the request
+            // fails there, before any other write.
             checks.push(if s.expect.one_row {
                 format!("socialcard_one_row((SELECT count(*) FROM w{i}))")
             } else {

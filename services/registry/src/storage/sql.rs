@@ -617,7 +617,7 @@ impl PgStore {
     }
 
     /// PostgreSQL admits concurrent writers and groups their WAL flushes itself: a commit is one
-    /// statement (see [`Combined`]), so a connection is held for one round trip instead of a
+    /// statement (see [`Combined`]), so a caller waits one round trip for it instead of a
     /// transaction's seven (BEGIN, the writes, the audit heads' read, COMMIT). The heads are read
     /// first, outside it, where that is sound ([`Commit::heads_readable_first`]); otherwise the commit
     /// runs as a transaction that reads them in between.
@@ -671,10 +671,11 @@ impl PgStore {
         let options = PgConnectOptions::from_str(url).map_err(db_error)?;
         let pool = PgPoolOptions::new()
             .max_connections(16)
-            // sqlx pings every connection it hands out, a round trip before each query: under load
-            // that was one in two of the registry's round trips. A connection idle for under a
-            // second is taken as it is (one broken since fails its query with UNAVAILABLE, which
-            // callers retry under the same key, and is closed); one idle longer is still pinged.
+            // sqlx pings every connection it hands out, a round trip on the caller's path before
+            // each query, though it pinged it already on its way back into the pool (off that
+            // path). A connection idle for under a second is taken as it is (one broken since fails
+            // its query with UNAVAILABLE and is closed; writes are retried under their key); one
+            // idle longer is pinged again.
             .test_before_acquire(false)
             .before_acquire(|conn, meta| {
                 Box::pin(async move {
@@ -713,6 +714,14 @@ mod tests {
         let url = format!("{base}{sep}application_name={tag}&options=-c%20search_path%3D{tag}");
         let store = PgStore::connect(&url, Arc::new(crate::seal::Sealer::new(&[7; 32]).unwrap())).await.unwrap();
         assert!(store.idempotency("before").await.unwrap().is_none());
+        // The read's connection back in the pool (sqlx checks it on the way, in a task of its own):
+        // terminated before that check, it would be replaced there and prove nothing here.
+        let back = async {
+            while store.pool().num_idle() < store.pool().size() as usize {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(5), back).await.expect("connections back in the pool");
         let killed: Vec<bool> =
             sqlx::query_scalar("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1")
                 .bind(&tag)
