@@ -117,20 +117,6 @@ impl Commit {
         cards
     }
 
-    /// The audit rows (each linked to its card's previous entry; `heads` holds each audited card's
-    /// last hash, as read) and the outbox rows.
-    pub(super) fn tail_statements(
-        &self,
-        sealer: &Sealer,
-        heads: HashMap<String, Vec<u8>>,
-    ) -> Result<Vec<Statement>, StoreError> {
-        let mut out = audit_statements(sealer, &self.audit, heads)?;
-        out.extend(self.outbox.iter().map(outbox_statement));
-        Ok(out)
-    }
-}
-
-impl Commit {
     /// Whether the commit can be one statement with the audit heads read before it: every audited
     /// card is written by this commit, and audited once; no card is written twice. An update is
     /// version-checked and every audit row of a card comes with a change of its version (or its
@@ -149,6 +135,18 @@ impl Commit {
         audited.len() == self.audit.len()
             && written.iter().enumerate().all(|(i, id)| !written[..i].contains(id))
             && audited.iter().all(|id| written.contains(id))
+    }
+
+    /// The audit rows (each linked to its card's previous entry; `heads` holds each audited card's
+    /// last hash, as read) and the outbox rows.
+    pub(super) fn tail_statements(
+        &self,
+        sealer: &Sealer,
+        heads: HashMap<String, Vec<u8>>,
+    ) -> Result<Vec<Statement>, StoreError> {
+        let mut out = audit_statements(sealer, &self.audit, heads)?;
+        out.extend(self.outbox.iter().map(outbox_statement));
+        Ok(out)
     }
 }
 

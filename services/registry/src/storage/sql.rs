@@ -594,6 +594,18 @@ impl PgStore {
         for s in commit.head_statements(sealer, now)? {
             Self::run_statement(conn, &s).await?;
         }
+        let heads = Self::read_heads(conn, commit).await?;
+        for s in commit.tail_statements(sealer, heads)? {
+            Self::run_statement(conn, &s).await?;
+        }
+        Ok(())
+    }
+
+    /// The last audit hash of each card `commit` audits (a card without one starts at genesis).
+    async fn read_heads(
+        conn: &mut sqlx::PgConnection,
+        commit: &Commit,
+    ) -> Result<HashMap<String, Vec<u8>>, StoreError> {
         let mut heads = HashMap::new();
         for card in commit.audited_cards() {
             let head: Option<Option<Vec<u8>>> =
@@ -602,10 +614,7 @@ impl PgStore {
                 heads.insert(card.to_string(), hash);
             }
         }
-        for s in commit.tail_statements(sealer, heads)? {
-            Self::run_statement(conn, &s).await?;
-        }
-        Ok(())
+        Ok(heads)
     }
 
     async fn run_statement(conn: &mut sqlx::PgConnection, s: &Statement) -> Result<(), StoreError> {
@@ -626,14 +635,7 @@ impl PgStore {
             return self.commit_in_transaction(commit).await;
         }
         let now = micros(OffsetDateTime::now_utc());
-        let mut heads = HashMap::new();
-        for card in commit.audited_cards() {
-            let head: Option<Option<Vec<u8>>> =
-                sqlx::query_scalar(LAST_AUDIT_HASH).bind(card).fetch_optional(&self.pool).await.map_err(db_error)?;
-            if let Some(Some(hash)) = head {
-                heads.insert(card.to_string(), hash);
-            }
-        }
+        let heads = Self::read_heads(&mut *self.pool.acquire().await.map_err(db_error)?, &commit).await?;
         let mut statements = commit.head_statements(&self.sealer, now)?;
         statements.extend(commit.tail_statements(&self.sealer, heads)?);
         let combined = Combined::new(statements);
